@@ -1,0 +1,156 @@
+"""Checkpoints on disk: a stage's model (safetensors + config) and resumable training state.
+
+Layout of one stage of a run (`runs/<name>/<stage>/`, stage = base | sft | rl):
+
+    model.safetensors, model.json     the stage's result, read by the next stage, chat, serve, export
+    checkpoints/step-000200/          periodic training state: model.safetensors, state.pt, meta.json
+    checkpoints/LATEST                the name of the newest complete checkpoint folder
+    metrics.jsonl                     one JSON line per logged step
+    done.json                         written last: the stage is complete (its summary metrics)
+
+Every file is written to a temporary name and renamed into place; a checkpoint folder is assembled
+under a temporary name and renamed whole, and LATEST is updated only after that. A kill at any
+moment therefore leaves either the previous checkpoint or the new one, never a torn one.
+Optimizer and RNG states go through `torch.save` and are read back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from picochat.model import ModelConfig, Transformer
+
+STAGES = ("base", "sft", "rl")
+
+
+class CheckpointError(ValueError):
+    """A missing or unreadable checkpoint."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _save_weights(model: Transformer, path: Path) -> None:
+    # Tied embeddings share storage; safetensors refuses shared tensors, so the tie is stored in the config.
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_weights(model: Transformer, path: Path) -> None:
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: unreadable weights ({e})") from None
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+# --- a stage's final model ------------------------------------------------------------------------
+def save_model(stage_dir: Path, model: Transformer, info: dict | None = None) -> None:
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    _save_weights(model, stage_dir / "model.safetensors")
+    atomic_write_json(stage_dir / "model.json", {"model": model.config.to_dict(), **(info or {})})
+
+
+def load_model(stage_dir: Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """Load `<stage_dir>/model.safetensors`; returns (model in eval mode, model.json contents)."""
+    stage_dir = Path(stage_dir)
+    meta_path = stage_dir / "model.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"{stage_dir}: no model here (model.json missing); has this stage been run?")
+    meta = json.loads(meta_path.read_text())
+    model = Transformer(ModelConfig.from_dict(meta["model"]))
+    _load_weights(model, stage_dir / "model.safetensors")
+    return model.to(device).eval(), meta
+
+
+def find_stage(run_dir: Path, stage: str | None = None) -> Path:
+    """The folder of `stage` in a run, or of its most advanced finished stage (rl > sft > base)."""
+    run_dir = Path(run_dir)
+    candidates = [stage] if stage else list(reversed(STAGES))
+    for name in candidates:
+        if (run_dir / name / "model.json").exists():
+            return run_dir / name
+    wanted = f"stage {stage!r}" if stage else "any finished stage"
+    raise CheckpointError(f"{run_dir}: no model for {wanted} (looked for {', '.join(candidates)}/model.json)")
+
+
+# --- resumable training state ---------------------------------------------------------------------
+def save_training_state(stage_dir: Path, step: int, model: Transformer, optimizers: list, extra: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step-XXXXXX atomically, point LATEST at it, and keep the newest `keep`."""
+    ckpt_root = Path(stage_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step:06d}."))
+    try:
+        _save_weights(model, tmp / "model.safetensors")
+        state = {
+            "optimizers": [opt.state_dict() for opt in optimizers],
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(state, tmp / "state.pt")
+        atomic_write_json(tmp / "meta.json", {"step": step, "model": model.config.to_dict(), **extra})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(ckpt_root / "LATEST", final.name.encode())
+    for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    pointer = Path(stage_dir) / "checkpoints" / "LATEST"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "meta.json").exists() else None
+
+
+def load_training_state(ckpt: Path, model: Transformer, optimizers: list) -> dict:
+    """Restore weights, optimizer and RNG states from a checkpoint folder; returns its meta.json."""
+    _load_weights(model, ckpt / "model.safetensors")
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return json.loads((ckpt / "meta.json").read_text())

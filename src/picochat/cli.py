@@ -1,0 +1,72 @@
+"""The `picochat` command: one subcommand per stage of the pipeline.
+
+Each stage lives in its own module and exposes `register_cli(parser)`, which adds the stage's
+arguments and sets `parser.set_defaults(func=...)`. Modules are imported lazily, only for the
+subcommand being run, so `picochat --help` and light commands start fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, one-line help). The order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("picochat.data.world", "generate the embedded synthetic world (documents, eval sets)"),
+    "download": ("picochat.data.hub", "download FineWeb-edu parquet shards from the Hugging Face Hub"),
+    "tokenizer": ("picochat.tokenizer", "train / inspect the byte-level BPE tokenizer"),
+    "data": ("picochat.data.shards", "tokenize documents into binary token shards"),
+    "pretrain": ("picochat.train.pretrain", "pretrain the Transformer on token shards (base model)"),
+    "sample": ("picochat.sample", "continue a document with the base model"),
+    "sft": ("picochat.train.sft", "supervised fine-tuning on conversations (chat model)"),
+    "rl": ("picochat.train.rl", "reinforcement learning on verifiable problems"),
+    "chat": ("picochat.chat_cli", "talk to a chat model in the terminal"),
+    "eval": ("picochat.evaluate", "evaluate a checkpoint (facts, I-don't-know, arithmetic, pass@k)"),
+    "speedrun": ("picochat.speedrun", "run every stage end to end and write a report card"),
+    "serve": ("picochat.serve.app", "OpenAI-compatible API and web chat"),
+    "export": ("picochat.export", "export a checkpoint to the Hugging Face format"),
+    "import": ("picochat.hf_import", "import a Hugging Face Qwen3/Llama checkpoint as a run"),
+}
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package is not there either
+        return False
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="picochat",
+        description="Build your own ChatGPT end to end: tokenizer -> pretraining -> SFT -> RL -> chat.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    for name, (module, help_text) in COMMANDS.items():
+        if not _available(module):
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            importlib.import_module(module).register_cli(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        sys.exit(0 if args.command is None else 2)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

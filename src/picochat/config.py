@@ -1,0 +1,127 @@
+"""Training configuration and the named presets (cpu, gpu-small, gpu-d20).
+
+A preset fixes the model's shape and each stage's hyperparameters. Every field can be overridden on
+the command line: `add_dataclass_args` turns each field of a dataclass into a `--flag`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training stage (pretraining or SFT)."""
+
+    batch_size: int = 16  # sequences per micro-batch, per process
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    lr: float = 3e-3  # AdamW peak learning rate
+    muon_lr: float = 0.02  # Muon peak learning rate (hidden matrices)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    decay_frac: float = 0.4  # warmup, constant, then linear decay over the last decay_frac of steps
+    final_lr_frac: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 200  # steps between validation evaluations (0: only at the end)
+    eval_batches: int = 16
+    ckpt_every: int = 200  # steps between checkpoints (0: only at the end)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+
+
+@dataclass
+class RLConfig:
+    """Hyperparameters of reinforcement learning on verifiable problems."""
+
+    steps: int = 60
+    problems_per_step: int = 8
+    group_size: int = 8  # completions sampled per problem
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    normalize_std: bool = False  # divide advantages by the group's standard deviation
+    kl_coef: float = 0.0  # KL penalty to the SFT model (0: off)
+    clip_eps: float = 0.0  # PPO-style ratio clipping (0: off, plain on-policy policy gradient)
+    ppo_epochs: int = 1
+    eval_problems: int = 200
+    eval_k: int = 8
+    ckpt_every: int = 20
+    seed: int = 0
+
+
+@dataclass
+class Preset:
+    model: dict[str, Any]
+    vocab_size: int
+    world_mb: float
+    pretrain: TrainConfig
+    sft: TrainConfig
+    rl: RLConfig = field(default_factory=RLConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    # Two laptop CPU cores, ~5 minutes of pretraining on the synthetic world.
+    "cpu": Preset(
+        model=dict(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256, tie_embeddings=True),
+        vocab_size=4096,
+        world_mb=8,
+        pretrain=TrainConfig(batch_size=16, seq_len=256, max_steps=1200, lr=3e-3, eval_every=300, ckpt_every=300),
+        sft=TrainConfig(batch_size=16, seq_len=256, max_steps=300, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=100),
+        rl=RLConfig(),
+    ),
+    # ~100M parameters, one GPU in bf16.
+    "gpu-small": Preset(
+        model=dict(n_layer=12, d_model=768, n_head=6, n_kv_head=6, max_seq_len=2048, tie_embeddings=False),
+        vocab_size=32768,
+        world_mb=200,
+        pretrain=TrainConfig(batch_size=32, seq_len=2048, grad_accum=8, max_steps=5000, optimizer="muon", lr=3e-3, warmup_steps=100, weight_decay=0.0, eval_every=250, ckpt_every=500, dtype="bfloat16", compile=True),
+        sft=TrainConfig(batch_size=16, seq_len=2048, max_steps=1000, lr=3e-4, warmup_steps=20, eval_every=0, ckpt_every=250, dtype="bfloat16", compile=True),
+        rl=RLConfig(steps=300, problems_per_step=32, group_size=16, max_new_tokens=256, lr=1e-5),
+    ),
+    # ~0.5B parameters (nanochat's d20 shape), 8 GPUs or patience.
+    "gpu-d20": Preset(
+        model=dict(n_layer=20, d_model=1280, n_head=10, n_kv_head=10, max_seq_len=2048, tie_embeddings=False),
+        vocab_size=65536,
+        world_mb=200,
+        pretrain=TrainConfig(batch_size=32, seq_len=2048, grad_accum=8, max_steps=21400, optimizer="muon", lr=3e-3, warmup_steps=200, eval_every=500, ckpt_every=1000, dtype="bfloat16", compile=True),
+        sft=TrainConfig(batch_size=16, seq_len=2048, max_steps=2000, lr=2e-4, warmup_steps=50, eval_every=0, ckpt_every=500, dtype="bfloat16", compile=True),
+        rl=RLConfig(steps=500, problems_per_step=32, group_size=16, max_new_tokens=512, lr=5e-6),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add `--<prefix><field-name>` for each field; defaults are None, meaning 'keep the preset's'."""
+    group = parser.add_argument_group(f"{cls.__name__} overrides (default: the preset's value)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=kind, default=None, metavar=str(f.type).upper())
+
+
+def apply_overrides(config, args: argparse.Namespace, prefix: str = ""):
+    """A copy of `config` with every field given on the command line replaced."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(args, prefix.replace("-", "_") + f.name, None)
+        if value is not None:
+            changes[f.name] = value
+    return dataclasses.replace(config, **changes)

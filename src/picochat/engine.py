@@ -1,0 +1,309 @@
+"""Generation: token ids in, token ids out (chat formatting lives in picochat.chat).
+
+Prompts are prefilled once, as one left-padded batch, into a KV cache; all rows then decode
+together, one token per step, and a row that finishes leaves the batch. `num_samples` completions
+of a prompt share its prefill (the cache rows are copied). Sampling is greedy at temperature 0,
+otherwise softmax sampling with optional top-k / top-p, reproducible with a seed.
+
+Tool calls: given a tokenizer, when a row emits `<|tool_call|>` expression `<|/tool_call|>`, the
+expression is evaluated by a safe calculator (parsed with `ast`, never `eval`) and
+`<|tool_result|>` result `<|/tool_result|>` is forced into the row, one token per step, before
+sampling goes on. Forced tokens are part of the completion and count toward max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from picochat.model import KVCache, Transformer
+
+FINISH_STOP = "stop"  # a stop id was sampled (it is not part of the completion)
+FINISH_LENGTH = "length"  # max_new_tokens or the model's context ran out
+
+MAX_EXPRESSION_CHARS = 200
+MAX_EXPONENT = 100
+MAX_MAGNITUDE = 10**18  # larger intermediate or final values are refused
+TOOL_ERROR_TEXT = "error"  # what the model sees when its expression cannot be computed
+
+
+class GenerationError(ValueError):
+    """Bad arguments to generate / stream."""
+
+
+class ContextLengthError(GenerationError):
+    """A prompt that leaves no room in the model's context for even one new token."""
+
+
+class CalculatorError(ValueError):
+    """An expression the calculator refuses or cannot compute."""
+
+
+_BINARY_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+def _evaluate(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        value = node.value
+    elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
+        value = _UNARY_OPS[type(node.op)](_evaluate(node.operand))
+    elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+            raise CalculatorError(f"exponent {right} is larger than {MAX_EXPONENT}")
+        try:
+            value = _BINARY_OPS[type(node.op)](left, right)
+        except ZeroDivisionError:
+            raise CalculatorError("division by zero") from None
+        except OverflowError:
+            raise CalculatorError("result too large") from None
+    else:
+        raise CalculatorError(f"only numbers, + - * / // % ** and parentheses are allowed, not {ast.dump(node)[:60]}")
+    if isinstance(value, complex):
+        raise CalculatorError("the result is not a real number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CalculatorError("the result is not a finite number")
+    if abs(value) > MAX_MAGNITUDE:
+        raise CalculatorError(f"a value exceeds {MAX_MAGNITUDE:.0e}")
+    return value
+
+
+def calculate(expression: str) -> str:
+    """Evaluate an arithmetic expression safely; return the result as text ("12", "2.5").
+
+    Integral results print without a decimal point; others with up to 10 significant digits.
+    """
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise CalculatorError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError) as err:  # ValueError: null bytes in the source
+        raise CalculatorError(f"not an arithmetic expression: {expression!r}") from err
+    value = _evaluate(tree.body)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) if isinstance(value, int) else f"{value:.10g}"
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V): argmax at temperature 0, else a sample from the
+    softmax of logits / temperature restricted to the top_k tokens and to the smallest set whose
+    probability reaches top_p (the most likely token is always kept)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # the new tokens, stop id excluded
+    finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+
+
+@dataclass
+class _Row:
+    """Decoding state of one completion."""
+
+    limit: int  # most new tokens this row may have
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    forced: deque = field(default_factory=deque)  # tool-result tokens still to feed
+    tool_call: list[int] | None = None  # ids since an open <|tool_call|>
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop_ids: frozenset
+
+
+@dataclass(frozen=True)
+class _ToolIds:
+    call: int
+    end_call: int
+    result: int
+    end_result: int
+
+
+def _tool_ids(tokenizer) -> _ToolIds | None:
+    if tokenizer is None:
+        return None
+    return _ToolIds(*(tokenizer.special_id(name) for name in
+                      ("<|tool_call|>", "<|/tool_call|>", "<|tool_result|>", "<|/tool_result|>")))
+
+
+def _check_arguments(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     temperature: float, top_k: int | None, top_p: float | None, num_samples: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise GenerationError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if not prompts:
+        raise GenerationError("no prompts given")
+    context, vocab = model.config.max_seq_len, model.config.vocab_size
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise GenerationError(f"prompt {index} is empty; it needs at least one token (e.g. <|endoftext|>)")
+        if len(prompt) >= context:
+            raise ContextLengthError(
+                f"prompt {index} has {len(prompt)} tokens; the model's context is {context}, "
+                "so it leaves no room for a reply"
+            )
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"prompt {index} holds ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+
+def _new_rows(prompts: Sequence[Sequence[int]], num_samples: int, max_new_tokens: int, context: int) -> list[_Row]:
+    return [_Row(limit=min(max_new_tokens, context - len(prompt)))
+            for prompt in prompts for _ in range(num_samples)]
+
+
+def _accept(row: _Row, token: int, forced: bool, sampling: _Sampling, tools: _ToolIds | None, tokenizer) -> bool:
+    """Add a decoded token to the row; return whether the row goes on."""
+    if not forced and token in sampling.stop_ids:
+        row.finish_reason = FINISH_STOP
+        return False
+    row.tokens.append(token)
+    if tools is not None and not forced:
+        if row.tool_call is None and token == tools.call:
+            row.tool_call = []
+        elif row.tool_call is not None and token == tools.end_call:
+            try:
+                result = calculate(tokenizer.decode(row.tool_call))
+            except CalculatorError:
+                result = TOOL_ERROR_TEXT
+            row.forced.extend([tools.result, *tokenizer.encode(result), tools.end_result])
+            row.tool_call = None
+        elif row.tool_call is not None:
+            row.tool_call.append(token)
+    if len(row.tokens) >= row.limit:
+        row.finish_reason = FINISH_LENGTH
+        return False
+    return True
+
+
+@torch.no_grad()
+def _decode(model: Transformer, prompts: Sequence[Sequence[int]], rows: list[_Row], num_samples: int,
+            sampling: _Sampling, seed: int | None, tokenizer) -> Iterator[tuple[int, int]]:
+    """Run every row to its end, yielding (row index, token) as tokens are accepted."""
+    device = model.lm_head.weight.device
+    tools = _tool_ids(tokenizer)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    width = max(len(p) for p in prompts)
+    pad_lengths = [width - len(p) for p in prompts]
+    cache = KVCache(model.config, len(prompts), width + max(row.limit for row in rows),
+                    device=device, dtype=model.lm_head.weight.dtype, pad_lengths=pad_lengths)
+    padded = torch.tensor([[0] * pad + list(p) for pad, p in zip(pad_lengths, prompts)], device=device)
+    logits = model(padded, kv_cache=cache)[:, -1]
+    if num_samples > 1:
+        copies = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
+        cache.select_rows(copies)
+        logits = logits[copies]
+    active = list(range(len(rows)))  # rows[active[i]] lives in cache row i
+    while active:
+        sampled = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator).tolist()
+        keep, next_tokens = [], []
+        for slot, index in enumerate(active):
+            row = rows[index]
+            forced = bool(row.forced)
+            token = row.forced.popleft() if forced else sampled[slot]
+            goes_on = _accept(row, token, forced, sampling, tools, tokenizer)
+            if row.finish_reason != FINISH_STOP:
+                yield index, token
+            if goes_on:
+                keep.append(slot)
+                next_tokens.append(token)
+        if not keep:
+            return
+        if len(keep) < len(active):
+            cache.select_rows(keep)
+            active = [active[slot] for slot in keep]
+        logits = model(torch.tensor(next_tokens, device=device)[:, None], kv_cache=cache)[:, -1]
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stop_ids: Sequence[int] = (), num_samples: int = 1,
+             tokenizer=None) -> list[list[Completion]]:
+    """Complete each prompt num_samples times; result[i][j] is sample j of prompt i.
+
+    A completion ends at a stop id (excluded; finish_reason "stop") or after max_new_tokens, or
+    when the model's context is full ("length"). Pass the tokenizer to enable calculator tool calls.
+    """
+    _check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
+    sampling = _Sampling(temperature, top_k, top_p, frozenset(stop_ids))
+    rows = _new_rows(prompts, num_samples, max_new_tokens, model.config.max_seq_len)
+    for _ in _decode(model, prompts, rows, num_samples, sampling, seed, tokenizer):
+        pass
+    completions = [Completion(row.tokens, row.finish_reason) for row in rows]
+    return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+class TokenStream:
+    """Iterator over one completion's token ids as they are decoded; `finish_reason` is set
+    ("stop" or "length") once it is exhausted, None before."""
+
+    def __init__(self, tokens: Iterator[int], row: _Row):
+        self._tokens = tokens
+        self._row = row
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._tokens)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._row.finish_reason
+
+
+def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           stop_ids: Sequence[int] = (), tokenizer=None) -> TokenStream:
+    """Yield the completion of one prompt token by token (the same tokens generate() returns).
+
+    Arguments are checked at call time: a prompt that fills the context raises ContextLengthError.
+    """
+    prompts = [list(prompt_ids)]
+    _check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples=1)
+    sampling = _Sampling(temperature, top_k, top_p, frozenset(stop_ids))
+    rows = _new_rows(prompts, 1, max_new_tokens, model.config.max_seq_len)
+    events = _decode(model, prompts, rows, 1, sampling, seed, tokenizer)
+    return TokenStream((token for _, token in events), rows[0])

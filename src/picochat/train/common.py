@@ -1,0 +1,286 @@
+"""The training loop shared by every stage: device, precision, distributed setup, optimizer, schedule,
+checkpoints, logging.
+
+Written once, as the lecture says: pretraining and SFT differ only in their data (a loader yielding
+`(inputs, targets)` with `targets == -100` where no loss is taken) and hyperparameters. RL reuses the
+runtime, optimizer, checkpoint and metrics pieces with its own sampling step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from picochat.checkpoint import latest_checkpoint, load_training_state, save_model, save_training_state, atomic_write_json
+from picochat.config import TrainConfig
+from picochat.model import Transformer
+
+
+class TrainingError(RuntimeError):
+    """A training run cannot start or continue (e.g. an existing run without --resume)."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE set), join the process group (NCCL on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return Runtime(dev, rank, world_size, local_rank)
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(rt: Runtime, dtype: str):
+    """bf16 autocast when asked (CUDA, or CPU where it is often faster too); float32 otherwise."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16)
+    if dtype != "float32":
+        raise ValueError(f"dtype must be float32 or bfloat16, not {dtype!r}")
+    return contextlib.nullcontext()
+
+
+def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW for everything, or Muon for the hidden 2-D matrices and AdamW for embeddings, head and norms."""
+    hidden, other = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_hidden_matrix = p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
+        (hidden if is_hidden_matrix else other).append(p)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    if cfg.optimizer == "adamw":
+        groups = [{"params": hidden, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+        return [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **fused)]
+    if cfg.optimizer == "muon":
+        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="original")
+        adamw = torch.optim.AdamW(other, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)
+        return [muon, adamw]
+    raise ValueError(f"optimizer must be adamw or muon, not {cfg.optimizer!r}")
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, constant, then linear decay to final_lr_frac over the last decay_frac of the steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = cfg.max_steps * (1 - cfg.decay_frac)
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1.0, cfg.max_steps - decay_start)
+    return 1.0 - progress * (1.0 - cfg.final_lr_frac)
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def measured_peak_flops(device: torch.device) -> float | None:
+    """Achievable bf16 matmul FLOP/s on this GPU, measured once (the denominator of MFU); None on CPU."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    reps = 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class MetricsLog:
+    """Append-only metrics JSONL; on resume, lines past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def evaluate_loss(model: Transformer, batches: Iterator, rt: Runtime, dtype: str, token_bytes: torch.Tensor | None = None) -> dict:
+    """Mean loss (nats per token) over the batches, and bits per byte when token byte lengths are given.
+
+    Bits per byte = total loss in bits / total UTF-8 bytes of the predicted tokens, counting only
+    tokens with bytes (special tokens and -100 targets are excluded), so it compares across tokenizers.
+    """
+    model.eval()
+    nats = tokens = 0.0
+    bpb_nats = n_bytes = 0.0
+    for x, y in batches:
+        x, y = x.to(rt.device), y.to(rt.device)
+        with autocast(rt, dtype):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none")
+        valid = y.flatten() != -100
+        nats += loss[valid].sum().item()
+        tokens += valid.sum().item()
+        if token_bytes is not None:
+            nb = token_bytes.to(rt.device)[y.flatten().clamp(min=0)] * valid
+            bpb_nats += (loss * (nb > 0)).sum().item()
+            n_bytes += nb.sum().item()
+    totals = torch.tensor([nats, tokens, bpb_nats, n_bytes], dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(totals)
+    nats, tokens, bpb_nats, n_bytes = totals.tolist()
+    model.train()
+    out = {"val_loss": nats / max(tokens, 1)}
+    if token_bytes is not None and n_bytes:
+        out["val_bpb"] = bpb_nats / (math.log(2) * n_bytes)
+    return out
+
+
+def train(
+    model: Transformer,
+    loader,
+    cfg: TrainConfig,
+    stage_dir: Path,
+    rt: Runtime,
+    *,
+    resume: bool = False,
+    evaluate: Callable[[Transformer], dict] | None = None,
+    info: dict | None = None,
+    desc: str = "train",
+) -> dict:
+    """Run `cfg.max_steps` optimizer steps of next-token training and save the stage's model.
+
+    `loader` yields (inputs, targets) and has state_dict()/load_state_dict() so a resumed run sees
+    exactly the batches an uninterrupted one would. `evaluate(model)` returns metrics to log every
+    `eval_every` steps and at the end. Returns the final metrics.
+    """
+    stage_dir = Path(stage_dir)
+    if (stage_dir / "done.json").exists() and not resume:
+        raise TrainingError(f"{stage_dir} is already complete; remove it or pick another --run")
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt and not resume:
+        raise TrainingError(f"{stage_dir} has a checkpoint ({ckpt.name}); pass --resume to continue it, or remove the folder")
+
+    model.to(rt.device).train()
+    optimizers = build_optimizers(model, cfg)
+    step = 0
+    if ckpt:
+        meta = load_training_state(ckpt, model, optimizers)
+        loader.load_state_dict(meta["loader"])
+        step = meta["step"]
+        if rt.is_main:
+            tqdm.write(f"{desc}: resuming from {ckpt} (step {step})")
+    if step >= cfg.max_steps and (stage_dir / "done.json").exists():
+        return json.loads((stage_dir / "done.json").read_text())
+
+    train_model = torch.compile(model) if cfg.compile else model
+    if rt.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=step, enabled=rt.is_main)
+    peak = measured_peak_flops(rt.device)
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
+
+    def checkpoint(at_step: int) -> None:
+        if rt.is_main:
+            save_training_state(stage_dir, at_step, model, optimizers, {"loader": loader.state_dict(), "train_config": asdict(cfg)})
+        if rt.distributed:
+            dist.barrier()
+
+    last: dict = {}
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        set_lr(optimizers, lr_multiplier(step, cfg))
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = next(loader)
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            sync = not rt.distributed or micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else train_model.no_sync(), autocast(rt, cfg.dtype):
+                loss = train_model(x, targets=y) / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+
+        if rt.distributed:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"{desc}: loss became {loss_value} at step {step}; lower the learning rate")
+        dt = time.perf_counter() - t0
+        record = {"step": step, "loss": round(loss_value, 5), "lr_mult": round(lr_multiplier(step - 1, cfg), 5), "grad_norm": round(float(grad_norm), 4), "tokens": step * tokens_per_step, "tok_per_s": round(tokens_per_step / dt), "elapsed_s": round(time.perf_counter() - t_start, 2)}
+        if peak:
+            record["mfu"] = round(flops_per_token * tokens_per_step / dt / (peak * rt.world_size), 4)
+        if evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            record.update(evaluate(model))
+        metrics.log(**record)
+        last = record
+        bar.set_postfix({k: record[k] for k in ("loss", "tok_per_s", "mfu", "val_bpb") if k in record}, refresh=False)
+        bar.update(1)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
+            checkpoint(step)
+    bar.close()
+
+    summary = {**last, "seconds": round(time.perf_counter() - t_start, 2), "params": model.num_params(), "flops": flops_per_token * step * tokens_per_step}
+    if rt.is_main:
+        save_model(stage_dir, model, info)
+        atomic_write_json(stage_dir / "done.json", summary)
+    if rt.distributed:
+        dist.barrier()
+    return summary

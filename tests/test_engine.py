@@ -1,0 +1,224 @@
+"""The engine: sampling, batching, num_samples, stop ids, streaming, context limits, tool calls."""
+
+import pytest
+import torch
+
+from picochat.engine import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    CalculatorError,
+    Completion,
+    ContextLengthError,
+    GenerationError,
+    calculate,
+    generate,
+    sample_next,
+    stream,
+)
+from picochat.model import ModelConfig, Transformer
+
+VOCAB = 101
+PROMPTS = [[5, 17, 33, 2, 9, 60, 1], [42, 7], [88], [3, 14, 15, 92]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = ModelConfig(vocab_size=VOCAB, n_layer=2, d_model=48, n_head=4, n_kv_head=2, max_seq_len=40)
+    model = Transformer(config)
+    model.init_weights(seed=11)
+    with torch.no_grad():  # sharper next-token distributions than a fresh init, so greedy has no near-ties
+        model.lm_head.weight.mul_(40)
+    return model.eval()
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompt, max_new_tokens):
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+# --- greedy, seeds, batching ---------------------------------------------------------------
+
+
+def test_greedy_matches_recomputing_the_whole_sequence(model):
+    result = generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    for prompt, [completion] in zip(PROMPTS, result):
+        assert completion == Completion(greedy_without_cache(model, prompt, 12), FINISH_LENGTH)
+    assert generate(model, PROMPTS, max_new_tokens=12, temperature=0) == result
+
+
+def test_batch_of_different_lengths_equals_one_at_a_time(model):
+    batched = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    assert batched == [generate(model, [p], max_new_tokens=10, temperature=0)[0] for p in PROMPTS]
+
+
+def test_seeded_sampling_is_reproducible(model):
+    first = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=123, num_samples=2)
+    again = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=123, num_samples=2)
+    other = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=124, num_samples=2)
+    assert first == again
+    assert first != other
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    assert generate(model, PROMPTS, max_new_tokens=10, temperature=1.3, top_k=1, seed=5) == greedy
+    assert generate(model, PROMPTS, max_new_tokens=10, temperature=1.3, top_p=1e-6, seed=5) == greedy
+
+
+def test_sample_next_respects_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=generator).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_p=0.7, generator=generator).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(sample_next(logits, top_p=0.85, generator=generator).tolist()) == {0, 1, 2}
+    counts = torch.bincount(sample_next(logits, generator=generator), minlength=4) / 2000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.05, rtol=0)
+    assert sample_next(logits[:1], temperature=0).tolist() == [0]
+
+
+def test_num_samples_share_one_prefill(model):
+    prefills = []
+    hook = model.register_forward_pre_hook(lambda _, args: prefills.append(tuple(args[0].shape)))
+    try:
+        result = generate(model, PROMPTS[:2], max_new_tokens=6, temperature=0, num_samples=3)
+    finally:
+        hook.remove()
+    assert prefills[0] == (2, 7)
+    assert all(shape[1] == 1 for shape in prefills[1:])  # no other call prefills
+    assert prefills[1] == (6, 1)  # 2 prompts x 3 samples decode together
+    for prompt, samples in zip(PROMPTS[:2], result):
+        assert samples == generate(model, [prompt], max_new_tokens=6, temperature=0)[0] * 3
+    sampled = generate(model, PROMPTS[:1], max_new_tokens=8, temperature=1.0, seed=3, num_samples=4)[0]
+    assert len({tuple(c.tokens) for c in sampled}) > 1  # the copies sample independently
+
+
+# --- stopping, streaming, limits -----------------------------------------------------------
+
+
+def test_stops_at_a_stop_id_and_excludes_it(model):
+    [[full]] = generate(model, PROMPTS[:1], max_new_tokens=12, temperature=0)
+    stop = full.tokens[4]
+    cut = full.tokens.index(stop)
+    [[stopped]] = generate(model, PROMPTS[:1], max_new_tokens=12, temperature=0, stop_ids=[stop, VOCAB + 5])
+    assert stopped == Completion(full.tokens[:cut], FINISH_STOP)
+
+
+def test_rows_that_stop_early_do_not_disturb_the_others(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    stop = greedy[1][0].tokens[1]  # prompt 1 stops after one token
+    result = generate(model, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[stop])
+    for full, [completion] in zip(greedy, result):
+        tokens = full[0].tokens
+        expected = tokens[:tokens.index(stop)] if stop in tokens else tokens
+        assert completion.tokens == expected
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_k=20, top_p=0.9, seed=8)])
+def test_stream_yields_what_generate_returns(model, sampling):
+    stop = generate(model, [PROMPTS[0]], max_new_tokens=15, **sampling)[0][0].tokens[9]
+    [[expected]] = generate(model, [PROMPTS[0]], max_new_tokens=15, stop_ids=[stop], **sampling)
+    tokens = stream(model, PROMPTS[0], max_new_tokens=15, stop_ids=[stop], **sampling)
+    assert tokens.finish_reason is None
+    assert next(tokens) == expected.tokens[0]
+    assert [expected.tokens[0], *tokens] == expected.tokens
+    assert tokens.finish_reason == expected.finish_reason == FINISH_STOP
+
+
+def test_context_length_limits_the_completion_and_rejects_full_prompts(model):
+    prompt = list(range(35))
+    [[completion]] = generate(model, [prompt], max_new_tokens=20, temperature=0)
+    assert len(completion.tokens) == 5 and completion.finish_reason == FINISH_LENGTH
+    assert list(stream(model, prompt, max_new_tokens=20, temperature=0)) == completion.tokens
+    # a short prompt batched with it still gets its own, longer budget
+    [_, [short]] = generate(model, [prompt, [1, 2]], max_new_tokens=20, temperature=0)
+    assert len(short.tokens) == 20
+    with pytest.raises(ContextLengthError, match="40"):
+        stream(model, list(range(40)), max_new_tokens=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+        (dict(prompts=[[1, VOCAB]]), "outside the vocabulary"),
+        (dict(prompts=[]), "no prompts"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(num_samples=0), "num_samples"),
+    ],
+)
+def test_bad_arguments_are_refused(model, kwargs, message):
+    arguments = {**dict(prompts=[[1, 2]], max_new_tokens=3), **kwargs}
+    with pytest.raises(GenerationError, match=message):
+        generate(model, **arguments)
+
+
+# --- the calculator and tool calls ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expression, result",
+    [("2+3*4", "14"), ("(2+3)*4", "20"), ("7/2", "3.5"), ("6/3", "2"), ("17//5", "3"), ("17 % 5", "2"),
+     ("2**10", "1024"), ("-(3-5)", "2"), ("1/3", "0.3333333333"), ("1.5*4", "6"), (" 12 * 3 ", "36")],
+)
+def test_calculator_computes(expression, result):
+    assert calculate(expression) == result
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["__import__('os').system('ls')", "open('/etc/passwd')", "x + 1", "(1).__class__", "[1, 2]", "'a' * 3",
+     "2 ** 1000", "10 ** 10 ** 10", "9" * 30, "1 / 0", "5 % 0", "(-8) ** 0.5", "True + 1", "lambda: 1",
+     "1; 2", "", "1 +", "2" + "*2" * 150, "\x00"],
+)
+def test_calculator_refuses(expression):
+    with pytest.raises(CalculatorError):
+        calculate(expression)
+
+
+def bigram_model(tokenizer, successors: dict[int, int]) -> Transformer:
+    """A real Transformer whose weights make it predict successors[current token] (attention and
+    MLP outputs are zeroed, so the residual stream is the current token's embedding)."""
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=64, n_head=2, n_kv_head=1,
+                         max_seq_len=64)
+    model = Transformer(config)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        for current, following in successors.items():
+            model.lm_head.weight[following] += 10 * embeddings[current] / embeddings[current].norm()
+    return model.eval()
+
+
+@pytest.mark.parametrize("expression, result", [("6*7", "42"), ("6/0", "error")])
+def test_tool_call_result_is_forced_into_the_sequence(small_tokenizer, expression, result):
+    tok = small_tokenizer
+    call, end_call, res, end_res, im_end = (tok.special_id(s) for s in (
+        "<|tool_call|>", "<|/tool_call|>", "<|tool_result|>", "<|/tool_result|>", "<|im_end|>"))
+    prompt_token, after_result, quick_prompt = 100, 200, 150
+    chain = [prompt_token, call, *tok.encode(expression), end_call]
+    assert len(set(chain)) == len(chain), "the hand-made bigram model needs distinct tokens"
+    successors = dict(zip(chain, chain[1:])) | {end_res: after_result, after_result: im_end, quick_prompt: im_end}
+    model = bigram_model(tok, successors)
+
+    forced = [res, *tok.encode(result), end_res]
+    expected = Completion([*chain[1:], *forced, after_result], FINISH_STOP)
+    prompts = [[prompt_token], [7, quick_prompt]]
+    batch = generate(model, prompts, max_new_tokens=30, temperature=0, stop_ids=[im_end], tokenizer=tok)
+    assert batch == [[expected], [Completion([], FINISH_STOP)]]
+    assert list(stream(model, [prompt_token], 30, temperature=0, stop_ids=[im_end], tokenizer=tok)) == expected.tokens
+    # without a tokenizer there are no tools: nothing is forced after <|/tool_call|>
+    [[plain]] = generate(model, [[prompt_token]], max_new_tokens=30, temperature=0, stop_ids=[im_end])
+    assert plain.tokens[:len(chain) - 1] == chain[1:] and plain.tokens[len(chain) - 1:len(chain) + 2] != forced
+    # forced tokens count toward max_new_tokens
+    [[short]] = generate(model, [[prompt_token]], max_new_tokens=len(chain) + 1, temperature=0, tokenizer=tok)
+    assert short == Completion([*chain[1:], *forced[:2]], FINISH_LENGTH)
