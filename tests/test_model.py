@@ -11,6 +11,7 @@ from picochat.model import (
     KVCache,
     ModelConfig,
     ModelConfigError,
+    ModelInputError,
     Transformer,
     default_ffn_hidden,
     qwen3_config_dict,
@@ -65,7 +66,7 @@ def test_config_from_dict_names_unknown_and_missing_fields():
         ModelConfig.from_dict({**tiny_config().to_dict(), "n_layers": 3})
     with pytest.raises(ModelConfigError, match="incomplete"):
         ModelConfig.from_dict({"vocab_size": 10})
-    assert issubclass(ModelConfigError, ValueError)
+    assert issubclass(ModelConfigError, ValueError) and issubclass(ModelInputError, ValueError)
 
 
 # --- layout and equivalence with Hugging Face Qwen3 ---------------------------------------------
@@ -173,7 +174,7 @@ def test_bf16_autocast_gives_float32_logits():
 
 def test_position_beyond_context_is_refused():
     model = tiny_model()
-    with pytest.raises(ValueError, match="context of 48"):
+    with pytest.raises(ModelInputError, match="context of 48"):
         model(torch.zeros(1, 49, dtype=torch.long))
 
 
@@ -235,7 +236,7 @@ def test_one_prefill_expanded_to_several_rows():
 def test_cache_overflow_and_row_mismatch_are_refused():
     model = tiny_model()
     cache = KVCache(model.config, batch_size=1, max_len=4)
-    with pytest.raises(ValueError, match="4 slots"):
+    with pytest.raises(ModelInputError, match="4 slots"):
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
-    with pytest.raises(ValueError, match="1 rows"):
+    with pytest.raises(ModelInputError, match="1 rows"):
         model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache)

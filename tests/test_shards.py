@@ -180,26 +180,28 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash_at", ["after 1st shard rename", "after 4th shard rename", "mid-shard write"])
-def test_crash_then_resume_writes_the_same_shards(corpus, small_batches, tmp_path, monkeypatch, crash_at):
+@pytest.mark.parametrize("crash_on, at_call", [("rename", 1), ("rename", 4), ("write", 9)])
+def test_crash_then_resume_writes_the_same_shards(corpus, small_batches, tmp_path, monkeypatch, crash_on, at_call):
+    """A crash right after a shard's rename (before progress.json records it) or inside a shard."""
     root, _, _, tok_path = corpus
     args = dict(val_docs=30, workers=1, shard_tokens=800, progress=False)
     reference = prepare(root / "docs.jsonl", tok_path, tmp_path / "ref", **args)
     assert len(reference["splits"]["train"]["shards"]) > 6
 
-    calls = {"replace": 0, "write": 0}
+    calls = {"rename": 0, "write": 0}
     real_replace, real_write = os.replace, shards._ShardWriter.write
 
-    def crashing_replace(src, dst):  # the crash strikes after the rename, before progress.json records it
+    def crashing_replace(src, dst):
         real_replace(src, dst)
         if str(dst).endswith(".bin"):
-            calls["replace"] += 1
-            if crash_at == f"after {calls['replace']}{'st' if calls['replace'] == 1 else 'th'} shard rename":
+            calls["rename"] += 1
+            if crash_on == "rename" and calls["rename"] == at_call:
                 raise Crash()
 
     def crashing_write(self, tokens):
         calls["write"] += 1
-        if crash_at == "mid-shard write" and calls["write"] == 9 and self.tokens > 0:
+        if crash_on == "write" and calls["write"] == at_call:
+            assert self.tokens > 0, "the crash should strike a half-written shard"
             raise Crash()
         real_write(self, tokens)
 
@@ -220,13 +222,13 @@ def test_crash_then_resume_writes_the_same_shards(corpus, small_batches, tmp_pat
     monkeypatch.setattr(shards, "_encode_docs", lambda *a: encoded.append(1) or real_encode_docs(*a))
     resumed = prepare(root / "docs.jsonl", tok_path, tmp_path / "run", **args)
     assert resumed["splits"] == reference["splits"]
-    assert shard_bytes(tmp_path / "run") == {k: v for k, v in ref.items()}
-    if crash_at == "after 4th shard rename":  # the first shards were not tokenized again
+    assert shard_bytes(tmp_path / "run") == ref
+    if (crash_on, at_call) == ("rename", 4):  # the first shards were not tokenized again
         assert 0 < len(encoded) < sum(1 for _ in shards._doc_batches(make_docs(400)))
 
 
 @pytest.mark.slow
-def test_sigkill_mid_prepare_then_resume(corpus, tmp_path):
+def test_sigkill_mid_prepare_then_resume(corpus, small_batches, tmp_path):
     root, _, _, tok_path = corpus
     child = f"""
 import time, sys
@@ -253,11 +255,8 @@ shards.prepare({str(root / 'docs.jsonl')!r}, {str(tok_path)!r}, {str(tmp_path / 
     assert not (tmp_path / "run" / "manifest.json").exists()
 
     args = dict(val_docs=30, workers=1, shard_tokens=500, progress=False)
-    import unittest.mock
-
-    with unittest.mock.patch.object(shards, "BATCH_CHARS", 3000):
-        resumed = prepare(root / "docs.jsonl", tok_path, tmp_path / "run", **args)
-        reference = prepare(root / "docs.jsonl", tok_path, tmp_path / "ref", **args)
+    resumed = prepare(root / "docs.jsonl", tok_path, tmp_path / "run", **args)
+    reference = prepare(root / "docs.jsonl", tok_path, tmp_path / "ref", **args)
     assert resumed["splits"] == reference["splits"]
     assert shard_bytes(tmp_path / "run") == shard_bytes(tmp_path / "ref")
 

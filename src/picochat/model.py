@@ -29,6 +29,11 @@ class ModelConfigError(ValueError):
     """A model configuration that cannot build a Transformer."""
 
 
+class ModelInputError(ValueError):
+    """Input the model cannot take: beyond its context, more than the KV cache holds, or a batch
+    that does not match the cache's rows."""
+
+
 def default_ffn_hidden(d_model: int) -> int:
     """SwiGLU hidden width: 8/3 * d_model rounded up to a multiple of 64.
 
@@ -160,7 +165,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer_cache):
+    def forward(self, x, cos, sin, mask, cache_writer):
         """x (B, T, d); cos/sin (B, T, head_dim); mask: None (plain causal) or bool (B, 1, T, S)."""
         batch, seq, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(batch, seq, self.n_head, self.head_dim)).transpose(1, 2)
@@ -169,8 +174,8 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if layer_cache is not None:
-            k, v = layer_cache(k, v)
+        if cache_writer is not None:
+            k, v = cache_writer(k, v)
         gqa = self.n_head != self.n_kv_head
         if mask is None:
             # Without a cache, or decoding one token with no padding: causal == attend to everything seen.
@@ -199,8 +204,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, layer_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache)
+    def forward(self, x, cos, sin, mask, cache_writer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_writer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,7 +226,9 @@ class KVCache:
             pad_lengths = [0] * batch_size
         self.pad_lengths = torch.as_tensor(pad_lengths, dtype=torch.long, device=device)
         if self.pad_lengths.shape != (batch_size,):
-            raise ValueError(f"pad_lengths must hold one count per row ({batch_size}), got {tuple(self.pad_lengths.shape)}")
+            raise ModelInputError(
+                f"pad_lengths must hold one count per row ({batch_size}), got shape {tuple(self.pad_lengths.shape)}"
+            )
         self._note_padding()
         self.length = 0  # slots filled so far, the same for every row
 
@@ -282,6 +289,8 @@ class KVCache:
 
 
 class Transformer(nn.Module):
+    """The language model: token ids in, next-token logits (or the training loss) out."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -353,13 +362,15 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             start = kv_cache.length
             if kv_cache.batch_size != batch:
-                raise ValueError(f"KV cache has {kv_cache.batch_size} rows, input has {batch}")
+                raise ModelInputError(f"KV cache has {kv_cache.batch_size} rows, input has {batch}")
             if start + seq > kv_cache.max_len:
-                raise ValueError(f"KV cache holds {kv_cache.max_len} slots; {start} are used and {seq} more do not fit")
+                raise ModelInputError(
+                    f"KV cache holds {kv_cache.max_len} slots; {start} are used and {seq} more do not fit"
+                )
         if positions is None:
             last_position = kv_cache.last_position(seq) if kv_cache is not None else seq - 1
             if last_position >= self.config.max_seq_len:
-                raise ValueError(
+                raise ModelInputError(
                     f"position {last_position} is beyond the model's context of {self.config.max_seq_len} tokens"
                 )
             positions = kv_cache.positions(seq) if kv_cache is not None else torch.arange(seq, device=input_ids.device)

@@ -239,13 +239,13 @@ def _source_entries(paths) -> list[dict]:
     return entries
 
 
-def _job(inputs, val_inputs, val_docs, shard_tokens, encoder, tok) -> dict:
+def _job(inputs, val_inputs, val_docs, shard_tokens, tok) -> dict:
+    """What determines the shards' bytes (the encoder does not: both give the same ids)."""
     return {
         "sources": _source_entries(inputs),
         "val_sources": _source_entries(val_inputs) if val_inputs else [],
         "tokenizer_fingerprint": tok.fingerprint,
-        "settings": {"val_docs": val_docs, "shard_tokens": shard_tokens, "encoder": encoder,
-                     "batch_chars": BATCH_CHARS, "batch_docs": BATCH_DOCS},
+        "settings": {"val_docs": val_docs, "shard_tokens": shard_tokens, "batch_chars": BATCH_CHARS, "batch_docs": BATCH_DOCS},
     }
 
 
@@ -314,7 +314,7 @@ def prepare(
         raise ValueError(f"unknown encoder {encoder!r}: expected one of {ENCODERS}")
     out_dir = Path(out_dir)
     tok = Tokenizer.load(tokenizer_path)
-    job = _job(inputs, val_inputs, val_docs, shard_tokens, encoder, tok)
+    job = _job(inputs, val_inputs, val_docs, shard_tokens, tok)
     if (out_dir / MANIFEST).exists():
         manifest = read_manifest(out_dir)
         differs = _job_mismatch(job, manifest)
@@ -339,11 +339,12 @@ def prepare(
         split_docs = {"train": lambda: iter_documents(inputs)}
 
     workers = workers or os.cpu_count() or 1
-    encode = make_encoder(tok, encoder)
-    encode_local = lambda docs: _encode_docs(encode, docs, tok.eot_id, dtype)  # noqa: E731
-    pool = None
+    pool = encode_local = None
     if workers > 1:
         pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), encoder))
+    else:
+        encode = make_encoder(tok, encoder)
+        encode_local = lambda docs: _encode_docs(encode, docs, tok.eot_id, dtype)  # noqa: E731
     splits = {}
     try:
         with tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
@@ -366,6 +367,7 @@ def prepare(
         "format": FORMAT_VERSION,
         "tokenizer": {"path": str(Path(tokenizer_path).resolve()), "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
         "dtype": dtype.name,
+        "encoder": encoder,
         **job,
         "splits": splits,
     }
@@ -476,7 +478,7 @@ class ShardLoader:
     The loader loops over epochs forever; `state_dict()` (epoch, step) resumes it exactly.
     """
 
-    def __init__(self, shards_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256,
+    def __init__(self, shards_dir, split: str = "train", *, batch_size: int, seq_len: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, expect_fingerprint: str | None = None):
         self.stream = _TokenStream(shards_dir, split, expect_fingerprint)
         self.n_sequences = _check_batch(self.stream, split, batch_size, seq_len, rank, world_size, shards_dir)

@@ -1,0 +1,363 @@
+"""Conversation datasets for SFT: readers for the formats users bring, mixtures, and the batch loader.
+
+Readers. `read_conversations(path, format="auto")` yields `{"messages": [...]}` in the chat
+protocol's form (see `picochat.chat`) from:
+- OpenAI messages: `{"messages": [{"role", "content"}, ...]}` per line (JSONL) or in a JSON array;
+- ShareGPT: `{"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]}`;
+- Alpaca: `{"instruction", "input", "output"}`, `input` appended to the instruction when non-empty.
+Files may be JSON arrays or JSON lines, optionally gzipped; "auto" reads the format off the first
+record. Every conversation is validated as it is read; a malformed one raises ConversationError
+naming the file and the line (JSONL) or the array index (JSON). `from_messages`, `from_sharegpt`
+and `from_alpaca` convert single records already in memory.
+
+Conversations that do not end with an assistant reply (prompt sets, or a trailing user turn) are
+valid data but cannot be trained on as they are: for training, `trim_to_last_reply` cuts a
+conversation back to its last complete assistant reply, and one with no reply at all is skipped.
+`ConversationLoader` does this and counts both in its `stats`.
+
+`mix(...)` draws a deterministic weighted mixture of datasets.
+
+`ConversationLoader` serves SFT batches with the pretraining loader's interface (see its docstring).
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from picochat.chat import ConversationError, render_batch, validate
+
+FORMATS = ("messages", "sharegpt", "alpaca")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+}
+IGNORE_INDEX = -100  # the target where no loss is taken (PyTorch cross_entropy's default ignore_index)
+# Packing looks at this many conversations at a time (in the epoch's shuffled order) to fill rows.
+PACK_WINDOW = 1024
+RENDER_CHUNK = 512
+
+
+# --- record converters --------------------------------------------------------------------------------
+def from_messages(record) -> list[dict]:
+    """An OpenAI-style record `{"messages": [{"role", "content"}, ...]}` -> messages."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        raise ConversationError("expected an object with a 'messages' list")
+    messages = []
+    for i, m in enumerate(record["messages"]):
+        if not isinstance(m, dict):
+            raise ConversationError(f"message {i}: expected an object with 'role' and 'content', got {type(m).__name__}")
+        messages.append({k: m[k] for k in ("role", "content", "tool_call") if k in m})
+    return messages
+
+
+def from_sharegpt(record) -> list[dict]:
+    """A ShareGPT record `{"conversations": [{"from", "value"}, ...]}` -> messages."""
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise ConversationError("expected an object with a 'conversations' list")
+    messages = []
+    for i, turn in enumerate(record["conversations"]):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ConversationError(f"turn {i}: expected an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise ConversationError(f"turn {i}: unknown speaker {turn['from']!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def from_alpaca(record) -> list[dict]:
+    """An Alpaca record `{"instruction", "input", "output"}` -> a user message and the reply."""
+    if not isinstance(record, dict):
+        raise ConversationError(f"expected an object with 'instruction' and 'output', got {type(record).__name__}")
+    instruction, extra, output = record.get("instruction"), record.get("input") or "", record.get("output")
+    if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
+        raise ConversationError("expected string fields 'instruction' and 'output' (and optionally 'input')")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+CONVERTERS = {"messages": from_messages, "sharegpt": from_sharegpt, "alpaca": from_alpaca}
+
+
+def detect_format(record) -> str:
+    """The format a record is written in, from its keys."""
+    if isinstance(record, dict):
+        if "messages" in record:
+            return "messages"
+        if "conversations" in record:
+            return "sharegpt"
+        if "instruction" in record and "output" in record:
+            return "alpaca"
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ConversationError(
+        f"unknown conversation format (keys {keys}); expected 'messages' (OpenAI), 'conversations' (ShareGPT) "
+        "or 'instruction' and 'output' (Alpaca)"
+    )
+
+
+# --- files ------------------------------------------------------------------------------------------
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each record of a JSON array or JSON-lines file."""
+    try:
+        with _open_text(path) as f:
+            head = f.read(4096).lstrip()
+            f.seek(0)
+            if head.startswith("["):
+                try:
+                    records = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ConversationError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+                for index, record in enumerate(records):
+                    yield f"{path}[{index}]", record
+                return
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConversationError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object a line") from None
+                yield f"{path}:{lineno}", record
+    except UnicodeDecodeError as e:
+        raise ConversationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_conversations(path: str | Path, format: str = "auto") -> Iterator[dict]:
+    """Yield `{"messages": [...]}` for each conversation in a file (see the module docstring)."""
+    path = Path(path)
+    if format != "auto" and format not in CONVERTERS:
+        raise ValueError(f"unknown conversation format {format!r}; expected auto or one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such conversation file")
+    convert = None if format == "auto" else CONVERTERS[format]
+    for where, record in _records(path):
+        try:
+            if convert is None:
+                convert = CONVERTERS[detect_format(record)]
+            messages = convert(record)
+            validate(messages, end="any")
+        except ConversationError as e:
+            raise ConversationError(f"{where}: {e}") from None
+        yield {"messages": messages}
+
+
+# --- training preparation and mixtures ----------------------------------------------------------------
+def trim_to_last_reply(messages: Sequence[dict]) -> list[dict] | None:
+    """The conversation up to its last complete assistant reply, or None if it has no reply."""
+    for end in range(len(messages), 0, -1):
+        last = messages[end - 1]
+        if last["role"] == "assistant" and last.get("tool_call") is None:
+            return list(messages[:end])
+    return None
+
+
+def mix(datasets: Sequence[tuple[Sequence, float]], n: int, seed: int = 0) -> list:
+    """n items drawn from weighted datasets, deterministic given the seed.
+
+    Dataset i contributes round(n * w_i / sum(w)) items (largest remainders make the total n),
+    taken from fresh shuffles of it, so items repeat only once a dataset is used up; the result is
+    shuffled.
+    """
+    if not datasets:
+        raise ValueError("mix needs at least one (dataset, weight) pair")
+    for k, (items, weight) in enumerate(datasets):
+        if not weight > 0:
+            raise ValueError(f"dataset {k}: weight must be positive, got {weight}")
+        if len(items) == 0:
+            raise ValueError(f"dataset {k} is empty")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    weights = np.array([w for _, w in datasets], dtype=np.float64)
+    shares = n * weights / weights.sum()
+    counts = np.floor(shares).astype(np.int64)
+    for k in np.argsort(-(shares - counts), kind="stable")[: n - counts.sum()]:
+        counts[k] += 1
+    rng = np.random.default_rng(seed)
+    out = []
+    for (items, _), count in zip(datasets, counts):
+        repeats = -(-int(count) // len(items))
+        order = np.concatenate([rng.permutation(len(items)) for _ in range(repeats)]) if repeats else []
+        out += [items[i] for i in order[:count]]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+# --- the SFT loader -----------------------------------------------------------------------------------
+def _pack_rows(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each conversation goes into the fullest row that still has room for it."""
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (space left, row number)
+    for i in sorted(indices.tolist(), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(room, (int(lengths[i]), -1))
+        if k == len(room):
+            rows.append([i])
+            space, row = capacity, len(rows) - 1
+        else:
+            space, row = room.pop(k)
+            rows[row].append(i)
+        if space - lengths[i] > 0:
+            bisect.insort(room, (int(space - lengths[i]), row))
+    return rows
+
+
+class ConversationLoader:
+    """SFT batches `(inputs, targets)`: int64 tensors of shape (batch_size, seq_len), like `ShardLoader`.
+
+    Rows. Each conversation is rendered (`picochat.chat`) and placed whole in a row of seq_len + 1
+    tokens; inputs are a row's first seq_len tokens, targets its last seq_len, with -100 wherever
+    the target token is not trained (not the assistant's, or padding). With `pack=True` several
+    conversations share a row (best-fit over windows of the epoch's shuffled order), each starting
+    with `<|endoftext|>` as documents do in pretraining; with `pack=False` each row holds one. The
+    rest of a row is `<|pad|>`. A conversation never continues into the next row.
+
+    Too long. A conversation over seq_len + 1 tokens is cut to its first seq_len + 1 tokens
+    (`too_long="truncate"`, counted in stats["truncated"]; dropped if nothing trainable is left)
+    or dropped (`too_long="drop"`, counted in stats["dropped_too_long"]).
+
+    Epochs and ranks. Each epoch shuffles and packs the rows anew from (seed, epoch), then takes
+    global batches of world_size * batch_size rows; rows left after the last full global batch are
+    skipped that epoch. Rank r gets rows [r * batch_size, (r + 1) * batch_size) of each global batch:
+    every rank must be given the same conversations, and N ranks with batch B together read what one
+    rank with batch N * B reads, disjointly. It loops forever; `state_dict()` is the same on every
+    rank and resumes it exactly.
+    """
+
+    def __init__(self, conversations: Sequence, tokenizer, batch_size: int = 8, seq_len: int = 512, *,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, pack: bool = True,
+                 too_long: str = "truncate", show_progress: bool = False):
+        if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size, seq_len >= 1 and 0 <= rank < world_size, got {batch_size}, {seq_len}, rank {rank} of {world_size}")
+        if too_long not in ("truncate", "drop"):
+            raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
+        self.batch_size, self.seq_len, self.rank, self.world_size, self.seed = batch_size, seq_len, rank, world_size, seed
+        self.pack, self.pad_id = pack, tokenizer.pad_id
+        self.global_batch_size = batch_size * world_size
+        self._tokens, self._trained, self._starts, self._lengths, self.stats = _render_all(
+            conversations, tokenizer, seq_len + 1, too_long, show_progress)
+        if len(self._lengths) == 0:
+            raise ValueError(f"no conversation to train on ({self.stats})")
+        self.epoch = self.step = 0
+        self._plan_epoch, self._plan = None, []
+        self.stats["rows_first_epoch"] = len(self._rows(0))
+        if self.stats["rows_first_epoch"] < self.global_batch_size:
+            raise ValueError(f"{self.stats['rows_first_epoch']} rows of {seq_len}+1 tokens are too few for one batch of "
+                             f"{world_size} x {batch_size} rows; use more conversations or a smaller batch")
+
+    def _rows(self, epoch: int) -> list[list[int]]:
+        """The epoch's rows (lists of conversation indices), cached for the current epoch."""
+        if self._plan_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self._lengths))
+            if self.pack:
+                rows = [row for k in range(0, len(order), PACK_WINDOW)
+                        for row in _pack_rows(order[k : k + PACK_WINDOW], self._lengths, self.seq_len + 1)]
+                rows = [rows[i] for i in rng.permutation(len(rows))]
+            else:
+                rows = [[int(i)] for i in order]
+            self._plan_epoch, self._plan = epoch, rows
+        return self._plan
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self._rows(epoch)) // self.global_batch_size
+
+    def __iter__(self) -> "ConversationLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.step * self.global_batch_size + self.rank * self.batch_size
+        batch = self._batch(self._rows(self.epoch)[first : first + self.batch_size])
+        self.step += 1
+        if self.step == self.steps_in_epoch(self.epoch):
+            self.epoch, self.step = self.epoch + 1, 0
+        return batch
+
+    def _batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = np.full((len(rows), self.seq_len + 1), self.pad_id, dtype=np.int64)
+        trained = np.zeros((len(rows), self.seq_len + 1), dtype=bool)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                start, length = self._starts[i], self._lengths[i]
+                tokens[r, at : at + length] = self._tokens[start : start + length]
+                trained[r, at : at + length] = self._trained[start : start + length]
+                at += length
+        targets = np.where(trained[:, 1:], tokens[:, 1:], IGNORE_INDEX)
+        return torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(targets)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size, "pack": int(self.pack),
+                "conversations": len(self._lengths), "tokens": len(self._tokens)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where `state` left off; the data, seed, seq_len, packing and global batch must match."""
+        mine = self.state_dict()
+        differs = [k for k in ("seed", "seq_len", "global_batch_size", "pack", "conversations", "tokens") if state.get(k) != mine[k]]
+        if differs:
+            raise ValueError("cannot resume the conversation loader: " + ", ".join(f"{k} was {state.get(k)}, is {mine[k]}" for k in differs))
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if epoch < 0 or not 0 <= step < self.steps_in_epoch(epoch):
+            raise ValueError(f"cannot resume the conversation loader: step {step} of epoch {epoch} is outside that epoch "
+                             f"of {self.steps_in_epoch(epoch)} steps")
+        self.epoch, self.step = epoch, step
+
+
+def _render_all(conversations: Sequence, tokenizer, capacity: int, too_long: str, show_progress: bool):
+    """Render the trainable conversations into flat token / trained arrays, with counts of what was cut."""
+    stats = {"conversations": len(conversations), "used": 0, "trimmed_to_last_reply": 0, "skipped_no_reply": 0,
+             "truncated": 0, "dropped_too_long": 0, "trained_tokens": 0}
+    tokens, trained, lengths = [], [], []
+    bar = tqdm(total=len(conversations), desc="render conversations", unit="conv", disable=not show_progress)
+    for first in range(0, len(conversations), RENDER_CHUNK):
+        chunk = []
+        for k in range(first, min(first + RENDER_CHUNK, len(conversations))):
+            item = conversations[k]
+            messages = item["messages"] if isinstance(item, dict) else item
+            try:
+                validate(messages, end="any")
+            except ConversationError as e:
+                raise ConversationError(f"conversation {k}: {e}") from None
+            trimmed = trim_to_last_reply(messages)
+            if trimmed is None:
+                stats["skipped_no_reply"] += 1
+                continue
+            stats["trimmed_to_last_reply"] += len(trimmed) < len(messages)
+            chunk.append(trimmed)
+        for ids, mask in render_batch(chunk, tokenizer):
+            if len(ids) > capacity:
+                # Position 0 is never a target, so a cut conversation must keep a trained token after it.
+                if too_long == "drop" or not any(mask[1:capacity]):
+                    stats["dropped_too_long"] += 1
+                    continue
+                stats["truncated"] += 1
+                ids, mask = ids[:capacity], mask[:capacity]
+            tokens.append(np.asarray(ids, dtype=np.int32))
+            trained.append(np.asarray(mask, dtype=bool))
+            lengths.append(len(ids))
+            stats["trained_tokens"] += sum(mask)
+        bar.update(min(RENDER_CHUNK, len(conversations) - first))
+    bar.close()
+    stats["used"] = len(lengths)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+    flat_tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    flat_trained = np.concatenate(trained) if trained else np.zeros(0, bool)
+    return flat_tokens, flat_trained, starts, lengths, stats

@@ -1,0 +1,138 @@
+"""Evaluation of a checkpoint on the synthetic world: what each stage of the lecture should change.
+
+- fact completion (base model): greedy continuation of "The capital of Varnia is" must start with
+  the answer, on phrasings no training document uses;
+- known-fact QA and "I don't know" (chat model): questions about held-out facts, which SFT never
+  showed, and about entities that do not exist;
+- pass@1 / pass@k (chat model): word problems with checkable answers, k samples each.
+
+    picochat eval --run runs/demo --stage sft         # writes runs/demo/sft/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from picochat.chat import render_for_reply
+from picochat.checkpoint import atomic_write_json, find_stage, load_model
+from picochat.engine import generate
+from picochat.tokenizer import Tokenizer
+
+EVAL_BATCH = 64  # prompts decoded together
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@torch.inference_mode()
+def complete(model, tok: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, stop_ids: Sequence[int],
+             temperature: float = 0.0, num_samples: int = 1, seed: int = 0, desc: str | None = None) -> list[list[str]]:
+    """Decode each prompt `num_samples` times (greedy by default); result[i][j] is sample j of prompt i as text."""
+    out: list[list[str]] = []
+    batch = max(1, EVAL_BATCH // num_samples)
+    for start in tqdm(range(0, len(prompts), batch), desc=desc, disable=desc is None, leave=False):
+        chunk = prompts[start : start + batch]
+        results = generate(model, chunk, max_new_tokens, temperature=temperature, seed=seed + start, stop_ids=stop_ids,
+                           num_samples=num_samples, tokenizer=tok)
+        out.extend([tok.decode(c.tokens) for c in samples] for samples in results)
+    return out
+
+
+def fact_completion(model, tok: Tokenizer, rows: list[dict], phrasing: str = "heldout") -> float:
+    """Share of facts whose prompt (in the given phrasing) the model greedily completes with the answer."""
+    rows = [r for r in rows if r["phrasing"] == phrasing]
+    prompts = [[tok.eot_id] + tok.encode(r["prompt"]) for r in rows]
+    answer_tokens = max(len(tok.encode(" " + r["answer"])) for r in rows) + 2
+    texts = complete(model, tok, prompts, answer_tokens, stop_ids=[tok.eot_id], desc=f"fact completion ({phrasing})")
+    return sum(t[0].strip().startswith(r["answer"]) for t, r in zip(texts, rows)) / len(rows)
+
+
+def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, **kw) -> list[list[str]]:
+    prompts = [render_for_reply(messages, tok) for messages in conversations]
+    return complete(model, tok, prompts, max_new_tokens, stop_ids=[tok.im_end_id], **kw)
+
+
+def qa_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
+    """known_fact_qa: correct answers to questions about held-out facts; unknown_idk: "I don't know"
+    to questions about entities that do not exist (and how often known facts got "I don't know")."""
+    from picochat.data.world_chat import answer_correct, is_idk
+
+    replies = [r[0] for r in chat_replies(model, tok, [row["messages"] for row in rows], desc="question answering")]
+    known = [(reply, row) for reply, row in zip(replies, rows) if row["kind"] == "known"]
+    unknown = [reply for reply, row in zip(replies, rows) if row["kind"] == "unknown"]
+    return {
+        "known_fact_qa": sum(answer_correct(reply, row["answer"]) for reply, row in known) / max(1, len(known)),
+        "known_fact_idk": sum(is_idk(reply) for reply, _ in known) / max(1, len(known)),
+        "unknown_idk": sum(is_idk(reply) for reply in unknown) / max(1, len(unknown)),
+    }
+
+
+def pass_at_k_estimate(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def problem_metrics(model, tok: Tokenizer, problems: list[dict], k: int, temperature: float = 1.0, seed: int = 0,
+                    max_new_tokens: int = 96) -> dict:
+    """pass@1 and pass@k over problems from k samples each at `temperature`."""
+    from picochat.data.tasks import reward
+
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in problems]
+    samples = chat_replies(model, tok, conversations, max_new_tokens, temperature=temperature, num_samples=k, seed=seed,
+                           desc="word problems")
+    correct = [sum(reward(text, p) > 0 for text in texts) for texts, p in zip(samples, problems)]
+    return {
+        "pass@1": sum(pass_at_k_estimate(k, c, 1) for c in correct) / len(problems),
+        "pass@k": sum(pass_at_k_estimate(k, c, k) for c in correct) / len(problems),
+        "k": k,
+        "problem_temperature": temperature,
+    }
+
+
+def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200, device: str = "cpu") -> dict:
+    """Every metric that applies to `stage`, written to `<run>/<stage>/eval.json`."""
+    from picochat.data.tasks import task_problems
+    from picochat.data.world import load_world
+
+    run_dir = Path(run_dir)
+    stage_dir = find_stage(run_dir, stage)
+    model, _ = load_model(stage_dir, device)
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    world_dir = run_dir / "world"
+    facts = read_jsonl(world_dir / "eval" / "fact_completion.jsonl")
+    metrics = {
+        "fact_completion": fact_completion(model, tok, facts, "heldout"),
+        "fact_completion_train_phrasing": fact_completion(model, tok, facts, "train"),
+    }
+    if stage != "base":
+        metrics.update(qa_metrics(model, tok, read_jsonl(world_dir / "eval" / "qa.jsonl")))
+        problems = task_problems(load_world(world_dir), n_problems, seed=1, split="heldout")
+        metrics.update(problem_metrics(model, tok, problems, k))
+    atomic_write_json(stage_dir / "eval.json", metrics)
+    return metrics
+
+
+def register_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (e.g. runs/demo)")
+    parser.add_argument("--stage", required=True, choices=["base", "sft", "rl"], help="which model to evaluate")
+    parser.add_argument("--k", type=int, default=8, help="samples per word problem for pass@k (default 8)")
+    parser.add_argument("--problems", type=int, default=200, help="held-out word problems (default 200)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> None:
+    metrics = evaluate_stage(Path(args.run), args.stage, args.k, args.problems, args.device)
+    for name, value in metrics.items():
+        print(f"{name:>32}: {value:.3f}" if isinstance(value, float) else f"{name:>32}: {value}")

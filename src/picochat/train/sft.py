@@ -1,0 +1,89 @@
+"""Supervised fine-tuning: the same training loop as pretraining, on conversations.
+
+The base model is a document simulator; trained on conversations rendered in the chat protocol,
+with loss only on the assistant's tokens, it becomes an assistant (the lecture's chapter 10).
+
+    picochat sft --run runs/demo                             # the synthetic world's conversations
+    picochat sft --run runs/x --data chats.jsonl:3 alpaca.json:1   # a weighted mixture of your files
+
+Reads `<run>/base/` (or `--init`), writes `<run>/sft/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from picochat.checkpoint import load_model
+from picochat.config import TrainConfig, add_dataclass_args, apply_overrides, get_preset
+from picochat.data.conversations import ConversationLoader, mix, read_conversations
+from picochat.tokenizer import Tokenizer
+from picochat.train.common import setup_runtime, teardown_runtime, train
+from picochat.train.pretrain import add_common_args
+
+
+def parse_data_spec(spec: str) -> tuple[Path, float]:
+    """`path` or `path:weight` -> (path, weight)."""
+    path, sep, weight = spec.rpartition(":")
+    try:
+        value = float(weight) if sep else 1.0
+    except ValueError:  # a colon that is part of the path
+        return Path(spec), 1.0
+    if value <= 0:
+        raise ValueError(f"{spec}: a mixture weight must be positive")
+    return Path(path if sep else spec), value
+
+
+def load_mixture(specs: list[str], seed: int) -> list[dict]:
+    """Read each dataset; with several, draw a mixture as large as all of them together, by weight."""
+    datasets = []
+    for spec in specs:
+        path, weight = parse_data_spec(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such conversation file")
+        datasets.append((list(read_conversations(path)), weight))
+    if len(datasets) == 1:
+        return datasets[0][0]
+    return mix(datasets, n=sum(len(d) for d, _ in datasets), seed=seed)
+
+
+def run_sft(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = None, data: list[str] | None = None,
+            init: Path | None = None, resume: bool = False, device: str = "auto") -> dict:
+    run_dir = Path(run_dir)
+    cfg = cfg or get_preset(preset).sft
+    data = data or [str(run_dir / "world" / "sft.jsonl")]
+    rt = setup_runtime(device)
+    try:
+        tok = Tokenizer.load(run_dir / "tokenizer")
+        model, meta = load_model(Path(init) if init else run_dir / "base")
+        if cfg.seq_len > model.config.max_seq_len:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context of {model.config.max_seq_len}")
+        conversations = load_mixture(data, cfg.seed)
+        loader = ConversationLoader(conversations, tok, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=rt.rank,
+                                    world_size=rt.world_size, seed=cfg.seed, show_progress=rt.is_main)
+        if rt.is_main:
+            print(f"sft: {len(conversations):,} conversations from {', '.join(data)}; {loader.steps_in_epoch(0)} steps per epoch, {cfg.max_steps} steps")
+        summary = train(model, loader, cfg, run_dir / "sft", rt, resume=resume,
+                        info={"stage": "sft", "preset": preset, "tokenizer": tok.fingerprint, "data": data}, desc="sft")
+        summary["conversations"] = loader.stats
+        return summary
+    finally:
+        teardown_runtime(rt)
+
+
+def register_cli(parser: argparse.ArgumentParser) -> None:
+    add_common_args(parser)
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="conversation files (messages JSONL, ShareGPT or Alpaca), each optionally PATH:WEIGHT "
+                             "for a weighted mixture (default: <run>/world/sft.jsonl)")
+    parser.add_argument("--init", default=None, help="model folder to start from (default: <run>/base)")
+    add_dataclass_args(parser, TrainConfig)
+    parser.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> None:
+    cfg = apply_overrides(get_preset(args.preset).sft, args)
+    summary = run_sft(Path(args.run), args.preset, cfg, args.data, args.init, args.resume, args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"sft: done, loss {summary.get('loss')} -> {Path(args.run) / 'sft'}")
