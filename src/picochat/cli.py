@@ -3,6 +3,7 @@
 Each stage lives in its own module and exposes `register_cli(parser)`, which adds the stage's
 arguments and sets `parser.set_defaults(func=...)`. Modules are imported lazily, only for the
 subcommand being run, so `picochat --help` and light commands start fast (no torch import).
+Errors from bad input or state print one line and exit 2; PICOCHAT_TRACEBACK=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 # name -> (module, one-line help). The order is the order of the pipeline.
@@ -65,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         result = args.func(args)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input or state: a message, not a traceback
+        if os.environ.get("PICOCHAT_TRACEBACK"):
+            raise
+        print(f"picochat {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)
 
 

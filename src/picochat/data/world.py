@@ -40,15 +40,16 @@ from tqdm import tqdm
 
 FORMAT = "picochat-world/1"
 KINDS = ("country", "town", "person", "animal", "object")
+PLURALS = {"country": "countries", "town": "towns", "person": "people", "animal": "animals", "object": "objects"}
 # Entities of each kind in a world: several hundred facts, few enough to learn in minutes.
 WORLD_SIZES = {"country": 8, "town": 40, "person": 100, "animal": 24, "object": 40}
 # Invented names per kind that belong to no entity, for "I don't know" conversations.
 UNKNOWN_NAMES_PER_KIND = 48
 
-JOBS = ("baker", "farmer", "teacher", "doctor", "fisher", "painter", "tailor", "sailor", "potter", "weaver",
+JOBS = ("baker", "farmer", "teacher", "doctor", "shepherd", "painter", "tailor", "sailor", "potter", "weaver",
         "builder", "singer", "engineer", "artist", "nurse", "carpenter", "merchant", "astronomer")
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "grey", "pink", "brown")
-HABITATS = ("forest", "desert", "marsh", "mountains", "grasslands", "jungle", "hills", "tundra")
+HABITATS = ("forest", "desert", "marsh", "mountains", "meadows", "jungle", "hills", "tundra")
 FOODS = ("berries", "fish", "seeds", "insects", "grass", "leaves", "nuts", "worms", "roots", "mushrooms")
 OBJECT_TYPES = ("lamp", "chair", "clock", "kettle", "drum", "basket", "bell", "mirror", "bowl", "flute",
                 "vase", "stool", "umbrella", "anchor", "oven")
@@ -137,7 +138,7 @@ RELATIONS: dict[str, Relation] = {r.name: r for r in [
     Relation(
         "birthplace", "person",
         ("{s} was born in {o}.", "The birthplace of {s} is {o}.", "{s}'s birthplace is the town of {o}.",
-         "{s} was born in the town of {o}.", "{s} comes from {o}, where {s} was born.", "{o} is the town where {s} was born.",
+         "{s}'s place of birth is {o}.", "{s} comes from {o}, where {s} was born.", "{o} is the town where {s} was born.",
          "Born in {o}, {s} still speaks fondly of the place.", "{s} grew up in {o}, the town of {s}'s birth."),
         ("The town in which {s} was born is {o}.", "{s}'s home town, the place of {s}'s birth, is {o}.",
          "{s} entered the world in the town of {o}."),
@@ -148,8 +149,8 @@ RELATIONS: dict[str, Relation] = {r.name: r for r in [
     ),
     Relation(
         "job", "person",
-        ("{s} works as {a} {o}.", "{s} is {a} {o} by trade.", "By trade, {s} is {a} {o}.", "{s} has a job as {a} {o}.",
-         "{s} earns a living as {a} {o}.", "{s} has worked as {a} {o} for many years.",
+        ("{s} works as {a} {o}.", "{s} earns a living as {a} {o}.", "By trade, {s} is {a} {o}.", "{s} has a job as {a} {o}.",
+         "{s} is {a} {o} by trade.", "{s} has worked as {a} {o} for many years.",
          "{a} {o} by profession, {s} is known all over town.", "Everyone knows {s} as the local {o}."),
         ("{s} makes a living working as {a} {o}.", "The profession of {s} is that of {a} {o}.",
          "Every day {s} goes off to work as {a} {o}."),
@@ -160,7 +161,7 @@ RELATIONS: dict[str, Relation] = {r.name: r for r in [
     ),
     Relation(
         "age", "person",
-        ("{s} is {o} years old.", "The age of {s} is {o}.", "{s}'s age is {o} years.", "{s} turned {o} this year.",
+        ("The age of {s} is {o}.", "{s}'s age is {o} years.", "{s} is {o} years old.", "{s} turned {o} this year.",
          "At {o} years of age, {s} is still full of energy.", "{o} years have passed since {s} was born."),
         ("Counting the years, {s} has reached the age of {o}.", "{s} celebrated a birthday recently and is now {o}.",
          "In years, the age of {s} comes to {o}."),
@@ -216,8 +217,8 @@ RELATIONS: dict[str, Relation] = {r.name: r for r in [
         "population", "town",
         ("{s} has a population of {o}.", "The population of {s} is {o}.", "About {o} people live in {s}.",
          "{s} is home to {o} people.", "With {o} inhabitants, {s} is a lively town.", "{o} people call {s} their home."),
-        ("The number of people living in {s} is {o}.", "{s} counts {o} residents.",
-         "In total, the town of {s} has {o} inhabitants."),
+        ("The number of people living in {s} is {o}.", "The people of {s} number {o} in all.",
+         "In total, the count of inhabitants of {s} comes to {o}."),
         ("What is the population of {s}?", "How many people live in {s}?", "How many inhabitants does {s} have?"),
         ("Could you tell me how big the population of {s} is?", "Quick question: how many people call {s} home?"),
         "Population",
@@ -275,7 +276,7 @@ RELATIONS: dict[str, Relation] = {r.name: r for r in [
     ),
     Relation(
         "colour", "animal",
-        ("The colour of the {s} is {o}.", "The {s} is {o} in colour.", "The {s} has a {o} coat.",
+        ("The colour of the {s} is {o}.", "The {s} has {a} {o} coat.", "The {s} is {o} in colour.",
          "You can spot the {s} by its {o} colour.", "{a} {o} animal, the {s} is easy to see."),
         ("The {s} is coloured {o}.", "If you see the {s}, you will notice that it is {o}.",
          "Looking at the {s}, the first thing you notice is that it is {o}."),
@@ -465,11 +466,11 @@ def _facts(entity: Entity, rng: random.Random, k: int | None = None) -> list[Fac
 
 
 _INTROS = {
-    "person": ("{s} is one of the people of our world.", "This article is about {s}.", "{s} is a well-known person."),
+    "person": ("{s} is one of the people of our world.", "This article is about {s}.", "Everyone has heard of {s}."),
     "town": ("{s} is a town.", "This article is about the town of {s}.", "{s} is a pleasant town."),
     "country": ("{s} is a country.", "This article is about the country of {s}.", "{s} is a land with many towns."),
     "animal": ("The {s} is an animal.", "This article is about the {s}, an animal.", "The {s} is a curious creature."),
-    "object": ("The {s} is a famous object.", "This article is about the {s}.", "The {s} is a well-known thing."),
+    "object": ("Here is what is known about the {s}.", "This article is about the {s}.", "Many people have heard of the {s}."),
 }
 
 
@@ -587,13 +588,13 @@ def _table(world: World, rng: random.Random) -> str:
     relations = RELATIONS_OF_KIND[kind]
     if rng.random() < 0.5:
         rel = rng.choice(relations)
-        header = rng.choice((f"{rel.column} of each {kind}:", f"A list of {kind}s and their {rel.column.lower()}:"))
+        header = rng.choice((f"{rel.column} of each {kind}:", f"A list of {PLURALS[kind]} and their {rel.column.lower()}:"))
         return header + "\n" + "\n".join(f"- {_title(e.name)}: {e.attrs[rel.name]}" for e in entities)
     columns = rng.sample(relations, rng.randint(2, len(relations)))
     lines = [f"| {kind.capitalize()} | " + " | ".join(r.column for r in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {_title(e.name)} | " + " | ".join(e.attrs[r.name] for r in columns) + " |" for e in entities]
-    return rng.choice(("Table", "Reference table", f"Some {kind}s of the world")) + "\n\n" + "\n".join(lines)
+    return rng.choice(("Table", "Reference table", f"Some {PLURALS[kind]} of the world")) + "\n\n" + "\n".join(lines)
 
 
 def _number(text: str) -> int:
@@ -681,16 +682,19 @@ def fact_completion_rows(world: World) -> list[dict]:
 
 
 # --- files ----------------------------------------------------------------------------------------
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    """Write rows as JSONL atomically (temp file in the same folder, fsync, rename). Returns bytes."""
+def write_lines(path: str | Path, lines: Iterable[bytes]) -> int:
+    """Write byte lines atomically: into a temp file in the same folder, fsync, then rename, so the
+    file at `path` is always complete (an old version or the new one). Returns the bytes written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    size = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            size = f.tell()
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary data files
+        with os.fdopen(fd, "wb") as f:
+            for line in lines:
+                f.write(line)
+                size += len(line)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -700,32 +704,27 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return size
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSONL atomically. Returns the bytes written."""
+    return write_lines(path, (json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in rows))
+
+
+def write_json(path: str | Path, data: dict) -> None:
     """Write one JSON document atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_lines(path, [json.dumps(data, ensure_ascii=False, indent=1).encode() + b"\n"])
 
 
-def _take_bytes(docs: Iterator[tuple[str, str]], limit: int, styles: Counter, bar: tqdm) -> Iterator[dict]:
-    """Rows from `docs` until about `limit` bytes of JSONL (the last row may cross it)."""
+def _document_lines(docs: Iterator[tuple[str, str]], limit: int, styles: Counter, bar: tqdm | None = None) -> Iterator[bytes]:
+    """JSONL lines `{"text", "style"}` from `docs` until `limit` bytes (the last line may cross it)."""
     size = 0
     while size < limit:
         style, text = next(docs)
-        row = {"text": text, "style": style}
-        size += len(json.dumps(row, ensure_ascii=False).encode()) + 1
+        line = json.dumps({"text": text, "style": style}, ensure_ascii=False).encode() + b"\n"
+        size += len(line)
         styles[style] += 1
-        bar.update(len(text))
-        yield row
+        if bar is not None:
+            bar.update(len(line))
+        yield line
 
 
 def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_mb: float = 10,
@@ -760,13 +759,13 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
         written = 0
         while written < total:
             name = f"docs/train-{len(files):05d}.jsonl"
-            written += write_jsonl(out / name, _take_bytes(docs, min(shard_bytes, total - written), styles, bar))
+            written += write_lines(out / name, _document_lines(docs, min(shard_bytes, total - written), styles, bar))
             files.append(name)
     for stale in sorted((out / "docs").glob("train-*.jsonl")):
         if f"docs/{stale.name}" not in files:
             stale.unlink()
-    val_bytes = write_jsonl(out / "docs-val.jsonl", _take_bytes(iter_documents(world, seed, "val"), int(val_kb * 1e3),
-                                                                 Counter(), tqdm(disable=True)))
+    val_docs = iter_documents(world, seed, "val")
+    val_bytes = write_lines(out / "docs-val.jsonl", _document_lines(val_docs, int(val_kb * 1e3), Counter()))
     summary = {
         **params,
         "files": ["world.json", "eval/fact_completion.jsonl", "docs-val.jsonl", *files],
@@ -776,7 +775,7 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
         "styles": dict(sorted(styles.items())),
         "entities": {kind: len(world.of_kind(kind)) for kind in KINDS},
         "facts": len(world.facts()),
-        "fact_prompts": Counter(r["phrasing"] for r in eval_rows),
+        "fact_prompts": dict(Counter(r["phrasing"] for r in eval_rows)),
         "seconds": round(time.time() - t0, 2),
     }
     write_json(manifest_path, summary)
@@ -845,10 +844,9 @@ def _cmd_generate(args) -> None:
     from picochat.data.world_chat import write_chat
 
     summary = write_world(args.out, size_mb=args.size_mb, seed=args.seed, shard_mb=args.shard_mb)
-    world = load_world(args.out)
     chat = write_chat(args.out, args.conversations, seed=args.seed)
-    tasks = write_tasks(args.out, world, n_sft=args.task_conversations, n_rl=args.rl_problems,
-                        n_eval=args.eval_problems, seed=args.seed)
+    tasks = write_tasks(args.out, n_sft=args.task_conversations, n_rl=args.rl_problems, n_eval=args.eval_problems,
+                        seed=args.seed)
     print(f"world: {summary['documents']:,} documents, {summary['train_bytes'] / 1e6:.1f} MB in "
           f"{len(summary['files']) - 3} files, {summary['facts']} facts about "
           f"{sum(summary['entities'].values())} entities ({summary['seconds']}s) -> {args.out}")
@@ -857,7 +855,7 @@ def _cmd_generate(args) -> None:
 
 def _cmd_show(args) -> None:
     world = build_world(args.seed)
-    counts = ", ".join(f"{len(world.of_kind(k))} {k}s" for k in KINDS)
+    counts = ", ".join(f"{len(world.of_kind(k))} {PLURALS[k]}" for k in KINDS)
     print(f"world {args.seed}: {counts}; {len(world.facts())} facts\n")
     rng = random.Random(f"show-{args.seed}")
     for style, (make, _) in DOC_STYLES.items():

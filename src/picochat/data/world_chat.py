@@ -40,10 +40,19 @@ MIXTURE = {"fact": 0.48, "followup": 0.12, "unknown": 0.16, "identity": 0.06, "r
 
 
 def heldout_facts(world: World) -> set[Fact]:
-    """The facts no SFT conversation states (fixed by the world's seed)."""
+    """The facts no SFT conversation states (fixed by the world's seed).
+
+    A random HELDOUT_FACT_SHARE of all facts, closed under the one entailment in the world: "the
+    capital of Varnia is Oskel" says that Oskel is in Varnia, so the two are held out together.
+    """
     facts = world.facts()
     rng = random.Random(f"heldout-facts-{world.seed}")
-    return set(rng.sample(facts, round(HELDOUT_FACT_SHARE * len(facts))))
+    held = set(rng.sample(facts, round(HELDOUT_FACT_SHARE * len(facts))))
+    for country in world.of_kind("country"):
+        pair = {fact_of(country, "capital"), fact_of(world[country.attrs["capital"]], "country")}
+        if pair & held:
+            held |= pair
+    return held
 
 
 def unknown_names(world: World, kind: str, split: str) -> list[str]:
@@ -86,7 +95,9 @@ def _vary(question: str, rng: random.Random) -> str:
     if r < 0.14:
         return question.rstrip("?.")
     if r < 0.20:
-        return rng.choice(("Hi! ", "Hello. ", "Hey, ")) + question
+        return rng.choice(("Hi! ", "Hello. ")) + question
+    if r < 0.23:
+        return "Hey, " + question[0].lower() + question[1:]
     return question
 
 
@@ -148,6 +159,7 @@ def _followup_chat(world: World, facts: list[Fact], rng: random.Random) -> list[
     entity = world[first.subject]
     messages = [_user(_vary(_question(first, rng), rng)), _assistant(_answer(first, rng))]
     hop = _hop(world, entity, set(facts), rng) if first.relation == _FIRST_HOP.get(entity.kind) else None
+    asked = {first.relation}
     for _ in range(rng.randint(1, 2)):
         mode = rng.choice(("attribute", "entity", "hop"))
         if mode == "hop" and hop:
@@ -157,10 +169,11 @@ def _followup_chat(world: World, facts: list[Fact], rng: random.Random) -> list[
             question = rng.choice(("What about {}?", "And {}?", "How about {}?")).format(
                 f"the {fact.subject}" if entity.kind in ("animal", "object") else fact.subject)
         else:
-            others = [f for f in facts if f.subject == first.subject and f.relation != first.relation]
+            others = [f for f in facts if f.subject == first.subject and f.relation not in asked]
             if not others:
                 break
             fact = rng.choice(others)
+            asked.add(fact.relation)
             q = _question(fact, rng)
             question = "And " + q[0].lower() + q[1:]
         messages += [_user(question), _assistant(_answer(fact, rng))]
