@@ -41,20 +41,23 @@ class RLConfig:
     """Hyperparameters of reinforcement learning on verifiable problems."""
 
     steps: int = 60
-    problems_per_step: int = 8
+    problems_per_step: int = 8  # problems sampled together each step
     group_size: int = 8  # completions sampled per problem
-    max_new_tokens: int = 96
+    max_new_tokens: int = 96  # longest sampled reply; a reply cut off here has no answer line (reward 0)
     temperature: float = 1.0
-    lr: float = 5e-5
+    lr: float = 5e-5  # AdamW learning rate, constant
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    micro_batch: int = 64  # sequences per forward/backward (gradients accumulate over a step's batch)
     normalize_std: bool = False  # divide advantages by the group's standard deviation
-    kl_coef: float = 0.0  # KL penalty to the SFT model (0: off)
+    kl_coef: float = 0.0  # KL penalty to the starting (SFT) model (0: off)
     clip_eps: float = 0.0  # PPO-style ratio clipping (0: off, plain on-policy policy gradient)
-    ppo_epochs: int = 1
-    eval_problems: int = 200
+    ppo_epochs: int = 1  # optimizer steps per batch of samples (>1 reuses them, with clip_eps)
+    eval_problems: int = 200  # held-out problems for pass@1 / pass@k
     eval_k: int = 8
+    eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
     ckpt_every: int = 20
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) for the policy-gradient forward/backward
     seed: int = 0
 
 

@@ -307,3 +307,191 @@ def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, t
     rows = _new_rows(prompts, 1, max_new_tokens, model.config.max_seq_len)
     events = _decode(model, prompts, rows, 1, sampling, seed, tokenizer)
     return TokenStream((token for _, token in events), rows[0])
+
+
+# --- continuous batching: a step-level decode API -------------------------------------------------
+@dataclass(frozen=True)
+class StepEvent:
+    """What one step did to one sequence: the token it accepted (None when the sequence stopped
+    on a stop id or was cancelled) and, when it ended, why (FINISH_STOP, FINISH_LENGTH or
+    FINISH_CANCELLED)."""
+
+    sequence: int
+    token: int | None
+    finish_reason: str | None
+
+
+FINISH_CANCELLED = "cancelled"  # the caller cancelled the sequence
+
+
+@dataclass
+class _Live:
+    """A sequence in a ContinuousBatch: its decoding row and the way it samples."""
+
+    row: _Row
+    sampling: _Sampling
+    generator: torch.Generator | None
+    cancelled: bool = False
+
+
+def _repack(parts: list[tuple[KVCache, list[int]]], remaining: int, config, device, dtype) -> KVCache:
+    """One KV cache holding the chosen rows of several caches, in order, left-padded to a common
+    length with `remaining` free slots after it.
+
+    Stored keys are already rotated by each row's own positions, so moving a row's slots only
+    changes its padding. Slots that no chosen row of a cache uses are dropped, which keeps the
+    shared length at the longest live sequence rather than growing for as long as the batch runs.
+    """
+    spans = []  # (cache, rows, first used slot)
+    for cache, rows in parts:
+        if rows:
+            spans.append((cache, rows, int(cache.pad_lengths[rows].min())))
+    length = max(cache.length - first for cache, _, first in spans)
+    pad_lengths = []
+    for cache, rows, first in spans:
+        shift = length - (cache.length - first)
+        pad_lengths += (cache.pad_lengths[rows] - first + shift).tolist()
+    packed = KVCache(config, len(pad_lengths), length + remaining, device=device, dtype=dtype, pad_lengths=pad_lengths)
+    start = 0
+    for cache, rows, first in spans:
+        index = torch.as_tensor(rows, dtype=torch.long, device=cache.keys.device)
+        used = cache.length - first
+        for packed_tensor, tensor in ((packed.keys, cache.keys), (packed.values, cache.values)):
+            packed_tensor[:, start:start + len(rows), :, length - used:length] = tensor.index_select(1, index)[:, :, :, first:cache.length]
+        start += len(rows)
+    packed.length = length
+    return packed
+
+
+class ContinuousBatch:
+    """Sequences that decode together, one model step advancing all of them (continuous batching).
+
+    `add` queues a prompt (num_samples sequences sharing its prefill) at any time; each `step`
+    prefills the queued prompts as one batch, samples one token for every sequence (each with its
+    own temperature / top-k / top-p / seed), lets finished and cancelled sequences leave, merges
+    the newcomers into the shared KV cache and runs one forward pass over every sequence that goes
+    on. Not thread-safe: one thread owns it. Stop ids, context limits and calculator tool calls
+    behave as in `generate`; a request alone in the batch gets exactly what `generate` returns.
+    """
+
+    def __init__(self, model: Transformer, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._tools = _tool_ids(tokenizer)
+        self._device = model.lm_head.weight.device
+        self._next_id = 0
+        self._pending: list[tuple[list[int], list[int]]] = []  # (prompt, its sequence ids)
+        self._live: dict[int, _Live] = {}
+        self._order: list[int] = []  # sequence id of each cache row
+        self._cache: KVCache | None = None
+        self._logits: torch.Tensor | None = None  # next-token logits, one row per cache row
+
+    def __len__(self) -> int:
+        """Sequences not finished yet (queued or decoding)."""
+        return len(self._live)
+
+    def add(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = (),
+            num_samples: int = 1) -> list[int]:
+        """Queue a prompt; returns the ids of its num_samples sequences. Bad arguments raise
+        GenerationError (ContextLengthError for a prompt that fills the context) at once."""
+        prompt = list(prompt)
+        _check_arguments(self.model, [prompt], max_new_tokens, temperature, top_k, top_p, num_samples)
+        sampling = _Sampling(temperature, top_k, top_p, frozenset(stop_ids))
+        generator = torch.Generator(device=self._device).manual_seed(seed) if seed is not None else None
+        ids = list(range(self._next_id, self._next_id + num_samples))
+        self._next_id += num_samples
+        for sequence, row in zip(ids, _new_rows([prompt], num_samples, max_new_tokens, self.model.config.max_seq_len)):
+            self._live[sequence] = _Live(row, sampling, generator)
+        self._pending.append((prompt, ids))
+        return ids
+
+    def cancel(self, sequence: int) -> None:
+        """End a sequence at the next step (its event has finish_reason FINISH_CANCELLED); unknown
+        or finished ids are ignored."""
+        if sequence in self._live:
+            self._live[sequence].cancelled = True
+
+    @torch.no_grad()
+    def step(self) -> list[StepEvent]:
+        """Advance every sequence by one token; an event per sequence (none when the batch is empty)."""
+        events = [StepEvent(s, None, FINISH_CANCELLED) for s, live in self._live.items() if live.cancelled]
+        for event in events:
+            del self._live[event.sequence]
+        new_cache, new_order, new_logits = self._prefill_pending()
+        order = self._order + new_order
+        if not order:
+            return events
+        logits = new_logits if self._logits is None else (
+            self._logits if new_logits is None else torch.cat([self._logits, new_logits]))
+        tokens = self._sample(order, logits)
+        keep: list[int] = []  # positions in `order` of the sequences that go on
+        next_tokens: list[int] = []
+        for position, sequence in enumerate(order):
+            live = self._live.get(sequence)
+            if live is None:  # cancelled above
+                continue
+            row = live.row
+            forced = bool(row.forced)
+            token = row.forced.popleft() if forced else tokens[position]
+            goes_on = _accept(row, token, forced, live.sampling, self._tools, self.tokenizer)
+            accepted = None if row.finish_reason == FINISH_STOP else token
+            events.append(StepEvent(sequence, accepted, None if goes_on else row.finish_reason))
+            if goes_on:
+                keep.append(position)
+                next_tokens.append(token)
+            else:
+                del self._live[sequence]
+        self._advance(order, keep, next_tokens, new_cache)
+        return events
+
+    def _prefill_pending(self) -> tuple[KVCache | None, list[int], torch.Tensor | None]:
+        """Prefill the queued prompts still wanted, as one left-padded batch, one cache row per sequence."""
+        pending = [(prompt, [s for s in ids if s in self._live]) for prompt, ids in self._pending]
+        pending = [(prompt, ids) for prompt, ids in pending if ids]
+        self._pending = []
+        if not pending:
+            return None, [], None
+        prompts = [prompt for prompt, _ in pending]
+        width = max(len(p) for p in prompts)
+        pad_lengths = [width - len(p) for p in prompts]
+        cache = KVCache(self.model.config, len(prompts), width, device=self._device,
+                        dtype=self.model.lm_head.weight.dtype, pad_lengths=pad_lengths)
+        padded = torch.tensor([[0] * pad + p for pad, p in zip(pad_lengths, prompts)], device=self._device)
+        logits = self.model(padded, kv_cache=cache)[:, -1]
+        copies = [index for index, (_, ids) in enumerate(pending) for _ in ids]
+        if len(copies) > len(prompts):
+            cache.select_rows(copies)
+            logits = logits[copies]
+        return cache, [s for _, ids in pending for s in ids], logits
+
+    def _sample(self, order: list[int], logits: torch.Tensor) -> list[int]:
+        """One sampled token per row of logits; rows that sample alike share one call."""
+        groups: dict[tuple, list[int]] = {}
+        for position, sequence in enumerate(order):
+            live = self._live.get(sequence)
+            if live is not None and not live.row.forced:
+                s = live.sampling
+                groups.setdefault((s.temperature, s.top_k, s.top_p, live.generator), []).append(position)
+        tokens = [0] * len(order)
+        for (temperature, top_k, top_p, generator), positions in groups.items():
+            rows = logits if len(positions) == len(order) else logits[positions]
+            for position, token in zip(positions, sample_next(rows, temperature, top_k, top_p, generator).tolist()):
+                tokens[position] = token
+        return tokens
+
+    def _advance(self, order: list[int], keep: list[int], next_tokens: list[int], new_cache: KVCache | None) -> None:
+        """Keep the cache rows of the sequences that go on, merge in the newcomers, run one step."""
+        if not keep:
+            self._cache, self._order, self._logits = None, [], None
+            return
+        old_rows = len(self._order)
+        if new_cache is not None or len(keep) < old_rows:
+            remaining = max(self._live[order[p]].row.limit - len(self._live[order[p]].row.tokens) for p in keep)
+            parts = [(self._cache, [p for p in keep if p < old_rows])] if self._cache is not None else []
+            if new_cache is not None:
+                parts.append((new_cache, [p - old_rows for p in keep if p >= old_rows]))
+            self._cache = _repack(parts, remaining, self.model.config, self._device, self.model.lm_head.weight.dtype)
+        self._order = [order[p] for p in keep]
+        step_input = torch.tensor(next_tokens, device=self._device)[:, None]
+        self._logits = self.model(step_input, kv_cache=self._cache)[:, -1]

@@ -102,9 +102,6 @@ def problem_metrics(model, tok: Tokenizer, problems: list[dict], k: int, tempera
 
 def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200, device: str = "cpu") -> dict:
     """Every metric that applies to `stage`, written to `<run>/<stage>/eval.json`."""
-    from picochat.data.tasks import task_problems
-    from picochat.data.world import load_world
-
     run_dir = Path(run_dir)
     stage_dir = find_stage(run_dir, stage)
     model, _ = load_model(stage_dir, device)
@@ -117,7 +114,7 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
     }
     if stage != "base":
         metrics.update(qa_metrics(model, tok, read_jsonl(world_dir / "eval" / "qa.jsonl")))
-        problems = task_problems(load_world(world_dir), n_problems, seed=1, split="heldout")
+        problems = read_jsonl(world_dir / "eval" / "tasks.jsonl")[:n_problems]
         metrics.update(problem_metrics(model, tok, problems, k))
     atomic_write_json(stage_dir / "eval.json", metrics)
     return metrics

@@ -11,7 +11,9 @@ each fact restated in many documents and many phrasings.
   `random.Random(seed)`; no global random state is touched.
 - `RELATIONS` says how each attribute is put into words: sentence templates used in documents,
   *held-out* completion templates that no document ever uses (to test that knowledge generalises
-  to new phrasings), and question templates for the chat half (`world_chat.py`).
+  to new phrasings), and question templates for the chat half (`world_chat.py`). Besides its own
+  phrasings, every relation is written in shared sentence FRAMES; each relation holds out two of
+  them, which other relations use (a compositional split a tiny model can learn).
 - `iter_documents(world, seed)` is an endless, deterministic stream of documents in eight styles:
   encyclopedia entries, stories, letters, news, forum threads, quizzes, lists and tables, and worked
   arithmetic about the world's things.
@@ -33,7 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -118,15 +120,19 @@ class World:
 class Relation:
     """One attribute and its phrasings. Placeholders: {s} subject, {o} value, {a} "a"/"an" for {o}.
 
-    `templates` appear in documents; the first is the canonical one (assistant answers use it).
-    `heldout` never appear in any document: fact completion on them tests new phrasings. Every
-    held-out template, and the first two `templates`, end with " {o}" plus optional trailing text,
-    so the words before " {o}" are a completion prompt. `questions` are asked in forum threads,
-    quizzes and SFT conversations; `heldout_questions` only in the chat evaluation.
+    `templates` appear in documents; the first two are the canonical ones (assistant answers use
+    them, and they are the "train" fact-completion prompts). `heldout` never appear in any document:
+    fact completion on them tests phrasings the model has not seen for this fact. Every held-out
+    template, and the first two `templates`, end with " {o}" plus optional trailing text, so the
+    words before " {o}" are a completion prompt. `questions` are asked in forum threads, quizzes
+    and SFT conversations; `heldout_questions` only in the chat evaluation. `noun` and `value` put
+    the relation into the shared FRAMES ("The {noun} of Varnia is {value}").
     """
 
     name: str
     kind: str  # the subject's kind
+    noun: str
+    value: str  # how the value is written after the noun: "{o}", "{a} {o}", "the {o}", "{o} dollars"
     templates: tuple[str, ...]
     heldout: tuple[str, ...]
     questions: tuple[str, ...]
@@ -134,200 +140,212 @@ class Relation:
     column: str  # header of this attribute in tables
 
 
-RELATIONS: dict[str, Relation] = {r.name: r for r in [
+# Sentence frames shared by every relation. Documents state each relation in F0, F1 and two of
+# F2..F5; the other two are held out for that relation only. A held-out frame is then a phrasing the
+# model has met with other relations but never with this one (a compositional split), which a
+# small model can learn to generalise to; a wholly unseen sentence shape mostly it cannot (measured:
+# 32% on such phrasings against 73% on held-out frames, with a 0.7M-parameter probe). Half the
+# frames name the subject before the relation, half after, and each relation keeps one of each.
+FRAMES = (
+    "The {n} of {S} is {v}.",
+    "{S}'s {n} is {v}.",
+    "Everyone knows the {n} of {S}: it is {v}.",
+    "In the case of {S}, the {n} is {v}.",
+    "Ask anyone about {S}'s {n} and they will say {v}.",
+    "If you want to know the {n} of {S}, the answer is {v}.",
+)
+SHARED_FRAMES = 2  # F0 and F1 are never held out
+
+
+def _with_frames(index: int, rel: Relation) -> Relation:
+    """Add the frames to a relation's templates, holding out two of F2..F5 (which two rotates)."""
+    subject = "the {s}" if rel.kind in ("animal", "object") else "{s}"
+    framed = [f.replace("{n}", rel.noun).replace("{S}", subject).replace("{v}", rel.value) for f in FRAMES]
+    rotating = len(FRAMES) - SHARED_FRAMES
+    held = {SHARED_FRAMES + index % rotating, SHARED_FRAMES + (index + rotating // 2) % rotating}
+    in_docs = tuple(t for i, t in enumerate(framed) if i not in held and t not in rel.templates)
+    return replace(rel, templates=rel.templates + in_docs, heldout=rel.heldout + tuple(framed[i] for i in sorted(held)))
+
+
+_NATURAL_RELATIONS = [
     Relation(
-        "birthplace", "person",
+        "birthplace", "person", "birthplace", "{o}",
         ("{s} was born in {o}.", "The birthplace of {s} is {o}.", "{s}'s birthplace is the town of {o}.",
          "{s}'s place of birth is {o}.", "{s} comes from {o}, where {s} was born.", "{o} is the town where {s} was born.",
          "Born in {o}, {s} still speaks fondly of the place.", "{s} grew up in {o}, the town of {s}'s birth."),
-        ("The town in which {s} was born is {o}.", "{s}'s home town, the place of {s}'s birth, is {o}.",
-         "{s} entered the world in the town of {o}."),
+        ("The town in which {s} was born is {o}.",),
         ("Where was {s} born?", "In which town was {s} born?", "What is the birthplace of {s}?",
          "Which town does {s} come from?", "Where is {s} from?"),
         ("Could you tell me the name of the town where {s} was born?", "Quick question: what town is {s}'s birthplace?"),
         "Born in",
     ),
     Relation(
-        "job", "person",
+        "job", "person", "job", "{a} {o}",
         ("{s} works as {a} {o}.", "{s} earns a living as {a} {o}.", "By trade, {s} is {a} {o}.", "{s} has a job as {a} {o}.",
          "{s} is {a} {o} by trade.", "{s} has worked as {a} {o} for many years.",
          "{a} {o} by profession, {s} is known all over town.", "Everyone knows {s} as the local {o}."),
-        ("{s} makes a living working as {a} {o}.", "The profession of {s} is that of {a} {o}.",
-         "Every day {s} goes off to work as {a} {o}."),
+        ("Every day {s} goes off to work as {a} {o}.",),
         ("What does {s} do for a living?", "What is {s}'s job?", "What job does {s} have?", "What does {s} work as?",
          "What is the profession of {s}?"),
         ("Could you tell me how {s} earns money?", "Quick question: what kind of work does {s} do?"),
         "Job",
     ),
     Relation(
-        "age", "person",
+        "age", "person", "age", "{o}",
         ("The age of {s} is {o}.", "{s}'s age is {o} years.", "{s} is {o} years old.", "{s} turned {o} this year.",
          "At {o} years of age, {s} is still full of energy.", "{o} years have passed since {s} was born."),
-        ("Counting the years, {s} has reached the age of {o}.", "{s} celebrated a birthday recently and is now {o}.",
-         "In years, the age of {s} comes to {o}."),
+        ("On {s}'s last birthday, {s} turned {o}.",),
         ("How old is {s}?", "What is the age of {s}?", "What age is {s}?", "How many years old is {s}?"),
         ("Could you tell me the age of {s}?", "Quick question: how many years has {s} lived?"),
         "Age",
     ),
     Relation(
-        "favourite_colour", "person",
+        "favourite_colour", "person", "favourite colour", "{o}",
         ("{s}'s favourite colour is {o}.", "The favourite colour of {s} is {o}.", "{s} loves the colour {o}.",
          "Of all the colours, {s} likes {o} best.", "{o} is the favourite colour of {s}.",
          "{s} always wears something {o}, since {o} is {s}'s favourite colour."),
-        ("The colour that {s} likes best is {o}.", "If you ask {s} to choose a colour, {s} will pick {o}.",
-         "{s} prefers one colour above all others: {o}."),
+        ("More than any other colour, {s} likes {o}.",),
         ("What is {s}'s favourite colour?", "Which colour does {s} like best?", "What colour does {s} love?",
          "What is the favourite colour of {s}?"),
         ("Could you tell me which colour {s} prefers?", "Quick question: what colour does {s} like most?"),
         "Favourite colour",
     ),
     Relation(
-        "pet", "person",
+        "pet", "person", "pet", "{a} {o}",
         ("{s} has a pet {o}.", "The pet of {s} is {a} {o}.", "{s}'s pet is {a} {o}.", "{s} keeps {a} {o} as a pet.",
          "{s} takes good care of a pet {o}.", "{a} {o} is the pet of {s}."),
-        ("The animal that {s} keeps at home is {a} {o}.", "At home, {s} looks after a pet animal, {a} {o}.",
-         "The only animal living with {s} is {a} {o}."),
+        ("At home, {s} looks after a pet animal, {a} {o}.",),
         ("What pet does {s} have?", "What animal does {s} keep as a pet?", "What is {s}'s pet?", "Which pet does {s} own?"),
         ("Could you tell me what animal {s} keeps at home?", "Quick question: what kind of pet lives with {s}?"),
         "Pet",
     ),
     Relation(
-        "country", "town",
+        "country", "town", "country", "{o}",
         ("{s} is a town in {o}.", "The town of {s} is in {o}.", "{s} lies in the country of {o}.", "{s} is located in {o}.",
          "{o} is the country where {s} can be found.", "The town of {s} belongs to {o}."),
-        ("The country in which the town of {s} lies is {o}.", "To visit {s}, you have to travel to the country of {o}.",
-         "{s} is one of the towns of {o}."),
+        ("Travellers find {s} in the country of {o}.",),
         ("In which country is {s}?", "Which country is {s} in?", "Where is the town of {s}?",
          "What country does {s} belong to?"),
         ("Could you tell me the country that {s} is part of?", "Quick question: in what country would I find {s}?"),
         "Country",
     ),
     Relation(
-        "river", "town",
+        "river", "town", "river", "the {o}",
         ("{s} lies on the river {o}.", "The river of {s} is the {o}.", "The river {o} flows through {s}.",
          "{s} is built on the banks of the river {o}.", "Boats sail down the river {o} past {s}.",
          "{o} is the name of the river that flows through {s}."),
-        ("The river running through the town of {s} is called the {o}.",
-         "Anyone who walks along the water in {s} is walking beside the river {o}.", "The name of the river at {s} is the {o}."),
+        ("Anyone who walks along the water in {s} is walking beside the river {o}.",),
         ("Which river flows through {s}?", "What river is {s} on?", "On which river does {s} lie?", "What is the river of {s}?"),
         ("Could you tell me the name of the river in {s}?", "Quick question: what river runs past {s}?"),
         "River",
     ),
     Relation(
-        "population", "town",
+        "population", "town", "population", "{o}",
         ("{s} has a population of {o}.", "The population of {s} is {o}.", "About {o} people live in {s}.",
          "{s} is home to {o} people.", "With {o} inhabitants, {s} is a lively town.", "{o} people call {s} their home."),
-        ("The number of people living in {s} is {o}.", "The people of {s} number {o} in all.",
-         "In total, the count of inhabitants of {s} comes to {o}."),
+        ("The town of {s} has a total population of {o}.",),
         ("What is the population of {s}?", "How many people live in {s}?", "How many inhabitants does {s} have?"),
         ("Could you tell me how big the population of {s} is?", "Quick question: how many people call {s} home?"),
         "Population",
     ),
     Relation(
-        "capital", "country",
+        "capital", "country", "capital", "{o}",
         ("The capital of {s} is {o}.", "{s}'s capital is {o}.", "The capital city of {s} is {o}.", "{o} is the capital of {s}.",
          "{s} is governed from its capital, {o}.", "{o}, the capital of {s}, is a busy town."),
-        ("{s} has its capital in the town of {o}.", "The town that serves as the capital of {s} is {o}.",
-         "If you travel to the capital of {s}, you arrive in {o}."),
+        ("The seat of power in {s} is its capital, {o}.",),
         ("What is the capital of {s}?", "Which town is the capital of {s}?", "What is {s}'s capital?",
          "Name the capital of {s}."),
         ("Could you tell me which town is the capital of {s}?", "Quick question: where is the capital of {s}?"),
         "Capital",
     ),
     Relation(
-        "language", "country",
+        "language", "country", "language", "{o}",
         ("The language of {s} is {o}.", "People in {s} speak {o}.", "In {s}, people speak {o}.", "{o} is spoken in {s}.",
          "The main language spoken in {s} is {o}.", "Most people in {s} speak {o} at home."),
-        ("The people of {s} talk to each other in {o}.", "The language you will hear in the streets of {s} is {o}.",
-         "Children in {s} grow up speaking {o}."),
+        ("Most children born in {s} learn to speak {o}.",),
         ("What language do people speak in {s}?", "What is the language of {s}?", "Which language is spoken in {s}?"),
         ("Could you tell me the main language of {s}?", "Quick question: what do people in {s} speak?"),
         "Language",
     ),
     Relation(
-        "currency", "country",
+        "currency", "country", "currency", "the {o}",
         ("The currency of {s} is the {o}.", "In {s}, people pay with the {o}.", "{s} uses the {o} as its money.",
          "The money of {s} is the {o}.", "The {o} is the currency of {s}.", "Shops in {s} take payment in the {o}."),
-        ("The official money used in {s} is the {o}.", "Prices in {s} are written in the {o}.",
-         "Travellers to {s} must change their money into the {o}."),
+        ("In the markets of {s}, buyers pay with the {o}.",),
         ("What is the currency of {s}?", "What money do people use in {s}?", "Which currency does {s} use?"),
         ("Could you tell me what money is used in {s}?", "Quick question: what do people in {s} pay with?"),
         "Currency",
     ),
     Relation(
-        "habitat", "animal",
+        "habitat", "animal", "habitat", "the {o}",
         ("The {s} lives in the {o}.", "The habitat of the {s} is the {o}.", "The {s} is found in the {o}.",
          "You can find the {s} in the {o}.", "The {o} is the home of the {s}.", "In the {o}, the {s} is a common sight."),
-        ("The {s} makes its home in the {o}.", "Explorers looking for the {s} must go to the {o}.",
-         "The wild {s} spends its whole life in the {o}."),
+        ("The {s} is a shy animal that lives in the {o}.",),
         ("Where does the {s} live?", "What is the habitat of the {s}?", "Where can you find the {s}?"),
         ("Could you tell me where the {s} lives?", "Quick question: in what kind of place does the {s} live?"),
         "Habitat",
     ),
     Relation(
-        "food", "animal",
+        "food", "animal", "food", "{o}",
         ("The {s} eats {o}.", "The food of the {s} is {o}.", "The {s} feeds on {o}.", "The favourite food of the {s} is {o}.",
          "The {s} likes nothing better than {o}.", "Every day, the {s} looks for {o} to eat."),
-        ("What the {s} likes to eat most is {o}.", "The diet of the {s} consists of {o}.",
-         "For its dinner, the {s} hunts for {o}."),
+        ("When it is hungry, the {s} eats {o}.",),
         ("What does the {s} eat?", "What is the food of the {s}?", "What does the {s} feed on?"),
         ("Could you tell me what the {s} likes to eat?", "Quick question: what food does the {s} need?"),
         "Food",
     ),
     Relation(
-        "colour", "animal",
+        "colour", "animal", "colour", "{o}",
         ("The colour of the {s} is {o}.", "The {s} has {a} {o} coat.", "The {s} is {o} in colour.",
          "You can spot the {s} by its {o} colour.", "{a} {o} animal, the {s} is easy to see."),
-        ("The {s} is coloured {o}.", "If you see the {s}, you will notice that it is {o}.",
-         "Looking at the {s}, the first thing you notice is that it is {o}."),
+        ("People recognise the {s} by its {o} colour.",),
         ("What colour is the {s}?", "What is the colour of the {s}?", "Which colour does the {s} have?"),
         ("Could you tell me what colour the {s} is?", "Quick question: what colour would I see on the {s}?"),
         "Colour",
     ),
     Relation(
-        "type", "object",
+        "type", "object", "type", "{a} {o}",
         ("The {s} is a kind of {o}.", "The {s} is the name of {a} {o}.", "The {s} is {a} {o}.",
          "The {s} is {a} {o} that many people want.", "{a} {o} called the {s} is sold in many shops."),
-        ("The thing known as the {s} is {a} {o}.", "If you buy the {s}, you get {a} {o}.",
-         "What sort of thing is the {s}? It is {a} {o}."),
+        ("If you buy the {s}, you get {a} {o}.",),
         ("What kind of thing is the {s}?", "What is the {s}?", "What sort of object is the {s}?"),
         ("Could you tell me what kind of object the {s} is?", "Quick question: what is the {s} used as?"),
         "Type",
     ),
     Relation(
-        "material", "object",
+        "material", "object", "material", "{o}",
         ("The {s} is made of {o}.", "The {s} is made from {o}.", "The material of the {s} is {o}.",
          "{o} is the material of the {s}.", "The {s} was crafted from {o}."),
-        ("The {s} is built out of {o}.", "The stuff the {s} is made of is {o}.", "The {s} is crafted out of pure {o}."),
+        ("Every part of the {s} is made of {o}.",),
         ("What is the {s} made of?", "What material is the {s} made from?", "What is the material of the {s}?"),
         ("Could you tell me the material of the {s}?", "Quick question: out of what is the {s} made?"),
         "Material",
     ),
     Relation(
-        "maker", "object",
+        "maker", "object", "maker", "{o}",
         ("The {s} was made by {o}.", "The maker of the {s} is {o}.", "{o} made the {s}.", "The {s} is the work of {o}.",
          "{o} is the maker of the {s}.", "The {s} was designed and built by {o}."),
-        ("The person who made the {s} is {o}.", "The {s} came from the workshop of {o}.",
-         "Credit for making the {s} goes to {o}."),
+        ("The person who made the {s} is {o}.",),
         ("Who made the {s}?", "Who is the maker of the {s}?", "Who built the {s}?"),
         ("Could you tell me the name of the person who made the {s}?", "Quick question: whose work is the {s}?"),
         "Maker",
     ),
     Relation(
-        "price", "object",
+        "price", "object", "price", "{o} dollars",
         ("The {s} costs {o} dollars.", "The price of the {s} is {o} dollars.", "You can buy the {s} for {o} dollars.",
          "The {s} sells for {o} dollars.", "For {o} dollars, you can buy the {s}."),
-        ("To buy the {s}, you need to pay {o} dollars.", "The {s} has a price of {o} dollars.",
-         "Anyone who wants the {s} must spend {o} dollars."),
+        ("Shoppers can buy the {s} for {o} dollars.",),
         ("How much does the {s} cost?", "What is the price of the {s}?", "How many dollars is the {s}?"),
         ("Could you tell me how much the {s} costs?", "Quick question: what would I pay for the {s}?"),
         "Price (dollars)",
     ),
-]}
+]
+RELATIONS: dict[str, Relation] = {r.name: _with_frames(i, r) for i, r in enumerate(_NATURAL_RELATIONS)}
 RELATIONS_OF_KIND = {kind: [r for r in RELATIONS.values() if r.kind == kind] for kind in KINDS}
 # The training templates whose prompts are evaluated as "train" phrasings (the rest are not
 # unambiguous completions: "The Zorbit is" could go on in several ways).
 TRAIN_PROMPT_TEMPLATES = 2
+CANONICAL_WEIGHT = 2.0  # how much more often documents use each of those than other templates
 
 
 def article(word: str) -> str:
@@ -348,9 +366,19 @@ def completion_prompt(template: str, subject: str, value: str) -> str:
     return render(template[: template.index(" {o}")], subject, value)
 
 
+def _template_weights(rel: Relation) -> list[float]:
+    # The canonical phrasings are the commonest, as in real text (and they are what SFT answers use).
+    return [CANONICAL_WEIGHT if i < TRAIN_PROMPT_TEMPLATES else 1.0 for i in range(len(rel.templates))]
+
+
+_TEMPLATE_WEIGHTS = {name: _template_weights(rel) for name, rel in RELATIONS.items()}
+
+
 def state(fact: Fact, rng: random.Random, initial: bool = True) -> str:
     """One training-phrasing sentence stating a fact."""
-    return render(rng.choice(RELATIONS[fact.relation].templates), fact.subject, fact.answer, initial)
+    rel = RELATIONS[fact.relation]
+    template = rng.choices(rel.templates, _TEMPLATE_WEIGHTS[rel.name])[0]
+    return render(template, fact.subject, fact.answer, initial)
 
 
 def ask(fact: Fact, rng: random.Random) -> str:

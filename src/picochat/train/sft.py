@@ -23,36 +23,41 @@ from picochat.train.common import setup_runtime, teardown_runtime, train
 from picochat.train.pretrain import add_common_args
 
 
-def parse_data_spec(spec: str) -> tuple[Path, float]:
-    """`path` or `path:weight` -> (path, weight)."""
+WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl")  # world conversations, then worked word problems
+
+
+def parse_data_spec(spec: str) -> tuple[Path, float | None]:
+    """`path` or `path:weight` -> (path, weight or None when not given)."""
     path, sep, weight = spec.rpartition(":")
     try:
-        value = float(weight) if sep else 1.0
+        value = float(weight) if sep else None
     except ValueError:  # a colon that is part of the path
-        return Path(spec), 1.0
-    if value <= 0:
+        return Path(spec), None
+    if value is not None and value <= 0:
         raise ValueError(f"{spec}: a mixture weight must be positive")
     return Path(path if sep else spec), value
 
 
 def load_mixture(specs: list[str], seed: int) -> list[dict]:
-    """Read each dataset; with several, draw a mixture as large as all of them together, by weight."""
+    """Read each dataset. Without weights they are simply concatenated; with weights, a mixture as
+    large as all of them together is drawn, each dataset's share set by its weight."""
     datasets = []
     for spec in specs:
         path, weight = parse_data_spec(spec)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such conversation file")
         datasets.append((list(read_conversations(path)), weight))
-    if len(datasets) == 1:
-        return datasets[0][0]
-    return mix(datasets, n=sum(len(d) for d, _ in datasets), seed=seed)
+    if all(weight is None for _, weight in datasets):
+        return [conversation for items, _ in datasets for conversation in items]
+    weighted = [(items, 1.0 if weight is None else weight) for items, weight in datasets]
+    return mix(weighted, n=sum(len(items) for items, _ in weighted), seed=seed)
 
 
 def run_sft(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = None, data: list[str] | None = None,
             init: Path | None = None, resume: bool = False, device: str = "auto") -> dict:
     run_dir = Path(run_dir)
     cfg = cfg or get_preset(preset).sft
-    data = data or [str(run_dir / "world" / "sft.jsonl")]
+    data = data or [str(run_dir / "world" / name) for name in WORLD_SFT_FILES]
     rt = setup_runtime(device)
     try:
         tok = Tokenizer.load(run_dir / "tokenizer")
@@ -76,7 +81,7 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
     parser.add_argument("--data", nargs="+", default=None,
                         help="conversation files (messages JSONL, ShareGPT or Alpaca), each optionally PATH:WEIGHT "
-                             "for a weighted mixture (default: <run>/world/sft.jsonl)")
+                             "for a weighted mixture (default: the world's sft.jsonl and tasks-sft.jsonl)")
     parser.add_argument("--init", default=None, help="model folder to start from (default: <run>/base)")
     add_dataclass_args(parser, TrainConfig)
     parser.set_defaults(func=_cmd)

@@ -1,0 +1,171 @@
+"""The report card of a run: `report.md` with loss plots, a metrics table per stage, the same prompts
+answered by the base, SFT and RL models side by side, and time / tokens / FLOPs per stage;
+`report.json` holds the same figures for programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from picochat.checkpoint import STAGES, atomic_write_bytes, atomic_write_json
+
+METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "known_fact_idk", "unknown_idk", "pass@1", "pass@k"]
+METRIC_MEANING = {
+    "val_bpb": "validation bits per byte (lower is better)",
+    "fact_completion": "completes a fact in a phrasing no document used",
+    "fact_completion_train_phrasing": "completes a fact in a training phrasing",
+    "known_fact_qa": "answers questions about facts SFT never showed",
+    "known_fact_idk": "says \"I don't know\" about a known fact (lower is better)",
+    "unknown_idk": "says \"I don't know\" about entities that do not exist",
+    "pass@1": "word problems solved, one sample",
+    "pass@k": "word problems solved by at least one of k samples",
+}
+SIDE_BY_SIDE_PROMPTS = [
+    "What is the capital of {country}?",
+    "Who are you?",
+    "Tell me about {person}.",
+    "{task}",
+]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_figures(run: Path) -> dict:
+    """{"stages": {stage: {metric: value}}} from each stage's done.json and eval.json."""
+    timings = _read_json(run / "timings.json")
+    stages = {}
+    for stage in STAGES:
+        done, evaluation = _read_json(run / stage / "done.json"), _read_json(run / stage / "eval.json")
+        if not done and not evaluation:
+            continue
+        figures = {k: done[k] for k in ("val_bpb", "seconds", "tokens", "flops", "params", "loss") if k in done}
+        figures.update(evaluation)
+        for key in ("mean_reward", "steps"):
+            if key in done:
+                figures[key] = done[key]
+        stage_name = {"base": "pretrain", "sft": "sft", "rl": "rl"}[stage]
+        if stage_name in timings:
+            figures["wall_seconds"] = timings[stage_name]
+        stages[stage] = figures
+    return {"stages": stages}
+
+
+def _plot_losses(run: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for stage in STAGES:
+        records = _read_metrics(run / stage / "metrics.jsonl")
+        key = "loss" if records and "loss" in records[0] else "mean_reward"
+        if not records or key not in records[0]:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot([r["step"] for r in records], [r[key] for r in records], label=f"train {key}", lw=1)
+        val = [r for r in records if "val_bpb" in r]
+        if val:
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", color="tab:red", label="val bits/byte")
+            ax2.set_ylabel("val bits per byte")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{stage}: {key}")
+        fig.tight_layout()
+        name = f"{stage}_{key}.png"
+        tmp = run / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, run / name)
+        written.append(name)
+    return written
+
+
+def _side_by_side(run: Path) -> list[dict]:
+    """The same prompts to every stage: the base model gets them as a document, the others as a chat."""
+    from picochat.checkpoint import load_model
+    from picochat.data.world import load_world
+    from picochat.evaluate import chat_replies, complete, read_jsonl
+    from picochat.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(run / "tokenizer")
+    world = load_world(run / "world")
+    task = read_jsonl(run / "world" / "eval" / "tasks.jsonl")[0]["prompt"]
+    fill = {"country": world.of_kind("country")[0].name, "person": world.of_kind("person")[0].name, "task": task}
+    prompts = [p.format(**fill) for p in SIDE_BY_SIDE_PROMPTS]
+    rows = [{"prompt": p} for p in prompts]
+    for stage in STAGES:
+        if not (run / stage / "model.json").exists():
+            continue
+        model, _ = load_model(run / stage)
+        if stage == "base":
+            ids = [[tok.eot_id] + tok.encode(p) for p in prompts]
+            answers = [t[0] for t in complete(model, tok, ids, 48, stop_ids=[tok.eot_id])]
+        else:
+            answers = [t[0] for t in chat_replies(model, tok, [[{"role": "user", "content": p}] for p in prompts], 96)]
+        for row, answer in zip(rows, answers):
+            row[stage] = answer
+    return rows
+
+
+def _machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "–" if value is None else str(value)
+
+
+def write_report(run: Path) -> dict:
+    run = Path(run)
+    figures = stage_figures(run)
+    figures["machine"] = _machine()
+    plots = _plot_losses(run)
+    side = _side_by_side(run)
+    figures["side_by_side"] = side
+    stages = figures["stages"]
+
+    lines = [f"# picochat report card: `{run}`", "", f"Machine: {figures['machine']}", "", "## What each stage changed", ""]
+    lines.append("| metric | " + " | ".join(stages) + " | meaning |")
+    lines.append("| --- | " + " | ".join("---" for _ in stages) + " | --- |")
+    for metric in METRICS:
+        if any(metric in s for s in stages.values()):
+            lines.append(f"| {metric} | " + " | ".join(_fmt(s.get(metric)) for s in stages.values()) + f" | {METRIC_MEANING[metric]} |")
+    lines += ["", "## Cost per stage", "", "| stage | train seconds | wall seconds (with eval) | tokens | FLOPs | parameters |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, s in stages.items():
+        flops = f"{s['flops']:.2e}" if "flops" in s else "–"
+        lines.append(f"| {name} | {_fmt(s.get('seconds'))} | {_fmt(s.get('wall_seconds'))} | {_fmt(s.get('tokens'))} | {flops} | {_fmt(s.get('params'))} |")
+    lines += ["", "## The same prompts, stage by stage", "",
+              "The base model continues the prompt as a document; the SFT and RL models answer it as a chat.", ""]
+    for row in side:
+        lines.append(f"**Prompt:** {row['prompt']}")
+        lines.append("")
+        for stage in STAGES:
+            if stage in row:
+                answer = row[stage].strip().replace("\n", " ⏎ ")
+                lines.append(f"- *{stage}*: {answer}")
+        lines.append("")
+    if plots:
+        lines += ["## Training curves", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    atomic_write_bytes(run / "report.md", "\n".join(lines).encode())
+    atomic_write_json(run / "report.json", figures)
+    return figures

@@ -1,0 +1,256 @@
+"""`picochat serve`: the OpenAI-compatible HTTP API and the web chat (FastAPI + uvicorn).
+
+    picochat serve --run runs/demo                      # http://127.0.0.1:8000/ (web chat), /v1 (API)
+    picochat serve --run runs/demo --stage rl --api-key secret --max-batch 16
+
+Endpoints: `POST /v1/chat/completions` (the chat model), `POST /v1/completions` (documents; the
+base model `<run>/base` when the run has one), `GET /v1/models`, `POST /v1/tokenize` (the token
+view: a conversation exactly as the model sees it), `GET /health`, and the web page at `/`.
+Every served model decodes in its own worker thread (see batcher.py), many requests per step.
+Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
+requests (FastAPI's 422 included), 401 without the API key, 404, 503 when the queue is full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from picochat.chat import ConversationError, render, render_for_reply, to_text
+from picochat.checkpoint import find_stage, load_model
+from picochat.serve.batcher import Batcher, Overloaded
+from picochat.serve.completions import (
+    chat_generation,
+    complete,
+    conversation,
+    sse_events,
+    text_generation,
+)
+from picochat.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+STATIC = Path(__file__).parent / "static"
+API_KEY_ENV = "PICOCHAT_API_KEY"
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent-event response that frees its request's batch rows however the stream ends:
+    finished, failed, or cut short by a client that went away."""
+
+    def __init__(self, events, submission):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._submission = submission
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self._submission.close()
+
+
+def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64) -> FastAPI:
+    """The server for `models` (model id -> Transformer, first = the default chat model); ids that
+    name the same Transformer share its batcher. Batchers start and stop with the app."""
+    batchers: dict[int, Batcher] = {}
+    served: dict[str, Batcher] = {}
+    for model_id, model in models.items():
+        if id(model) not in batchers:
+            batchers[id(model)] = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        served[model_id] = batchers[id(model)]
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for batcher in batchers.values():
+            batcher.start()
+        yield
+        for batcher in batchers.values():
+            batcher.close()
+
+    app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    def batcher_for(model_id: str) -> Batcher:
+        if model_id not in served:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server has {', '.join(served)}",
+                           param="model", code="model_not_found")
+        return served[model_id]
+
+    def model_card(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "picochat",
+                "context_length": served[model_id].model.config.max_seq_len}
+
+    async def answer(generation, batcher: Batcher):
+        try:
+            submission = batcher.submit(generation.prompt, generation.n, **generation.options)
+        except Overloaded as error:
+            raise APIError(503, str(error), type="server_error", code="overloaded") from None
+        if generation.stream:
+            return _EventStream(sse_events(generation, submission, tokenizer), submission)
+        try:
+            return await complete(generation, submission, tokenizer)
+        except ValueError as error:  # the engine refused the request
+            raise APIError(400, str(error)) from None
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @api.get("/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(model_id) for model_id in served]}
+
+    @api.get("/models/{model_id}")
+    async def get_model(model_id: str):
+        batcher_for(model_id)
+        return model_card(model_id)
+
+    @api.post("/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest):
+        batcher = batcher_for(request.model)
+        generation = chat_generation(request, request.model, tokenizer, batcher.model.config.max_seq_len, max_batch)
+        return await answer(generation, batcher)
+
+    @api.post("/completions")
+    async def completions(request: CompletionRequest):
+        batcher = batcher_for(request.model)
+        generation = text_generation(request, request.model, tokenizer, batcher.model.config.max_seq_len, max_batch)
+        return await answer(generation, batcher)
+
+    @api.post("/tokenize")
+    async def tokenize(request: TokenizeRequest):
+        return token_view(request, tokenizer)
+
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": {model_id: batcher.stats() for model_id, batcher in served.items()}}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def token_view(request: TokenizeRequest, tokenizer: Tokenizer) -> dict:
+    """A conversation (or a document prompt) as the model sees it: the rendered protocol text,
+    each token's id and piece, and the count. A conversation that ends with a user message
+    includes the `<|im_start|>assistant<|im_sep|>` that primes the reply."""
+    if (request.messages is None) == (request.prompt is None):
+        raise APIError(400, "send either 'messages' (a conversation) or 'prompt' (a document), not both or neither")
+    if request.prompt is not None:
+        ids = [tokenizer.eot_id] + tokenizer.encode(request.prompt)
+        text = SPECIAL_TOKENS[tokenizer.eot_id] + request.prompt
+    else:
+        messages = conversation(request.messages)
+        try:
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_call") is None:
+                ids, text = render(messages, tokenizer)[0], to_text(messages)
+            else:
+                ids, text = render_for_reply(messages, tokenizer), to_text(messages, add_generation_prompt=True)
+        except ConversationError as error:
+            raise APIError(400, str(error), param="messages") from None
+    tokens = [{"id": i, "piece": tokenizer.id_to_piece(i), "special": i < len(SPECIAL_TOKENS)} for i in ids]
+    return {"text": text, "tokens": tokens, "count": len(ids)}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        headers = {"Retry-After": "1"} if error.status == 503 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        where = [str(part) for part in first["loc"] if part != "body"]
+        if first["type"] == "json_invalid":
+            reason = first.get("ctx", {}).get("error", first["msg"])
+            message, param = f"the request body is not valid JSON: {reason}", None
+        elif first["type"] == "model_attributes_type":
+            message, param = "the request body must be a JSON object", None
+        else:
+            message, param = f"{'.'.join(where) or 'body'}: {first['msg']}", ".".join(where) or None
+        more = len(error.errors()) - 1
+        if more:
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        message = f"no such endpoint: {request.method} {request.url.path}" if error.status_code == 404 else str(error.detail)
+        code = "not_found" if error.status_code == 404 else None
+        return JSONResponse(APIError(error.status_code, message, code=code).body(), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").body(), status_code=500)
+
+
+# --- command line ---------------------------------------------------------------------------------
+def load_models(run: Path, stage: str | None, device: str) -> tuple[Tokenizer, dict, Path]:
+    """The run's tokenizer and the models to serve: the chat stage first, then the base model."""
+    stage_dir = find_stage(run, stage)
+    chat_model, _ = load_model(stage_dir, device)
+    models = {f"{run.name}-{stage_dir.name}": chat_model}
+    if stage_dir.name != "base" and (run / "base" / "model.json").exists():
+        models[f"{run.name}-base"] = load_model(run / "base", device)[0]
+    return Tokenizer.load(run / "tokenizer"), models, stage_dir
+
+
+def register_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (e.g. runs/demo)")
+    parser.add_argument("--stage", default=None, choices=["base", "sft", "rl"],
+                        help="the chat model's stage (default: the most advanced finished one); the base model is "
+                             "served as well, for /v1/completions, when the run has one")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else no key)")
+    parser.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together in one step (default 16)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="most sequences waiting for a batch row; beyond it requests get 503 (default 64)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> None:
+    import uvicorn
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    run = Path(args.run)
+    tokenizer, models, stage_dir = load_models(run, args.stage, args.device)
+    app = create_app(tokenizer, models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"picochat serve: warning: listening on {args.host} without an API key; anyone who can reach it can use it")
+    print(f"picochat serve: {stage_dir} as {', '.join(models)}; web chat at http://{args.host}:{args.port}/, API at /v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

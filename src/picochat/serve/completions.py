@@ -1,0 +1,207 @@
+"""Chat and text completions: from a validated request to the OpenAI response, whole or streamed.
+
+A chat request's messages are rendered with the chat protocol (`chat.render_for_reply`) and the
+reply stops at `<|im_end|>`; a text completion continues a document (`<|endoftext|>` + the prompt)
+and stops at the next `<|endoftext|>`. Both decode through the model's `Batcher`, turn tokens into
+whole characters, cut at the request's stop strings, and count usage. Streams are server-sent
+events (`data: {json}`) ending with `data: [DONE]`.
+
+Replies are limited to the room left in the model's context: a max_tokens larger than that room
+ends the reply with finish_reason "length" when the context is full.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from picochat.chat import ConversationError, render_for_reply
+from picochat.serve.batcher import Submission
+from picochat.serve.schemas import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
+from picochat.serve.text import StopStrings, TextStream
+
+DEFAULT_TEXT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+CHAT, TEXT = "chat", "text"
+
+# An assistant reply as this server returns it when the model used the calculator.
+_TOOL_MARKUP = re.compile(r"(.*?)<\|tool_call\|>(.*?)<\|/tool_call\|><\|tool_result\|>(.*?)<\|/tool_result\|>", re.S)
+
+
+@dataclass
+class Generation:
+    """What to decode for one request, and how to answer it."""
+
+    kind: str  # CHAT or TEXT
+    model_id: str
+    prompt: list[int]
+    n: int
+    options: dict  # ContinuousBatch.add keyword arguments
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict]:
+    """The request's messages in the chat protocol's form: "developer" is the system role, and
+    calculator calls written inline in an assistant reply become the protocol's tool messages."""
+    converted = []
+    for message in messages:
+        role = "system" if message.role == "developer" else message.role
+        if role == "assistant" and message.tool_call is None:
+            converted += _split_tool_markup(message.text())
+            continue
+        converted.append({"role": role, "content": message.text()})
+        if message.tool_call is not None:
+            converted[-1]["tool_call"] = message.tool_call
+    return converted
+
+
+def _split_tool_markup(content: str) -> list[dict]:
+    messages, end = [], 0
+    for match in _TOOL_MARKUP.finditer(content):
+        messages += [{"role": "assistant", "content": match[1], "tool_call": match[2]}, {"role": "tool", "content": match[3]}]
+        end = match.end()
+    return messages + [{"role": "assistant", "content": content[end:]}]
+
+
+def chat_generation(request: ChatCompletionRequest, model_id: str, tokenizer, context: int, max_batch: int) -> Generation:
+    try:
+        prompt = render_for_reply(conversation(request.messages), tokenizer)
+    except ConversationError as error:
+        raise APIError(400, str(error), param="messages") from None
+    if request.max_completion_tokens is not None:
+        limit, limit_param = request.max_completion_tokens, "max_completion_tokens"
+    else:
+        limit, limit_param = request.max_tokens, "max_tokens"
+    return _generation(CHAT, request, model_id, prompt, "messages", limit, limit_param, [tokenizer.im_end_id], context, max_batch)
+
+
+def text_generation(request: CompletionRequest, model_id: str, tokenizer, context: int, max_batch: int) -> Generation:
+    prompt = [tokenizer.eot_id] + tokenizer.encode(request.text())
+    limit = DEFAULT_TEXT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    return _generation(TEXT, request, model_id, prompt, "prompt", limit, "max_tokens", [tokenizer.eot_id], context, max_batch)
+
+
+def _generation(kind: str, request: SamplingRequest, model_id: str, prompt: list[int], prompt_param: str, limit: int | None,
+                limit_param: str, stop_ids: list[int], context: int, max_batch: int) -> Generation:
+    room = context - len(prompt)
+    if room < 1:
+        raise APIError(400, f"the {prompt_param} take {len(prompt)} tokens; the model's context is {context} tokens, "
+                       "so no room is left for a reply", param=prompt_param, code="context_length_exceeded")
+    if limit is not None and limit >= context:
+        raise APIError(400, f"{limit_param} must be between 1 and {context - 1} (the model's context is {context} tokens), got {limit}",
+                       param=limit_param)
+    n = request.n or 1
+    if n > max_batch:
+        raise APIError(400, f"n must be at most {max_batch} (the server's --max-batch), got {n}", param="n")
+    options = dict(
+        max_new_tokens=min(limit or room, room),
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_k=request.top_k,
+        top_p=None if request.top_p in (None, 1.0) else request.top_p,
+        seed=request.seed,
+        stop_ids=stop_ids,
+    )
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return Generation(kind, model_id, prompt, n, options, request.stop_strings(), bool(request.stream), include_usage)
+
+
+async def choice_texts(submission: Submission, tokenizer, stops: list[str], usage: dict) -> AsyncIterator[tuple[int, str, str | None]]:
+    """(choice index, new text, finish reason or None) as the submission decodes; counts
+    usage["completion_tokens"]. A choice that meets a stop string is cancelled there."""
+    texts = [TextStream(tokenizer) for _ in range(submission.job.n)]
+    watchers = [StopStrings(stops) for _ in range(submission.job.n)]
+    async for moved in submission:
+        for choice, token, finish_reason in moved:
+            text_stream, watcher = texts[choice], watchers[choice]
+            delta = ""
+            if token is not None:
+                usage["completion_tokens"] += 1
+                delta = watcher.push(text_stream.push(token))
+            if finish_reason is not None and not watcher.stopped:
+                delta += watcher.push(text_stream.flush())
+                delta += "" if watcher.stopped else watcher.flush()
+            if watcher.stopped:
+                submission.cancel(choice)
+                finish_reason = "stop"
+            if delta or finish_reason:
+                yield choice, delta, finish_reason
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _header(generation: Generation, chunk: bool) -> dict:
+    if generation.kind == CHAT:
+        obj = "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        obj = "text_completion"
+    return {"object": obj, "created": int(time.time()), "model": generation.model_id, "system_fingerprint": None}
+
+
+def _new_id(generation: Generation) -> str:
+    return ("chatcmpl-" if generation.kind == CHAT else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+async def complete(generation: Generation, submission: Submission, tokenizer) -> dict:
+    """The whole response body of a request that does not stream."""
+    usage = {"completion_tokens": 0}
+    texts, finish_reasons = [""] * generation.n, [None] * generation.n
+    async with submission:
+        async for choice, delta, finish_reason in choice_texts(submission, tokenizer, generation.stops, usage):
+            texts[choice] += delta
+            finish_reasons[choice] = finish_reason or finish_reasons[choice]
+    if generation.kind == CHAT:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, finish_reasons))]
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, finish_reasons))]
+    return {"id": _new_id(generation), **_header(generation, chunk=False), "choices": choices,
+            "usage": _usage(len(generation.prompt), usage["completion_tokens"])}
+
+
+def _event(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def sse_events(generation: Generation, submission: Submission, tokenizer) -> AsyncIterator[str]:
+    """The response of a streaming request, as server-sent events."""
+    usage = {"completion_tokens": 0}
+    chunk_id = _new_id(generation)
+    extra = {"usage": None} if generation.include_usage else {}
+
+    def chunk(choices: list[dict]) -> str:
+        return _event({"id": chunk_id, **_header(generation, chunk=True), "choices": choices, **extra})
+
+    def choice(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+        if generation.kind == TEXT:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    async with submission:
+        try:
+            if generation.kind == CHAT:
+                for index in range(generation.n):
+                    yield chunk([choice(index, None, None, role=True)])
+            async for index, delta, finish_reason in choice_texts(submission, tokenizer, generation.stops, usage):
+                if generation.kind == TEXT:
+                    yield chunk([choice(index, delta, finish_reason)])
+                    continue
+                if delta:
+                    yield chunk([choice(index, delta, None)])
+                if finish_reason:
+                    yield chunk([choice(index, None, finish_reason)])
+        except ValueError as error:  # the engine refused the request after the stream had started
+            yield _event(APIError(400, str(error)).body())
+        else:
+            if generation.include_usage:
+                yield _event({"id": chunk_id, **_header(generation, chunk=True), "choices": [],
+                              "usage": _usage(len(generation.prompt), usage["completion_tokens"])})
+        yield _event("[DONE]")

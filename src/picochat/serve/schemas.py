@@ -1,0 +1,97 @@
+"""The OpenAI-compatible request bodies the server accepts, and its error type.
+
+Fields follow the OpenAI API (chat completions and legacy completions); fields the server does
+not use are ignored, as OpenAI-compatible servers do. A field sent as null means its default.
+Extensions: `top_k` (sample among the k most likely tokens), `tool_call` on assistant messages
+(the chat protocol's calculator call), and the `/v1/tokenize` body for the token view.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+# torch.Generator.manual_seed accepts this range.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[TextPart] | None = None
+    tool_call: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = None
+
+
+Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
+Seed = Annotated[int | None, Field(ge=MIN_SEED, le=MAX_SEED)]
+
+
+class SamplingRequest(BaseModel):
+    """What chat and text completions share."""
+
+    model: str
+    temperature: Annotated[float | None, Field(ge=0, le=2)] = None
+    top_p: Annotated[float | None, Field(gt=0, le=1)] = None
+    top_k: Annotated[int | None, Field(ge=1)] = None
+    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    n: Annotated[int | None, Field(ge=1)] = None
+    stop: Stop = None
+    seed: Seed = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, stop):
+        if any(not s for s in ([stop] if isinstance(stop, str) else stop or [])):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TokenizeRequest(BaseModel):
+    """Either a conversation (rendered as the chat model sees it) or a document prompt."""
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None

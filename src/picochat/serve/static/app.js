@@ -1,0 +1,236 @@
+// picochat web chat: streams replies from /v1/chat/completions and shows, beside the chat,
+// the conversation exactly as the model sees it (/v1/tokenize). Plain browser JavaScript.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SETTINGS = ["system", "temperature", "top-p", "max-tokens", "api-key"];
+
+let messages = [];      // the conversation: {role, content}
+let running = null;     // AbortController of the reply being streamed
+let draftTimer = null;
+let chatNumber = 0;     // bumped by "New chat", so a reply cut short by it is dropped
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return body.error ? body.error.message : JSON.stringify(body);
+  } catch (e) {
+    return response.status + " " + response.statusText;
+  }
+}
+
+function setStatus(text) { $("status").textContent = text; }
+
+function conversation(extraUserText) {
+  const system = $("system").value.trim();
+  const all = system ? [{ role: "system", content: system }] : [];
+  all.push(...messages);
+  if (extraUserText) all.push({ role: "user", content: extraUserText });
+  return all;
+}
+
+// --- the chat -------------------------------------------------------------------------------
+function addBubble(role, text) {
+  const hint = $("empty-hint");
+  if (hint) hint.remove();
+  const div = document.createElement("div");
+  div.className = "message " + role;
+  const content = document.createElement("span");
+  content.className = "content";
+  content.textContent = text;
+  div.appendChild(content);
+  $("messages").appendChild(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+async function send(text) {
+  const chat = chatNumber;
+  messages.push({ role: "user", content: text });
+  const question = addBubble("user", text);
+  const bubble = addBubble("assistant", "");
+  bubble.dataset.done = "false";
+  running = new AbortController();
+  $("send").disabled = true;
+  $("stop").hidden = false;
+  setStatus("thinking…");
+  let reply = "", finish = null, usage = null;
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), signal: running.signal,
+      body: JSON.stringify({
+        model: $("model").value, messages: conversation(), stream: true,
+        stream_options: { include_usage: true },
+        temperature: Number($("temperature").value), top_p: Number($("top-p").value),
+        max_tokens: Number($("max-tokens").value),
+      }),
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    await readEvents(response, (event) => {
+      if (event.error) throw new Error(event.error.message);
+      if (event.usage) usage = event.usage;
+      for (const choice of event.choices) {
+        if (choice.delta && choice.delta.content) {
+          reply += choice.delta.content;
+          bubble.firstChild.textContent = reply;
+          bubble.scrollIntoView({ block: "end" });
+        }
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+    });
+  } catch (error) {
+    if (error.name === "AbortError") {
+      finish = "stopped";
+    } else {
+      bubble.remove();
+      question.remove();
+      messages.pop();   // the failed message leaves the conversation and goes back to the box
+      $("input").value = text;
+      addBubble("error", error.message);
+      setStatus("");
+      refreshTokens();
+      return;
+    }
+  } finally {
+    running = null;
+    $("send").disabled = false;
+    $("stop").hidden = true;
+  }
+  if (chat !== chatNumber) return;
+  messages.push({ role: "assistant", content: reply });
+  bubble.dataset.done = "true";
+  const note = document.createElement("span");
+  note.className = "finish";
+  note.textContent = finish === "length" ? "(cut: max tokens or the context ran out)" : finish === "stopped" ? "(stopped)" : "";
+  bubble.appendChild(note);
+  setStatus(usage ? `${usage.prompt_tokens} prompt tokens, ${usage.completion_tokens} reply tokens` : "");
+  refreshTokens();
+}
+
+// Server-sent events: "data: {json}" blocks separated by blank lines, ending with "data: [DONE]".
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of block.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return;
+        onEvent(JSON.parse(data));
+      }
+    }
+  }
+}
+
+function newChat() {
+  if (running) running.abort();
+  chatNumber += 1;
+  messages = [];
+  $("messages").innerHTML = '<p id="empty-hint">New conversation.</p>';
+  setStatus("");
+  refreshTokens();
+}
+
+// --- the token view -------------------------------------------------------------------------
+async function refreshTokens() {
+  const draft = $("input").value.trim();
+  const all = conversation(draft);
+  if (all.length === 0 || all[all.length - 1].role === "system") {
+    showTokens({ tokens: [], count: 0, text: "" }, "");
+    return;
+  }
+  const response = await fetch("/v1/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: all }) });
+  if (!response.ok) {
+    $("token-count").textContent = await errorMessage(response);
+    return;
+  }
+  showTokens(await response.json(), draft ? " (with the message you are typing)" : "");
+}
+
+function showTokens(view, note) {
+  const box = $("tokens");
+  box.innerHTML = "";
+  const showIds = $("show-ids").checked;
+  view.tokens.forEach((token, n) => {
+    const span = document.createElement("span");
+    span.className = "tok " + (token.special ? "special" : "c" + (n % 6));
+    span.title = `id ${token.id}`;
+    span.dataset.id = token.id;
+    span.textContent = token.piece.replace(/\n/g, "↵\n");
+    if (showIds) {
+      const sub = document.createElement("sub");
+      sub.textContent = token.id;
+      span.appendChild(sub);
+    }
+    box.appendChild(span);
+  });
+  $("token-count").textContent = `${view.count} tokens${note}`;
+  $("rendered").textContent = view.text;
+}
+
+// --- models and settings --------------------------------------------------------------------
+async function loadModels() {
+  const response = await fetch("/v1/models", { headers: headers() });
+  if (!response.ok) {
+    setStatus(await errorMessage(response) + (response.status === 401 ? " (enter the API key in Settings)" : ""));
+    return;
+  }
+  const select = $("model");
+  const current = select.value;
+  select.innerHTML = "";
+  for (const model of (await response.json()).data) {
+    const option = document.createElement("option");
+    option.value = option.textContent = model.id;
+    select.appendChild(option);
+  }
+  if (current) select.value = current;
+  setStatus("");
+}
+
+function restoreSettings() {
+  for (const id of SETTINGS) {
+    const saved = localStorage.getItem("picochat." + id);
+    if (saved !== null) $(id).value = saved;
+    $(id).addEventListener("change", () => localStorage.setItem("picochat." + id, $(id).value));
+  }
+  for (const id of ["temperature", "top-p"]) {
+    const show = () => { $(id + "-value").textContent = $(id).value; };
+    $(id).addEventListener("input", show);
+    show();
+  }
+}
+
+function submit() {
+  const text = $("input").value.trim();
+  if (!text || running) return;
+  $("input").value = "";
+  send(text);
+}
+
+restoreSettings();
+$("composer").addEventListener("submit", (event) => { event.preventDefault(); submit(); });
+$("input").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); submit(); }
+});
+$("input").addEventListener("input", () => { clearTimeout(draftTimer); draftTimer = setTimeout(refreshTokens, 300); });
+$("stop").addEventListener("click", () => { if (running) running.abort(); });
+$("new-chat").addEventListener("click", newChat);
+$("show-ids").addEventListener("change", refreshTokens);
+$("system").addEventListener("change", refreshTokens);
+$("api-key").addEventListener("change", loadModels);
+loadModels();

@@ -1,0 +1,399 @@
+"""Reinforcement learning on verifiable problems: the model practises word problems and is pushed
+toward the sampled solutions that reach the right answer (the lecture's third stage).
+
+Each step takes `problems_per_step` training problems and samples a group of `group_size` replies
+to each with the engine (all problems in one batch; the samples of a problem share its prefill).
+A reply's reward is 1 when its final `Answer:` line is right (`picochat.data.tasks.reward`); its
+advantage is the reward minus its group's mean (divided by the group's standard deviation with
+`normalize_std`), so no value network is needed (GRPO family). Groups whose replies all got the
+same reward carry no signal and are dropped. The loss is the policy gradient on the sampled tokens
+only (the prompt, and tool results the engine forced in, are masked), summed over tokens and
+divided by the number of trained tokens in the whole step (token-level normalisation, as in DAPO
+and nanochat). Optional: a KL penalty to the frozen starting model (`kl_coef`) and PPO-style
+ratio clipping over several updates on the same samples (`clip_eps`, `ppo_epochs`).
+
+    picochat rl --run runs/demo                        # <run>/sft -> <run>/rl, problems from the world
+    picochat rl --run runs/x --problems gsm8k/train.jsonl --heldout gsm8k/test.jsonl --preset gpu-small
+
+Writes `<run>/rl/` with the layout of every stage (see picochat.checkpoint); `--resume` continues
+a killed run to the same weights (sampling is seeded per step, problem order per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from picochat.chat import render_for_reply
+from picochat.checkpoint import atomic_write_json, latest_checkpoint, load_model, load_training_state, save_model, save_training_state
+from picochat.config import RLConfig, TrainConfig, add_dataclass_args, apply_overrides, get_preset
+from picochat.data.tasks import read_gsm8k, reward
+from picochat.engine import FINISH_STOP, Completion, generate
+from picochat.evaluate import problem_metrics
+from picochat.model import Transformer
+from picochat.tokenizer import Tokenizer
+from picochat.train.common import MetricsLog, Runtime, TrainingError, autocast, build_optimizers, setup_runtime, teardown_runtime
+from picochat.train.pretrain import add_common_args
+
+RewardFn = Callable[[str, dict], float]
+
+
+class ProblemFileError(ValueError):
+    """A malformed problem file: names the file, the line and what was expected."""
+
+
+# --- problems -------------------------------------------------------------------------------------
+def read_problems(path: str | Path) -> list[dict]:
+    """Problems from JSONL: the world's rows `{"prompt", "answer": int, ...}`, or GSM8K rows
+    `{"question", "answer": "... #### N"}` (recognised by their first row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such problem file")
+    problems = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ProblemFileError(f"{where}: not valid JSON ({e.msg})") from None
+            if not problems and isinstance(row, dict) and "question" in row and "prompt" not in row:
+                return read_gsm8k(path)
+            answer = row.get("answer") if isinstance(row, dict) else None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() \
+                    or isinstance(answer, bool) or not isinstance(answer, int):
+                raise ProblemFileError(f'{where}: expected an object with a non-empty string "prompt" and an integer "answer"')
+            problems.append(row)
+    if not problems:
+        raise ProblemFileError(f"{path}: no problems in the file")
+    return problems
+
+
+def problems_for_step(n_problems: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the problems of `step`: epochs over a permutation drawn per epoch from the seed,
+    so a resumed run sees exactly the problems an uninterrupted one would."""
+    orders: dict[int, list[int]] = {}
+    chosen = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, n_problems)
+        if epoch not in orders:
+            orders[epoch] = list(range(n_problems))
+            random.Random(f"rl-problems-{seed}-{epoch}").shuffle(orders[epoch])
+        chosen.append(orders[epoch][offset])
+    return chosen
+
+
+def check_config(cfg: RLConfig) -> None:
+    """Refuse settings that cannot train, with the flag to change."""
+    positive = ("steps", "problems_per_step", "micro_batch", "ppo_epochs", "max_new_tokens")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.group_size < 2:
+        raise ValueError(f"--group-size must be at least 2 (advantages compare samples of a problem), got {cfg.group_size}")
+    if not cfg.temperature > 0:
+        raise ValueError(f"--temperature must be positive: RL learns from samples, got {cfg.temperature}")
+    for name in ("clip_eps", "kl_coef", "eval_problems", "eval_every", "ckpt_every"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+
+
+# --- the algorithm --------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, normalize_std: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    """rewards (problems, group) -> reward minus the group's mean, optionally over its (population)
+    standard deviation; all zeros for a group whose rewards are all equal."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if normalize_std:
+        centred = centred / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return centred
+
+
+def trained_tokens(completion: Completion, stop_id: int, tool_result_ids: tuple[int, int] | None) -> tuple[list[int], list[int]]:
+    """(completion tokens to train on, 1 where the policy chose the token). The stop token is
+    appended when the completion stopped, so the model is reinforced to stop; tool results, which
+    the engine forced in, are kept as context but masked."""
+    tokens = list(completion.tokens) + ([stop_id] if completion.finish_reason == FINISH_STOP else [])
+    chosen, forced = [], False
+    for token in tokens:
+        if tool_result_ids and token == tool_result_ids[0]:
+            forced = True
+        chosen.append(0 if forced else 1)
+        if tool_result_ids and token == tool_result_ids[1]:
+            forced = False
+    return tokens, chosen
+
+
+@dataclass
+class PolicyBatch:
+    """Sequences to train on, right-padded: position t predicts targets[:, t] from inputs[:, :t+1]."""
+
+    inputs: torch.Tensor  # (N, T) token ids
+    targets: torch.Tensor  # (N, T) next token ids
+    mask: torch.Tensor  # (N, T) float, 1 where the target is a sampled completion token
+    advantages: torch.Tensor  # (N,)
+
+    def rows(self, start: int, stop: int) -> PolicyBatch:
+        """Rows start:stop, without the trailing columns where none of them is trained."""
+        trained_columns = self.mask[start:stop].any(dim=0).nonzero()
+        width = int(trained_columns.max()) + 1 if len(trained_columns) else 1
+        return PolicyBatch(self.inputs[start:stop, :width], self.targets[start:stop, :width],
+                           self.mask[start:stop, :width], self.advantages[start:stop])
+
+
+def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                chosen: Sequence[Sequence[int]], advantages: Sequence[float]) -> PolicyBatch:
+    """Concatenate each prompt with its completion; the loss mask covers the completion tokens
+    the policy chose (`chosen`), never the prompt."""
+    sequences = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+    width = max(len(s) for s in sequences) - 1
+    inputs = torch.zeros(len(sequences), width, dtype=torch.long)
+    targets = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width)
+    for row, (prompt, sequence, picked) in enumerate(zip(prompts, sequences, chosen, strict=True)):
+        n = len(sequence) - 1
+        inputs[row, :n] = torch.tensor(sequence[:-1])
+        targets[row, :n] = torch.tensor(sequence[1:])
+        mask[row, len(prompt) - 1 : n] = torch.tensor(picked, dtype=torch.float)
+    return PolicyBatch(inputs, targets, mask, torch.tensor(advantages, dtype=torch.float))
+
+
+def token_log_probs(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets[:, t] | inputs[:, :t+1]) for every position, (N, T) float32, under the
+    distribution the tokens were sampled from (softmax of logits / temperature)."""
+    logits = model(inputs)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                n_tokens: int, clip_eps: float = 0.0, ref_logp: torch.Tensor | None = None,
+                kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Policy-gradient loss summed over the masked tokens and divided by `n_tokens`, the trained
+    tokens of the whole step (so micro-batches add up to the same gradient).
+
+    Per token: -ratio * advantage with ratio = p / p_old (exactly 1 on-policy, where its gradient is
+    the REINFORCE gradient); with clip_eps, PPO's pessimistic -min(ratio * A, clip(ratio) * A); with
+    kl_coef, plus kl_coef times the k3 estimate of KL(policy || reference)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    per_token = -ratio * adv
+    stats = {}
+    if clip_eps > 0:
+        per_token = torch.maximum(per_token, -ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        stats["clipped"] = float((((ratio - 1).abs() > clip_eps).float() * mask).sum())
+    if kl_coef > 0 and ref_logp is not None:
+        log_ratio = ref_logp - logp
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = float((kl.detach() * mask).sum())
+    return (per_token * mask).sum() / n_tokens, stats
+
+
+@dataclass
+class Rollouts:
+    """One step's samples: completions[i][j] is sample j of problem i."""
+
+    completions: list[list[Completion]]
+    rewards: torch.Tensor  # (problems, group)
+
+
+def sample_groups(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[int]], problems: Sequence[dict],
+                  cfg: RLConfig, seed: int, reward_fn: RewardFn = reward) -> Rollouts:
+    """Sample `group_size` replies per prompt in one batched call and reward each."""
+    model.eval()
+    completions = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                           stop_ids=[tok.im_end_id], num_samples=cfg.group_size, tokenizer=tok)
+    model.train()
+    rewards = torch.tensor([[reward_fn(tok.decode(c.tokens), problem) for c in group]
+                            for group, problem in zip(completions, problems, strict=True)], dtype=torch.float)
+    return Rollouts(completions, rewards)
+
+
+def policy_batch(tok: Tokenizer, prompts: Sequence[Sequence[int]], rollouts: Rollouts, normalize_std: bool) -> PolicyBatch | None:
+    """The training sequences of the groups with any non-zero advantage; None when there are none."""
+    advantages = group_advantages(rollouts.rewards, normalize_std)
+    tool_ids = (tok.special_id("<|tool_result|>"), tok.special_id("<|/tool_result|>"))
+    rows = ([], [], [], [])
+    for prompt, group, group_adv in zip(prompts, rollouts.completions, advantages):
+        if not group_adv.any():
+            continue
+        for completion, adv in zip(group, group_adv.tolist()):
+            tokens, chosen = trained_tokens(completion, tok.im_end_id, tool_ids)
+            for column, value in zip(rows, (prompt, tokens, chosen, adv)):
+                column.append(value)
+    return build_batch(*rows) if rows[0] else None
+
+
+def update(model: Transformer, optimizers: list, batch: PolicyBatch, cfg: RLConfig, rt: Runtime,
+           reference: Transformer | None) -> dict:
+    """`ppo_epochs` optimizer steps on the batch, each accumulating micro-batches of `micro_batch` rows."""
+    n_tokens = int(batch.mask.sum())
+    chunks = [batch.rows(i, i + cfg.micro_batch) for i in range(0, len(batch.advantages), cfg.micro_batch)]
+    chunks = [PolicyBatch(*(t.to(rt.device) for t in (c.inputs, c.targets, c.mask, c.advantages))) for c in chunks]
+    ref_logps = [None] * len(chunks)
+    if reference is not None:
+        with torch.no_grad(), autocast(rt, cfg.dtype):
+            ref_logps = [token_log_probs(reference, c.inputs, c.targets, cfg.temperature) for c in chunks]
+    old_logps: list[torch.Tensor] = []
+    totals = {"loss": 0.0}
+    grad_norm = None
+    for epoch in range(cfg.ppo_epochs):
+        for index, (chunk, ref_logp) in enumerate(zip(chunks, ref_logps)):
+            with autocast(rt, cfg.dtype):
+                logp = token_log_probs(model, chunk.inputs, chunk.targets, cfg.temperature)
+            if epoch == 0:  # the samples' own log-probs: the model has not moved yet
+                old_logps.append(logp.detach())
+            loss, stats = policy_loss(logp, old_logps[index], chunk.advantages, chunk.mask, n_tokens,
+                                      cfg.clip_eps, ref_logp, cfg.kl_coef)
+            loss.backward()
+            if epoch == 0:
+                totals["loss"] += loss.item()
+                for name, value in stats.items():
+                    totals[name] = totals.get(name, 0.0) + value / n_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    if grad_norm is not None:
+        totals["grad_norm"] = float(grad_norm)
+    return totals
+
+
+# --- the stage ------------------------------------------------------------------------------------
+def prompt_ids(tok: Tokenizer, problems: Sequence[dict]) -> list[list[int]]:
+    return [render_for_reply([{"role": "user", "content": p["prompt"]}], tok) for p in problems]
+
+
+def training_problems(tok: Tokenizer, path: Path, context: int) -> tuple[list[dict], list[list[int]], int]:
+    """(problems, their prompt ids, how many were left out because the prompt fills the context)."""
+    problems = read_problems(path)
+    prompts = prompt_ids(tok, problems)
+    fits = [i for i, p in enumerate(prompts) if len(p) < context]
+    if not fits:
+        raise ValueError(f"{path}: every prompt is longer than the model's context of {context} tokens")
+    return [problems[i] for i in fits], [prompts[i] for i in fits], len(problems) - len(fits)
+
+
+def step_record(step: int, rollouts: Rollouts, trained: dict, sample_s: float, step_s: float) -> dict:
+    """The metrics of one step: reward, pass rate, reply length, the update's loss, time."""
+    rewards = rollouts.rewards
+    lengths = [len(c.tokens) for group in rollouts.completions for c in group]
+    return {
+        "step": step,
+        "reward": round(rewards.mean().item(), 4),
+        "pass_rate": round((rewards.max(dim=1).values > 0).float().mean().item(), 4),
+        "response_len": round(sum(lengths) / len(lengths), 2),
+        "trained_groups": int(group_advantages(rewards).any(dim=1).sum()),
+        **{k: round(v, 6) for k, v in trained.items()},
+        "sample_s": round(sample_s, 2),
+        "seconds": round(step_s, 2),
+    }
+
+
+def heldout_metrics(model: Transformer, tok: Tokenizer, problems: list[dict], cfg: RLConfig) -> dict:
+    """pass@1 / pass@k on held-out problems, as `picochat eval` measures them."""
+    metrics = problem_metrics(model, tok, problems, cfg.eval_k)
+    return {"heldout_pass@1": round(metrics["pass@1"], 4), "heldout_pass@k": round(metrics["pass@k"], 4), "k": metrics["k"]}
+
+
+def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init: Path | None = None,
+           problems_path: Path | None = None, heldout_path: Path | None = None, resume: bool = False,
+           device: str = "auto", reward_fn: RewardFn = reward) -> dict:
+    """Train `<init or run/sft>` with RL on the problems and write `<run>/rl/`; returns the summary."""
+    run_dir = Path(run_dir)
+    cfg = cfg or get_preset(preset).rl
+    check_config(cfg)
+    stage_dir = run_dir / "rl"
+    init = Path(init) if init else run_dir / "sft"
+    problems_path = Path(problems_path) if problems_path else run_dir / "world" / "tasks-rl.jsonl"
+    heldout_path = Path(heldout_path) if heldout_path else run_dir / "world" / "eval" / "tasks.jsonl"
+    if (stage_dir / "done.json").exists() and not resume:
+        raise TrainingError(f"{stage_dir} is already complete; remove it or pick another --run")
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt and not resume:
+        raise TrainingError(f"{stage_dir} has a checkpoint ({ckpt.name}); pass --resume to continue it, or remove the folder")
+    rt = setup_runtime(device)
+    try:
+        if rt.distributed:
+            raise TrainingError("rl runs in one process; start it without torchrun")
+        tok = Tokenizer.load(run_dir / "tokenizer")
+        model, _ = load_model(init, rt.device)
+        problems, prompts, too_long = training_problems(tok, problems_path, model.config.max_seq_len)
+        heldout = read_problems(heldout_path)[: cfg.eval_problems] if cfg.eval_problems else []
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        model.train()
+        optimizers = build_optimizers(model, TrainConfig(optimizer="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay))
+        step = 0
+        if ckpt:
+            step = load_training_state(ckpt, model, optimizers)["step"]
+            tqdm.write(f"rl: resuming from {ckpt} (step {step})")
+            if step >= cfg.steps and (stage_dir / "done.json").exists():
+                return json.loads((stage_dir / "done.json").read_text())
+        print(f"rl: {len(problems):,} problems from {problems_path} ({too_long} longer than the context left out), "
+              f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, from {init}")
+        metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=step)
+        info = {"stage": "rl", "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": str(problems_path)}
+        last: dict = {}
+        bar = tqdm(total=cfg.steps, initial=step, desc="rl", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            chosen = problems_for_step(len(problems), step, cfg.problems_per_step, cfg.seed)
+            step_prompts = [prompts[i] for i in chosen]
+            rollouts = sample_groups(model, tok, step_prompts, [problems[i] for i in chosen], cfg,
+                                     seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn)
+            sample_s = time.perf_counter() - t0
+            batch = policy_batch(tok, step_prompts, rollouts, cfg.normalize_std)
+            trained = update(model, optimizers, batch, cfg, rt, reference) if batch is not None else {"loss": 0.0}
+            step += 1
+            record = step_record(step, rollouts, trained, sample_s, time.perf_counter() - t0)
+            if heldout and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                record.update(heldout_metrics(model, tok, heldout, cfg))
+            record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+            metrics.log(**record)
+            last = record
+            bar.set_postfix({"reward": record["reward"], "pass": record["pass_rate"], "len": record["response_len"],
+                             "loss": record["loss"], "s": record["seconds"]}, refresh=False)
+            bar.update(1)
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                save_training_state(stage_dir, step, model, optimizers, {"rl_config": asdict(cfg)})
+        bar.close()
+        summary = {**last, "seconds": round(time.perf_counter() - t_start, 2), "rl_config": asdict(cfg)}
+        save_model(stage_dir, model, info)
+        atomic_write_json(stage_dir / "done.json", summary)
+        return summary
+    finally:
+        teardown_runtime(rt)
+
+
+def register_cli(parser: argparse.ArgumentParser) -> None:
+    add_common_args(parser)
+    parser.add_argument("--init", default=None, help="model folder to start from (default: <run>/sft)")
+    parser.add_argument("--problems", default=None,
+                        help="training problems, JSONL of {prompt, answer} or GSM8K {question, answer} "
+                             "(default: <run>/world/tasks-rl.jsonl)")
+    parser.add_argument("--heldout", default=None,
+                        help="held-out problems for pass@1 / pass@k, same formats (default: <run>/world/eval/tasks.jsonl, "
+                             "the set `picochat eval` uses)")
+    add_dataclass_args(parser, RLConfig)
+    parser.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> None:
+    cfg = apply_overrides(get_preset(args.preset).rl, args)
+    summary = run_rl(Path(args.run), args.preset, cfg, args.init, args.problems, args.heldout, args.resume, args.device)
+    shown = {k: summary[k] for k in ("reward", "heldout_pass@1", "heldout_pass@k", "seconds") if k in summary}
+    print(f"rl: done {shown} -> {Path(args.run) / 'rl'}")

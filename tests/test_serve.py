@@ -1,0 +1,403 @@
+"""Serving: continuous batching in the engine, the text a client sees, and the OpenAI-compatible
+API exercised with the official `openai` client against a real uvicorn server on 127.0.0.1."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from picochat.chat import render_for_reply
+from picochat.checkpoint import save_model
+from picochat.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ContinuousBatch, GenerationError, generate
+from picochat.model import ModelConfig, Transformer
+from picochat.serve.app import create_app, load_models
+from picochat.serve.text import StopStrings, TextStream
+from picochat.tokenizer import iter_text
+
+CONTEXT = 128
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+
+
+def tiny_model(vocab_size: int, seed: int, context: int = CONTEXT) -> Transformer:
+    model = Transformer(ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=64, n_head=2, n_kv_head=1, max_seq_len=context))
+    model.init_weights(seed=seed)
+    with torch.no_grad():  # sharper next-token distributions than a fresh init: greedy has no near-ties
+        model.lm_head.weight.mul_(30)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory, small_tokenizer):
+    """A run folder with a tokenizer and small (untrained) base and sft models."""
+    run = tmp_path_factory.mktemp("serve") / "demo"
+    small_tokenizer.save(run / "tokenizer")
+    save_model(run / "base", tiny_model(small_tokenizer.vocab_size, seed=1))
+    save_model(run / "sft", tiny_model(small_tokenizer.vocab_size, seed=2))
+    return run
+
+
+@contextmanager
+def serving(app):
+    """Run `app` with uvicorn in a thread on a free 127.0.0.1 port; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(serve_run):
+    return load_models(serve_run, None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    tokenizer, models, _ = loaded
+    with serving(create_app(tokenizer, models, max_batch=8)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def greedy_reply(loaded, messages, max_tokens):
+    """What the sft model says, decoded with generate() directly."""
+    tokenizer, models, _ = loaded
+    prompt = render_for_reply(messages, tokenizer)
+    [[completion]] = generate(models["demo-sft"], [prompt], max_tokens, temperature=0, stop_ids=[tokenizer.im_end_id], tokenizer=tokenizer)
+    return tokenizer.decode(completion.tokens), completion
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()["models"]["demo-sft"]
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.02)
+
+
+# --- the engine's step-level API ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine_model():
+    return tiny_model(vocab_size=101, seed=11, context=40)
+
+
+def drain(batch: ContinuousBatch, schedule: dict, max_steps: int = 200) -> tuple[dict, dict, int]:
+    """Step the batch, adding schedule[step] = [(key, prompt, kwargs)] before that step; returns
+    tokens and finish reasons by key, and the number of steps."""
+    owners, tokens, reasons = {}, {}, {}
+    for step in range(max_steps):
+        for key, prompt, kwargs in schedule.get(step, []):
+            for sample, sequence in enumerate(batch.add(prompt, **kwargs)):
+                owners[sequence] = (key, sample)
+                tokens[(key, sample)] = []
+        if not len(batch) and step >= max(schedule):
+            return tokens, reasons, step
+        for event in batch.step():
+            if event.token is not None:
+                tokens[owners[event.sequence]].append(event.token)
+            if event.finish_reason is not None:
+                reasons[owners[event.sequence]] = event.finish_reason
+    raise AssertionError("the batch did not finish")
+
+
+def test_sequences_joining_and_leaving_a_running_batch_get_what_generate_gives(engine_model):
+    prompts = {"a": [5, 17, 33, 2, 9, 60, 1], "b": [42, 7], "c": [88], "d": [3, 14, 15, 92]}
+    limits = {"a": 12, "b": 30, "c": 5, "d": 20}
+    schedule = {0: [("a", prompts["a"], {})], 2: [("b", prompts["b"], {}), ("c", prompts["c"], {})], 6: [("d", prompts["d"], {})]}
+    for step in schedule.values():
+        for index, (key, prompt, _) in enumerate(step):
+            step[index] = (key, prompt, dict(max_new_tokens=limits[key], temperature=0))
+    tokens, reasons, steps = drain(ContinuousBatch(engine_model), schedule)
+    for key, prompt in prompts.items():
+        [[alone]] = generate(engine_model, [prompt], limits[key], temperature=0)
+        assert tokens[(key, 0)] == alone.tokens
+        assert reasons[(key, 0)] == alone.finish_reason == FINISH_LENGTH
+    assert steps < sum(limits.values())  # decoded together, not one after another
+
+
+def test_a_request_alone_gets_exactly_generate_s_samples(engine_model):
+    prompt = [5, 17, 33, 2]
+    kwargs = dict(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7, num_samples=3)
+    tokens, _, _ = drain(ContinuousBatch(engine_model), {0: [("p", prompt, kwargs)]})
+    expected = generate(engine_model, [prompt], **kwargs)[0]
+    assert [tokens[("p", i)] for i in range(3)] == [c.tokens for c in expected]
+    assert len({tuple(t) for t in tokens.values()}) > 1
+
+
+def test_stop_ids_and_cancel_end_sequences_and_free_their_rows(engine_model):
+    [[free_run]] = generate(engine_model, [[42, 7]], 10, temperature=0)
+    stop = free_run.tokens[3]
+    batch = ContinuousBatch(engine_model)
+    [stopping] = batch.add([42, 7], max_new_tokens=10, temperature=0, stop_ids=[stop])
+    [cancelled] = batch.add([88], max_new_tokens=30, temperature=0)
+    seen = {stopping: [], cancelled: []}
+    events = []
+    for step in range(6):
+        if step == 2:
+            batch.cancel(cancelled)
+        for event in batch.step():
+            events.append(event)
+            if event.token is not None:
+                seen[event.sequence].append(event.token)
+    assert seen[stopping] == free_run.tokens[:free_run.tokens.index(stop)]
+    assert (stopping, None, FINISH_STOP) in [(e.sequence, e.token, e.finish_reason) for e in events]
+    assert (cancelled, None, FINISH_CANCELLED) in [(e.sequence, e.token, e.finish_reason) for e in events]
+    assert len(seen[cancelled]) == 2 and len(batch) == 0
+    assert batch.step() == []
+
+
+def test_the_batch_refuses_bad_requests_at_once(engine_model):
+    batch = ContinuousBatch(engine_model)
+    with pytest.raises(GenerationError, match="context"):
+        batch.add(list(range(1, 41)), max_new_tokens=5)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        batch.add([1, 2], max_new_tokens=0)
+    assert len(batch) == 0
+
+
+# --- the text a client sees -----------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["Ünïcödé, 日本語, emoji 🎉🎉 and plain words.", "Oskel lies on the river Tam."])
+def test_text_stream_sends_whole_characters_like_iter_text(small_tokenizer, text):
+    ids = small_tokenizer.encode(text)
+    stream = TextStream(small_tokenizer)
+    pieces = [stream.push(token) for token in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert [p for p in pieces if p] == list(iter_text(small_tokenizer, ids))
+
+
+def test_stop_strings_cut_at_the_first_one_and_hold_back_possible_starts():
+    watcher = StopStrings(["END", "\n\n"])
+    assert watcher.push("Hello E") == "Hello "  # "E" might start "END"
+    assert watcher.push("x") == "Ex"
+    assert watcher.push("then EN") == "then "
+    assert watcher.push("D and more") == "" and watcher.stopped
+    assert watcher.push("later") == ""
+    other = StopStrings(["\n\n", "stop"])
+    assert other.push("a\n") == "a"
+    assert other.flush() == "\n"
+    assert StopStrings([]).push("anything") == "anything"
+
+
+# --- the API with the official openai client ------------------------------------------------------
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["demo-sft", "demo-base"]
+    assert client.models.retrieve("demo-base").id == "demo-base"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_chat_completion_is_the_model_s_greedy_reply(client, loaded):
+    expected_text, expected = greedy_reply(loaded, HELLO, 20)
+    response = client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=20, temperature=0)
+    [choice] = response.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected_text
+    assert choice.finish_reason == expected.finish_reason == "length"
+    prompt_tokens = len(render_for_reply(HELLO, loaded[0]))
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, 20)
+    assert response.usage.total_tokens == prompt_tokens + 20
+    assert response.object == "chat.completion" and response.model == "demo-sft"
+
+
+def test_streaming_sends_the_same_reply_in_chunks_then_usage(client, loaded):
+    expected_text, _ = greedy_reply(loaded, HELLO, 25)
+    chunks = list(client.chat.completions.create(model="demo-sft", messages=HELLO, max_completion_tokens=25, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == expected_text
+    assert sum(1 for d in deltas if d) > 3  # streamed piece by piece
+    assert not any("\ufffd" in d for d in deltas if "\ufffd" not in expected_text)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 25
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_n_choices_with_a_seed_are_reproducible(client):
+    kwargs = dict(model="demo-sft", messages=HELLO, max_tokens=12, temperature=1.0, top_p=0.95, n=3, seed=1234)
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in first.choices}) > 1
+    assert first.usage.completion_tokens == 36
+
+
+def test_stop_strings_end_the_reply_where_they_appear(client, loaded):
+    full, _ = greedy_reply(loaded, HELLO, 40)
+    stop = full[10:13]
+    expected = full[:full.index(stop)]
+    response = client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=40, temperature=0, stop=[stop, "never-there"])
+    assert response.choices[0].message.content == expected
+    assert response.choices[0].finish_reason == "stop"
+    streamed = list(client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=40, temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_text_completions_continue_a_document_with_the_base_model(client, loaded):
+    tokenizer, models, _ = loaded
+    prompt = "The capital of Varnia is"
+    [[expected]] = generate(models["demo-base"], [[tokenizer.eot_id] + tokenizer.encode(prompt)], 8, temperature=0,
+                            stop_ids=[tokenizer.eot_id], tokenizer=tokenizer)
+    response = client.completions.create(model="demo-base", prompt=prompt, max_tokens=8, temperature=0)
+    assert response.choices[0].text == tokenizer.decode(expected.tokens)
+    assert response.usage.prompt_tokens == 1 + len(tokenizer.encode(prompt))
+    streamed = list(client.completions.create(model="demo-base", prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == response.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == response.choices[0].finish_reason
+
+
+def test_assistant_replies_with_inline_calculator_calls_are_read_back_as_tool_messages(server):
+    messages = HELLO + [{"role": "assistant", "content": "Let me see.<|tool_call|>2*3<|/tool_call|><|tool_result|>6<|/tool_result|>It is 6."},
+                        {"role": "user", "content": "Thanks"}]
+    view = httpx.post(f"{server}/v1/tokenize", json={"messages": messages}).json()
+    assert [t["id"] for t in view["tokens"] if t["special"]].count(4) == 1  # one real <|tool_call|> token
+    assert view["text"].endswith("<|im_start|>assistant<|im_sep|>")
+    assert view["count"] == len(view["tokens"])
+
+
+@pytest.mark.parametrize("body, param, needle", [
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages", "unknown role 'wizard'"),
+    ({"messages": []}, "messages", "at least 1 item"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "cannot come first"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"messages": HELLO, "max_tokens": 1_000_000}, "max_tokens", f"between 1 and {CONTEXT - 1}"),
+    ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages", "context"),
+    ({"messages": HELLO, "temperature": "hot"}, "temperature", "valid number"),
+    ({"messages": HELLO, "n": 9}, "n", "at most 8"),
+    ({"messages": HELLO, "stop": [""]}, "stop", "must not be empty"),
+    ({"messages": [{"role": "user"}]}, "messages", "empty user message"),
+])
+def test_bad_requests_get_a_clear_400_and_the_server_goes_on(client, server, body, param, needle):
+    response = httpx.post(f"{server}/v1/chat/completions", json={"model": "demo-sft", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
+    assert client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_malformed_json_unknown_models_and_routes(client, server):
+    response = httpx.post(f"{server}/v1/chat/completions", content=b'{"model": "demo-sft", "messages": [', headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="demo-sft, demo-base"):
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="demo-base", prompt="word " * 300)
+    missing = httpx.get(f"{server}/v1/embeddings")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_the_api_key_is_required_when_set(loaded):
+    tokenizer, models, _ = loaded
+    with serving(create_app(tokenizer, models, api_key="s3cret")) as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=3).usage.completion_tokens == 3
+        assert httpx.get(f"{url}/").status_code == 200  # the page itself is public; it asks for the key
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+class GatedTransformer(Transformer):
+    """A Transformer whose every forward pass waits for a permit, so tests decide when steps run."""
+
+    def __init__(self, source: Transformer):
+        super().__init__(source.config)
+        self.load_state_dict(source.state_dict())
+        self.eval()
+        self.permits = threading.Semaphore(0)
+
+    def forward(self, *args, **kwargs):
+        assert self.permits.acquire(timeout=60), "the test never allowed this step"
+        return super().forward(*args, **kwargs)
+
+
+@pytest.fixture
+def gated(loaded):
+    tokenizer, models, _ = loaded
+    return tokenizer, GatedTransformer(models["demo-sft"])
+
+
+def test_concurrent_streaming_clients_are_decoded_together_and_correctly(gated, loaded):
+    tokenizer, model = gated
+    questions = [[{"role": "user", "content": f"Question number {i}: where is Oskel?"}] for i in range(6)]
+    expected = [greedy_reply(loaded, q, 20)[0] for q in questions]
+
+    def ask(url, messages):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(model="demo-sft", messages=messages, max_tokens=20, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream)
+
+    with serving(create_app(tokenizer, {"demo-sft": model}, max_batch=8)) as url:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            futures = [pool.submit(ask, url, q) for q in questions]
+            wait_for(lambda: health(url)["admitted_sequences"] == len(questions))
+            model.permits.release(10_000)
+            replies = [f.result(timeout=60) for f in futures]
+        stats = health(url)
+    assert replies == expected
+    assert stats["tokens"] == 20 * len(questions)
+    assert stats["steps"] <= 21 + 1  # the first request's prefill, then everyone together
+
+
+def test_a_full_server_answers_503_and_recovers(gated):
+    tokenizer, model = gated
+    with serving(create_app(tokenizer, {"demo-sft": model}, max_batch=1, max_queue=0)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.chat.completions.create, model="demo-sft", messages=HELLO, max_tokens=5)
+            wait_for(lambda: health(url)["admitted_sequences"] == 1)
+            with pytest.raises(openai.InternalServerError) as refused:
+                client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=5)
+            assert refused.value.status_code == 503
+            assert refused.value.body["code"] == "overloaded"
+            model.permits.release(10_000)
+            assert first.result(timeout=60).usage.completion_tokens == 5
+        assert client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=5).usage.completion_tokens == 5
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(gated):
+    tokenizer, model = gated
+    with serving(create_app(tokenizer, {"demo-sft": model}, max_batch=1, max_queue=0)) as url:
+        body = {"model": "demo-sft", "messages": HELLO, "max_tokens": 100, "temperature": 0, "stream": True}
+        model.permits.release(3)  # the prefill and two decoding steps: two tokens out
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()  # kept: dropping the iterator would close the connection now
+            first_event = json.loads(next(lines).removeprefix("data: "))
+            assert first_event["choices"][0]["delta"]["role"] == "assistant"
+            wait_for(lambda: health(url)["tokens"] == 2)
+        wait_for(lambda: health(url)["admitted_sequences"] == 0)
+        model.permits.release(10_000)
+        wait_for(lambda: health(url)["active_sequences"] == 0)
+        assert health(url)["tokens"] < 10
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=4).usage.completion_tokens == 4

@@ -1,0 +1,124 @@
+"""The training loop: schedule, a killed run resumes to the same weights, 2-process DDP equals 1 process,
+SFT on conversations, and base-model sampling."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from picochat.config import TrainConfig
+from picochat.train.common import lr_multiplier
+
+from conftest import TINY_MODEL_FLAGS
+
+TINY_TRAIN = ["--seq-len", "64", "--batch-size", "4", "--eval-batches", "2", "--lr", "1e-2"]
+
+
+def picochat(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "picochat", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def fresh_copy(tiny_run, tmp_path, name):
+    run = tmp_path / name
+    run.mkdir()
+    for part in ("tokenizer", "shards", "world"):
+        shutil.copytree(tiny_run / part, run / part)
+    return run
+
+
+def weights(stage_dir):
+    return load_file(str(stage_dir / "model.safetensors"))
+
+
+def one_thread_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_lr_schedule_warms_up_holds_and_decays():
+    cfg = replace(TrainConfig(), max_steps=100, warmup_steps=10, decay_frac=0.5, final_lr_frac=0.1)
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(30, cfg) == 1.0
+    assert lr_multiplier(75, cfg) == pytest.approx(0.55)
+    assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_to_the_same_weights(tiny_run, tmp_path):
+    args = ["pretrain", *TINY_MODEL_FLAGS, *TINY_TRAIN, "--max-steps", "24", "--ckpt-every", "4", "--eval-every", "0", "--device", "cpu"]
+    straight = fresh_copy(tiny_run, tmp_path, "straight")
+    done = picochat(*args, "--run", str(straight), env=one_thread_env())
+    assert done.returncode == 0, done.stderr
+
+    killed = fresh_copy(tiny_run, tmp_path, "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "picochat", *args, "--run", str(killed)], env=one_thread_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "base" / "checkpoints" / "LATEST"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "the run died before its first checkpoint"
+    assert not (killed / "base" / "done.json").exists(), "the run finished before it was killed: nothing was tested"
+
+    again = picochat(*args, "--run", str(killed), env=one_thread_env())
+    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to overwrite silently
+    resumed = picochat(*args, "--run", str(killed), "--resume", env=one_thread_env())
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = weights(straight / "base"), weights(killed / "base")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    lines = (killed / "base" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 24  # the metrics log has each step exactly once
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tiny_run, tmp_path):
+    common = ["pretrain", *TINY_MODEL_FLAGS, "--seq-len", "64", "--eval-batches", "2", "--max-steps", "6", "--ckpt-every", "0",
+              "--eval-every", "0", "--device", "cpu"]
+    single = fresh_copy(tiny_run, tmp_path, "single")
+    out = picochat(*common, "--batch-size", "8", "--run", str(single), env=one_thread_env())
+    assert out.returncode == 0, out.stderr
+    ddp = fresh_copy(tiny_run, tmp_path, "ddp")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "picochat", "--",
+                          *common, "--batch-size", "4", "--run", str(ddp)], capture_output=True, text=True, env=one_thread_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = weights(single / "base"), weights(ddp / "base")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pretrain_sft_sample_chat_end_to_end(tiny_run, tmp_path):
+    run = fresh_copy(tiny_run, tmp_path, "e2e")
+    out = picochat("pretrain", "--run", str(run), *TINY_MODEL_FLAGS, *TINY_TRAIN, "--max-steps", "30", "--eval-every", "15", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    records = [__import__("json").loads(line) for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0  # it learns
+    assert 0 < records[-1]["val_bpb"] < records[14]["val_bpb"]
+
+    out = picochat("sft", "--run", str(run), "--seq-len", "128", "--batch-size", "4", "--max-steps", "10", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert (run / "sft" / "done.json").exists()
+
+    out = picochat("sample", "--run", str(run), "--prompt", "The capital of", "--max-tokens", "8", "--seed", "1")
+    assert out.returncode == 0 and out.stdout.startswith("The capital of"), out.stderr
+    out = picochat("chat", "--run", str(run), "--prompt", "Who are you?", "--max-tokens", "8", "--seed", "1")
+    assert out.returncode == 0, out.stderr
+
+
+def test_pretrain_refuses_a_tokenizer_that_does_not_match_the_shards(tiny_run, tmp_path):
+    from picochat.tokenizer import Tokenizer
+
+    run = fresh_copy(tiny_run, tmp_path, "mismatch")
+    Tokenizer.train(["some other text entirely"] * 10, vocab_size=300).save(run / "tokenizer")
+    out = picochat("pretrain", "--run", str(run), *TINY_MODEL_FLAGS, "--max-steps", "1")
+    assert out.returncode == 2 and "another tokenizer" in out.stderr

@@ -1,0 +1,150 @@
+"""The web chat in headless Chromium: send messages, watch the streamed replies, read the token view.
+
+Needs Debian's `chromium` and `chromium-driver` and the `selenium` package
+(`scripts/install_browser.sh` installs them); skipped, saying why, when they are absent.
+"""
+
+import shutil
+import tempfile
+
+import httpx
+import pytest
+
+from picochat.serve.app import create_app, load_models
+from test_serve import GatedTransformer, serve_run, serving  # noqa: F401 (serve_run is a fixture)
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (scripts/install_browser.sh installs it)")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="chromium and chromium-driver are not installed (scripts/install_browser.sh installs them)")
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,900"]
+
+
+@pytest.fixture(scope="module")
+def server(serve_run):
+    tokenizer, models, _ = load_models(serve_run, None, "cpu")
+    with serving(create_app(tokenizer, models)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="picochat-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def set_value(driver, element_id: str, value) -> None:
+    """Set a settings control as a user would, firing its change event."""
+    driver.execute_script(
+        "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+        "e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'));", element_id, str(value))
+
+
+def send_and_wait(driver, text: str) -> str:
+    """Type a message, press Enter, wait for the streamed reply to finish; return its text."""
+    before = len(driver.find_elements(By.CSS_SELECTOR, ".message.assistant"))
+    box = driver.find_element(By.ID, "input")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.message.assistant[data-done="true"]')) == before + 1)
+    reply = driver.find_elements(By.CSS_SELECTOR, ".message.assistant .content")[-1]
+    return reply.get_property("textContent")
+
+
+def shown_token_count(driver) -> int:
+    return int(driver.find_element(By.ID, "token-count").text.split()[0])
+
+
+def test_chat_streams_replies_and_shows_what_the_model_sees(browser, server):
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").get_property("value") == "demo-sft")
+    set_value(browser, "temperature", 0)
+    set_value(browser, "max-tokens", 12)
+
+    first = send_and_wait(browser, "Hello, who are you?")
+    conversation = [{"role": "user", "content": "Hello, who are you?"}]
+    expected = httpx.post(f"{server}/v1/chat/completions", json={
+        "model": "demo-sft", "messages": conversation, "temperature": 0, "max_tokens": 12}).json()
+    assert first == expected["choices"][0]["message"]["content"] != ""
+    conversation.append({"role": "assistant", "content": first})
+
+    second = send_and_wait(browser, "Tell me more.")
+    conversation.append({"role": "user", "content": "Tell me more."})
+    expected = httpx.post(f"{server}/v1/chat/completions", json={
+        "model": "demo-sft", "messages": conversation, "temperature": 0, "max_tokens": 12}).json()
+    assert second == expected["choices"][0]["message"]["content"]  # the page sent the whole conversation
+    conversation.append({"role": "assistant", "content": second})
+
+    view = httpx.post(f"{server}/v1/tokenize", json={"messages": conversation}).json()
+    WebDriverWait(browser, 30).until(lambda d: shown_token_count(d) == view["count"])
+    tokens = browser.find_elements(By.CSS_SELECTOR, "#tokens .tok")
+    assert [int(t.get_attribute("data-id")) for t in tokens] == [t["id"] for t in view["tokens"]]
+    specials = [t.get_property("textContent") for t in browser.find_elements(By.CSS_SELECTOR, "#tokens .tok.special")]
+    assert specials[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_sep|>"]
+    assert specials.count("<|im_end|>") == 4
+    assert browser.find_element(By.ID, "rendered").get_property("textContent") == view["text"]
+
+    browser.find_element(By.ID, "new-chat").click()
+    WebDriverWait(browser, 30).until(lambda d: shown_token_count(d) == 0)
+    assert browser.find_elements(By.CSS_SELECTOR, ".message") == []
+
+
+def test_errors_are_shown_and_the_message_goes_back_to_the_box(browser, server):
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").get_property("value") == "demo-sft")
+    box = browser.find_element(By.ID, "input")
+    too_long = "word " * 300
+    browser.execute_script("document.getElementById('input').value = arguments[0];", too_long)
+    box.send_keys(Keys.ENTER)
+    error = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.error"))[0]
+    assert "context" in error.text
+    assert box.get_property("value") == too_long.strip()
+    assert browser.find_elements(By.CSS_SELECTOR, ".message.user") == []
+
+
+def test_the_reply_appears_piece_by_piece_while_it_streams(browser, serve_run):
+    tokenizer, models, _ = load_models(serve_run, None, "cpu")
+    model = GatedTransformer(models["demo-sft"])  # each decoding step waits for the test's permit
+    with serving(create_app(tokenizer, {"demo-sft": model})) as url:
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").get_property("value") == "demo-sft")
+        set_value(browser, "temperature", 0)
+        set_value(browser, "max-tokens", 30)
+        box = browser.find_element(By.ID, "input")
+        box.send_keys("Hello, who are you?")
+        box.send_keys(Keys.ENTER)
+        bubble = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant"))[0]
+        partial = ""
+        for _ in range(20):  # one step at a time until some text shows
+            model.permits.release(1)
+            try:
+                partial = WebDriverWait(browser, 1).until(lambda d: bubble.find_element(By.CLASS_NAME, "content").get_property("textContent"))
+                break
+            except TimeoutException:
+                continue
+        assert partial and bubble.get_attribute("data-done") == "false"
+        model.permits.release(10_000)
+        WebDriverWait(browser, 30).until(lambda d: bubble.get_attribute("data-done") == "true")
+        final = bubble.find_element(By.CLASS_NAME, "content").get_property("textContent")
+        assert final.startswith(partial) and len(final) > len(partial)
