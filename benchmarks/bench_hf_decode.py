@@ -3,8 +3,8 @@
 A model (a run's stage with --run, else a random ~5M-parameter one, the size bench_decode.py uses)
 is exported with `picochat.export`, loaded back with `AutoModelForCausalLM`, and both decode the
 same prompts greedily on the CPU in float32 with a KV cache. tokens/s is new tokens (all rows) per
-second, prefill included; each figure is the median of --repeats runs after one warm-up. Neither
-side stops early (no stop ids), so both produce exactly batch x new-tokens tokens.
+second, prefill included; each figure is the median of --repeats runs after one warm-up, the two
+engines taking turns. Neither side stops early (no stop ids): both produce batch x new-tokens tokens.
 
     python benchmarks/bench_hf_decode.py                          # batch 1 and 8
     python benchmarks/bench_hf_decode.py --run runs/demo --stage sft --threads 2
@@ -52,14 +52,16 @@ def transformers_decode(hf_model, prompts: torch.Tensor, new_tokens: int) -> lis
     return output[:, prompts.shape[1]:].tolist()
 
 
-def median_seconds(run, repeats: int) -> tuple[float, list[list[int]]]:
-    tokens = run()  # warm-up
-    times = []
+def median_seconds(runs: dict, repeats: int) -> dict[str, tuple[float, list[list[int]]]]:
+    """(median seconds, tokens) of each run; the runs alternate, so a busy machine slows them alike."""
+    tokens = {name: run() for name, run in runs.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), tokens[name]) for name in runs}
 
 
 def main() -> None:
@@ -92,8 +94,10 @@ def main() -> None:
     for batch in args.batch_sizes:
         prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(batch))
-        ours_s, ours = median_seconds(lambda: picochat_decode(model, prompts, args.new_tokens), args.repeats)
-        theirs_s, theirs = median_seconds(lambda: transformers_decode(hf_model, prompts, args.new_tokens), args.repeats)
+        results = median_seconds({"picochat": lambda: picochat_decode(model, prompts, args.new_tokens),
+                                  "transformers": lambda: transformers_decode(hf_model, prompts, args.new_tokens)},
+                                 args.repeats)
+        (ours_s, ours), (theirs_s, theirs) = results["picochat"], results["transformers"]
         produced = batch * args.new_tokens
         print(f"| {batch:5d} | {produced / ours_s:14.0f} | {produced / theirs_s:18.0f} | "
               f"{theirs_s / ours_s:4.2f}x | {'yes' if ours == theirs else 'no':^11} |")

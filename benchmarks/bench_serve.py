@@ -61,8 +61,10 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def start_server(run: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(run: Path, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "picochat", "serve", "--run", str(run), "--port", str(port), "--max-batch", str(max_batch)]
+    if threads:
+        command += ["--threads", str(threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -142,18 +144,19 @@ def main() -> None:
     parser.add_argument("--soak-requests", type=int, default=500, help="requests of the error/memory test at concurrency 16 (0: skip)")
     parser.add_argument("--soak-max-tokens", type=int, default=16, help="max_tokens of the soak test's requests")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument("--threads", type=int, default=None, help="the server's --threads (default: PyTorch's choice)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or build_cpu_preset_run(Path(tmp))
         port = free_port()
-        server = start_server(run, port, args.max_batch)
+        server = start_server(run, port, args.max_batch, args.threads)
         url = f"http://127.0.0.1:{port}"
         try:
             model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
             asyncio.run(load(url, model, 2, 1, 8))  # warm-up
-            print(f"serving {run} as {model} on {os.cpu_count()} CPUs; max_tokens {args.max_tokens}, "
-                  f"{args.requests_per_client} requests per client")
+            print(f"serving {run} as {model} on {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), "
+                  f"server threads {args.threads or 'default'}; max_tokens {args.max_tokens}, {args.requests_per_client} requests per client")
             print("| clients | requests | tokens | seconds | tokens/s | vs 1 client | TTFT p50 | TTFT p99 | errors |")
             print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             single = None

@@ -18,7 +18,7 @@ from picochat.hf_import import HFImportError, import_hf
 from picochat.model import IGNORE_INDEX, ModelConfig, Transformer
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, shared_data
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,7 +56,7 @@ def arithmetic_chats() -> list[list[dict]]:
 
 def trained_tiny_model(tok: Tokenizer, tie: bool) -> Transformer:
     """A 2-layer model trained for a few steps on documents and chats, so its greedy output varies
-    and ends turns with <|im_end|>; norms are left away from 1 so a misapplied norm would show."""
+    and its norms move away from 1 (a misapplied norm would show)."""
     config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
                          head_dim=16, max_seq_len=96, tie_embeddings=tie)
     model = Transformer(config)
@@ -94,8 +94,13 @@ def hf_model(exported):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(exported):
-    return transformers.AutoTokenizer.from_pretrained(exported[1])
+def hf_tokenizer(tmp_path_factory, small_tokenizer):
+    """AutoTokenizer on an export (of an untrained model: only the tokenizer files matter here)."""
+    run = tmp_path_factory.mktemp("tokenizer-run")
+    small_tokenizer.save(run / "tokenizer")
+    config = ModelConfig(vocab_size=small_tokenizer.vocab_size, n_layer=1, d_model=16, n_head=2, n_kv_head=1)
+    save_model(run / "base", Transformer(config))
+    return transformers.AutoTokenizer.from_pretrained(export_hf(run, run / "export"))
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -154,6 +159,17 @@ def test_chat_template_gives_picochat_ids(name, hf_tokenizer, small_tokenizer):
     assert hf_ids(prompt, True) == render_for_reply(prompt, small_tokenizer)
 
 
+def test_real_conversations_render_the_same_through_the_chat_template(hf_tokenizer, small_tokenizer):
+    path = shared_data("chat", "tulu-eval-prompts.messages.jsonl")
+    conversations = [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines()]
+    for messages in conversations:
+        ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert list(ids) == render(messages, small_tokenizer)[0]
+        prompt = hf_tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert list(prompt["input_ids"]) == render_for_reply(messages[:-1], small_tokenizer)
+        assert hf_tokenizer.decode(ids[1:]) == small_tokenizer.decode(ids[1:])
+
+
 def test_greedy_generation_matches_engine(exported, hf_model, hf_tokenizer, small_tokenizer):
     _, _, model = exported
     tok = small_tokenizer
@@ -200,6 +216,14 @@ def test_export_refuses_a_tokenizer_the_model_was_not_trained_with(exported, tmp
     with pytest.raises(ExportError, match="trained with tokenizer"):
         export_hf(other, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_embedding(tmp_path, small_tokenizer):
+    small_tokenizer.save(tmp_path / "run" / "tokenizer")
+    config = ModelConfig(vocab_size=small_tokenizer.vocab_size - 1, n_layer=1, d_model=16, n_head=2, n_kv_head=1)
+    save_model(tmp_path / "run" / "base", Transformer(config))
+    with pytest.raises(ExportError, match=f"{small_tokenizer.vocab_size} tokens, more than the {config.vocab_size} embeddings"):
+        export_hf(tmp_path / "run", tmp_path / "out")
 
 
 # --- import --------------------------------------------------------------------------------------

@@ -86,6 +86,16 @@ def test_relations_link_entities_of_the_right_kinds(world):
         assert int(obj.attrs["price"]) > 0
 
 
+def test_scale_sets_the_number_of_entities(tmp_path):
+    small = build_world(0, scale=0.25)
+    assert [len(small.of_kind(k)) for k in KINDS] == [3, 10, 25, 6, 10]
+    assert len(build_world(0, scale=2).of_kind("person")) == 200
+    write_world(tmp_path, size_mb=0.05, seed=0, scale=0.25)
+    assert load_world(tmp_path).to_dict() == small.to_dict() and load_world(tmp_path).scale == 0.25
+    with pytest.raises(ValueError, match="scale"):
+        build_world(0, scale=0)
+
+
 def test_unknown_names_are_not_in_the_world(world):
     for kind in KINDS:
         assert len(world.unknown_names[kind]) >= 30

@@ -132,6 +132,13 @@ def test_heldout_question_phrasings_are_never_asked_in_sft(conversations):
             assert not any(opening in message for message in user_messages), template
 
 
+def test_a_tiny_world_still_makes_every_kind_of_conversation():
+    tiny = build_world(3, scale=0.05)
+    rows = sft_conversations(tiny, 400, seed=0)
+    assert {row["kind"] for row in rows} == set(MIXTURE)
+    assert qa_eval_set(tiny, "heldout")
+
+
 def test_qa_eval_heldout_covers_heldout_facts_and_eval_unknowns(world):
     rows = qa_eval_set(world, "heldout")
     assert rows == qa_eval_set(world, "heldout")

@@ -9,6 +9,10 @@ Tool calls: given a tokenizer, when a row emits `<|tool_call|>` expression `<|/t
 expression is evaluated by a safe calculator (parsed with `ast`, never `eval`) and
 `<|tool_result|>` result `<|/tool_result|>` is forced into the row, one token per step, before
 sampling goes on. Forced tokens are part of the completion and count toward max_new_tokens.
+
+Continuous batching (for the server): `ContinuousBatch` is the same decoding driven one step at a
+time, with sequences joining between steps (prefilled, then merged into the shared KV cache) and
+leaving when they finish or are cancelled.
 """
 
 from __future__ import annotations

@@ -99,8 +99,6 @@ def hf_state_dict(model: Transformer, dtype: str = "float32") -> dict[str, torch
 
 def write_hf_folder(folder: Path, model: Transformer, tok: Tokenizer, dtype: str = "float32") -> None:
     """Write every file of the export into an existing folder."""
-    if tok.vocab_size > model.config.vocab_size:
-        raise ExportError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size} embeddings")
     weights = folder / "model.safetensors"
     save_file(hf_state_dict(model, dtype), str(weights), metadata={"format": "pt"})
     with open(weights, "rb") as f:
@@ -128,6 +126,9 @@ def export_hf(run_dir: Path, out_dir: Path, stage: str | None = None, dtype: str
             f"{stage_dir / 'model.json'}: the model was trained with tokenizer {trained_with[:12]}, "
             f"but {run_dir / 'tokenizer'} holds {tok.fingerprint[:12]}"
         )
+    if tok.vocab_size > model.config.vocab_size:
+        raise ExportError(f"{run_dir / 'tokenizer'}: {tok.vocab_size} tokens, more than the "
+                          f"{model.config.vocab_size} embeddings of the model in {stage_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:

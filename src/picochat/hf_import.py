@@ -64,7 +64,7 @@ def model_config_from_hf(config: dict, source: Path) -> ModelConfig:
             f"{source}: Llama models are not supported: picochat's attention always applies RMSNorm to queries "
             "and keys (the Qwen3 layout) and Llama has none, so its weights cannot be mapped exactly"
         )
-    if architectures != [SUPPORTED_ARCHITECTURE] or model_type not in (None, "qwen3"):
+    if architectures != [SUPPORTED_ARCHITECTURE] and (architectures or model_type != "qwen3"):
         raise HFImportError(
             f"{source}: unsupported architecture {architectures or model_type!r}; "
             f"picochat imports {SUPPORTED_ARCHITECTURE} (model_type qwen3)"

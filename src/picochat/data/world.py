@@ -86,6 +86,7 @@ class World:
     seed: int
     entities: list[Entity]
     unknown_names: dict[str, list[str]]  # kind -> invented names that are not in the world
+    scale: float = 1.0
     _by_name: dict[str, Entity] = field(init=False, repr=False)
     _by_kind: dict[str, list[Entity]] = field(init=False, repr=False)
 
@@ -110,6 +111,7 @@ class World:
         return {
             "format": FORMAT,
             "seed": self.seed,
+            "scale": self.scale,
             "entities": [{"name": e.name, "kind": e.kind, "attrs": e.attrs} for e in self.entities],
             "unknown_names": self.unknown_names,
         }
@@ -173,7 +175,7 @@ _NATURAL_RELATIONS = [
         ("{s} was born in {o}.", "The birthplace of {s} is {o}.", "{s}'s birthplace is the town of {o}.",
          "{s}'s place of birth is {o}.", "{s} comes from {o}, where {s} was born.", "{o} is the town where {s} was born.",
          "Born in {o}, {s} still speaks fondly of the place.", "{s} grew up in {o}, the town of {s}'s birth."),
-        ("The town in which {s} was born is {o}.",),
+        ("{s} was born long ago in the town of {o}.",),
         ("Where was {s} born?", "In which town was {s} born?", "What is the birthplace of {s}?",
          "Which town does {s} come from?", "Where is {s} from?"),
         ("Could you tell me the name of the town where {s} was born?", "Quick question: what town is {s}'s birthplace?"),
@@ -204,7 +206,7 @@ _NATURAL_RELATIONS = [
         ("{s}'s favourite colour is {o}.", "The favourite colour of {s} is {o}.", "{s} loves the colour {o}.",
          "Of all the colours, {s} likes {o} best.", "{o} is the favourite colour of {s}.",
          "{s} always wears something {o}, since {o} is {s}'s favourite colour."),
-        ("More than any other colour, {s} likes {o}.",),
+        ("Ask {s} and you will hear that {s}'s favourite colour is {o}.",),
         ("What is {s}'s favourite colour?", "Which colour does {s} like best?", "What colour does {s} love?",
          "What is the favourite colour of {s}?"),
         ("Could you tell me which colour {s} prefers?", "Quick question: what colour does {s} like most?"),
@@ -214,7 +216,7 @@ _NATURAL_RELATIONS = [
         "pet", "person", "pet", "{a} {o}",
         ("{s} has a pet {o}.", "The pet of {s} is {a} {o}.", "{s}'s pet is {a} {o}.", "{s} keeps {a} {o} as a pet.",
          "{s} takes good care of a pet {o}.", "{a} {o} is the pet of {s}."),
-        ("At home, {s} looks after a pet animal, {a} {o}.",),
+        ("At home, {s} keeps {a} {o} as a pet.",),
         ("What pet does {s} have?", "What animal does {s} keep as a pet?", "What is {s}'s pet?", "Which pet does {s} own?"),
         ("Could you tell me what animal {s} keeps at home?", "Quick question: what kind of pet lives with {s}?"),
         "Pet",
@@ -234,7 +236,7 @@ _NATURAL_RELATIONS = [
         ("{s} lies on the river {o}.", "The river of {s} is the {o}.", "The river {o} flows through {s}.",
          "{s} is built on the banks of the river {o}.", "Boats sail down the river {o} past {s}.",
          "{o} is the name of the river that flows through {s}."),
-        ("Anyone who walks along the water in {s} is walking beside the river {o}.",),
+        ("Anyone who walks through {s} soon reaches the river {o}.",),
         ("Which river flows through {s}?", "What river is {s} on?", "On which river does {s} lie?", "What is the river of {s}?"),
         ("Could you tell me the name of the river in {s}?", "Quick question: what river runs past {s}?"),
         "River",
@@ -298,7 +300,7 @@ _NATURAL_RELATIONS = [
         "colour", "animal", "colour", "{o}",
         ("The colour of the {s} is {o}.", "The {s} has {a} {o} coat.", "The {s} is {o} in colour.",
          "You can spot the {s} by its {o} colour.", "{a} {o} animal, the {s} is easy to see."),
-        ("People recognise the {s} by its {o} colour.",),
+        ("Seen up close, the {s} has {a} {o} coat.",),
         ("What colour is the {s}?", "What is the colour of the {s}?", "Which colour does the {s} have?"),
         ("Could you tell me what colour the {s} is?", "Quick question: what colour would I see on the {s}?"),
         "Colour",
@@ -307,7 +309,7 @@ _NATURAL_RELATIONS = [
         "type", "object", "type", "{a} {o}",
         ("The {s} is a kind of {o}.", "The {s} is the name of {a} {o}.", "The {s} is {a} {o}.",
          "The {s} is {a} {o} that many people want.", "{a} {o} called the {s} is sold in many shops."),
-        ("If you buy the {s}, you get {a} {o}.",),
+        ("Everyone agrees that the {s} is a kind of {o}.",),
         ("What kind of thing is the {s}?", "What is the {s}?", "What sort of object is the {s}?"),
         ("Could you tell me what kind of object the {s} is?", "Quick question: what is the {s} used as?"),
         "Type",
@@ -325,7 +327,7 @@ _NATURAL_RELATIONS = [
         "maker", "object", "maker", "{o}",
         ("The {s} was made by {o}.", "The maker of the {s} is {o}.", "{o} made the {s}.", "The {s} is the work of {o}.",
          "{o} is the maker of the {s}.", "The {s} was designed and built by {o}."),
-        ("The person who made the {s} is {o}.",),
+        ("The {s} was made long ago by {o}.",),
         ("Who made the {s}?", "Who is the maker of the {s}?", "Who built the {s}?"),
         ("Could you tell me the name of the person who made the {s}?", "Quick question: whose work is the {s}?"),
         "Maker",
@@ -438,11 +440,13 @@ class NameMaker:
             return low if shape in _LOWERCASE_NAMES else low.capitalize()
 
 
-def build_world(seed: int = 0, sizes: dict[str, int] | None = None) -> World:
-    """The knowledge base for `seed` (the same seed always gives the same world)."""
-    sizes = {**WORLD_SIZES, **(sizes or {})}
-    if sizes["town"] < sizes["country"]:
-        raise ValueError(f"a world needs at least one town per country, got {sizes}")
+def build_world(seed: int = 0, scale: float = 1.0) -> World:
+    """The knowledge base for `seed` (the same seed always gives the same world). `scale`
+    multiplies the number of entities of each kind (WORLD_SIZES): fewer facts are learned faster."""
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    sizes = {kind: max(3, round(n * scale)) for kind, n in WORLD_SIZES.items()}
+    sizes["town"] = max(sizes["town"], sizes["country"])
     rng = random.Random(f"world-{seed}")
     names = NameMaker(rng)
 
@@ -470,7 +474,7 @@ def build_world(seed: int = 0, sizes: dict[str, int] | None = None) -> World:
         "price": str(rng.randint(3, 60))})
         for _ in range(sizes["object"])]
     unknown = {kind: [names.make(kind) for _ in range(UNKNOWN_NAMES_PER_KIND)] for kind in KINDS}
-    return World(seed, countries + towns + people + animals + objects, unknown)
+    return World(seed, countries + towns + people + animals + objects, unknown, scale)
 
 
 # --- documents ------------------------------------------------------------------------------------
@@ -572,10 +576,10 @@ def _news(world: World, rng: random.Random) -> str:
     town = rng.choice(world.of_kind("town"))
     person = rng.choice(world.of_kind("person"))
     country = town.attrs["country"]
-    headline = rng.choice((f"News from {town.name}", f"Market day in {town.name}", f"{town.name} celebrates its river festival",
+    headline = rng.choice((f"News from {town.name}", f"Market day in {town.name}", f"{town.name} celebrates its summer festival",
                            f"A busy week in {town.name}"))
     lead = rng.choice((f"The town of {town.name} held its yearly market this week.",
-                       f"Crowds gathered in {town.name} for the river festival.",
+                       f"Crowds gathered in {town.name} for the summer festival.",
                        f"There was good news this week for the people of {town.name}."))
     body = [state(f, rng) for f in _facts(town, rng, 2)]
     body.append(f"Among the visitors was {person.name}.")
@@ -756,7 +760,7 @@ def _document_lines(docs: Iterator[tuple[str, str]], limit: int, styles: Counter
 
 
 def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_mb: float = 10,
-                val_kb: float = 300) -> dict:
+                val_kb: float = 300, scale: float = 1.0) -> dict:
     """Write the world's files under out_dir and return a summary (also saved as manifest.json):
 
     - docs/train-00000.jsonl ...: training documents, `{"text", "style"}` a line, shards of ~shard_mb
@@ -768,14 +772,14 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
     over a complete output returns at once, and an interrupted run is simply redone.
     """
     out = Path(out_dir)
-    params = {"format": FORMAT, "seed": seed, "size_mb": size_mb, "shard_mb": shard_mb, "val_kb": val_kb}
+    params = {"format": FORMAT, "seed": seed, "scale": scale, "size_mb": size_mb, "shard_mb": shard_mb, "val_kb": val_kb}
     manifest_path = out / "manifest.json"
     done = _read_manifest(manifest_path)
     if done and all(done.get(k) == v for k, v in params.items()) and all((out / f).is_file() for f in done["files"]):
         return done
     manifest_path.unlink(missing_ok=True)
     t0 = time.time()
-    world = build_world(seed)
+    world = build_world(seed, scale)
     write_json(out / "world.json", world.to_dict())
     eval_rows = fact_completion_rows(world)
     write_jsonl(out / "eval" / "fact_completion.jsonl", eval_rows)
@@ -834,14 +838,14 @@ def load_world(out_dir: str | Path) -> World:
         entities = [Entity(str(e["name"]), str(e["kind"]), {str(k): str(v) for k, v in e["attrs"].items()})
                     for e in data["entities"]]
         unknown = {str(k): [str(n) for n in v] for k, v in data["unknown_names"].items()}
-        seed = int(data["seed"])
+        seed, scale = int(data["seed"]), float(data.get("scale", 1.0))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise WorldError(f"{path}: malformed world ({type(e).__name__}: {e}); expected entities with name, kind, attrs") from None
     for i, e in enumerate(entities):
         expected = {r.name for r in RELATIONS_OF_KIND.get(e.kind, [])}
         if e.kind not in KINDS or set(e.attrs) != expected:
             raise WorldError(f"{path}: entity {i} ({e.name!r}): expected kind in {KINDS} with attributes {sorted(expected)}")
-    return World(seed, entities, unknown)
+    return World(seed, entities, unknown, scale)
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -854,6 +858,9 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size-mb", type=float, default=50, help="megabytes of training documents (default 50)")
     p.add_argument("--seed", type=int, default=0, help="world and document seed; the same seed gives the same bytes (default 0)")
     p.add_argument("--shard-mb", type=float, default=10, help="megabytes per training-document file (default 10)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the number of entities (default 1: 212 entities, 876 facts); below 1 the facts are "
+                        "fewer and each is restated more often, so a small model learns them sooner")
     p.add_argument("--conversations", type=int, default=6000, help="SFT conversations about the world (default 6000)")
     p.add_argument("--task-conversations", type=int, default=2000, help="SFT conversations solving word problems (default 2000)")
     p.add_argument("--rl-problems", type=int, default=2000, help="training word problems for RL (default 2000)")
@@ -863,6 +870,7 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("show", help="print sample documents of each style and the entity counts",
                        description="Print the entity counts and a few sample documents of each style.")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the number of entities (default 1)")
     p.add_argument("--per-style", type=int, default=1, help="documents to show per style (default 1)")
     p.set_defaults(func=_cmd_show)
 
@@ -871,7 +879,7 @@ def _cmd_generate(args) -> None:
     from picochat.data.tasks import write_tasks
     from picochat.data.world_chat import write_chat
 
-    summary = write_world(args.out, size_mb=args.size_mb, seed=args.seed, shard_mb=args.shard_mb)
+    summary = write_world(args.out, size_mb=args.size_mb, seed=args.seed, shard_mb=args.shard_mb, scale=args.scale)
     chat = write_chat(args.out, args.conversations, seed=args.seed)
     tasks = write_tasks(args.out, n_sft=args.task_conversations, n_rl=args.rl_problems, n_eval=args.eval_problems,
                         seed=args.seed)
@@ -882,7 +890,7 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_show(args) -> None:
-    world = build_world(args.seed)
+    world = build_world(args.seed, args.scale)
     counts = ", ".join(f"{len(world.of_kind(k))} {PLURALS[k]}" for k in KINDS)
     print(f"world {args.seed}: {counts}; {len(world.facts())} facts\n")
     rng = random.Random(f"show-{args.seed}")

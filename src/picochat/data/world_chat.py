@@ -57,6 +57,8 @@ def heldout_facts(world: World) -> set[Fact]:
 
 def unknown_names(world: World, kind: str, split: str) -> list[str]:
     """Invented names of `kind` that are in no document: split "train" (SFT) or "heldout" (eval)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     names = world.unknown_names[kind]
     cut = round(SFT_UNKNOWN_SHARE * len(names))
     return names[:cut] if split == "train" else names[cut:]
@@ -165,7 +167,10 @@ def _followup_chat(world: World, facts: list[Fact], rng: random.Random) -> list[
         if mode == "hop" and hop:
             (question, fact), hop = hop, None
         elif mode == "entity":
-            fact = rng.choice([f for f in facts if f.relation == first.relation and f.subject != first.subject])
+            others = [f for f in facts if f.relation == first.relation and f.subject != first.subject]
+            if not others:
+                break
+            fact = rng.choice(others)
             question = rng.choice(("What about {}?", "And {}?", "How about {}?")).format(
                 f"the {fact.subject}" if entity.kind in ("animal", "object") else fact.subject)
         else:

@@ -21,6 +21,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -213,9 +214,10 @@ def load_models(run: Path, stage: str | None, device: str) -> tuple[Tokenizer, d
     """The run's tokenizer and the models to serve: the chat stage first, then the base model."""
     stage_dir = find_stage(run, stage)
     chat_model, _ = load_model(stage_dir, device)
-    models = {f"{run.name}-{stage_dir.name}": chat_model}
+    name = run.resolve().name
+    models = {f"{name}-{stage_dir.name}": chat_model}
     if stage_dir.name != "base" and (run / "base" / "model.json").exists():
-        models[f"{run.name}-base"] = load_model(run / "base", device)[0]
+        models[f"{name}-base"] = load_model(run / "base", device)[0]
     return Tokenizer.load(run / "tokenizer"), models, stage_dir
 
 
@@ -232,6 +234,9 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64,
                         help="most sequences waiting for a batch row; beyond it requests get 503 (default 64)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model (default: PyTorch's choice; 1 is often fastest for small "
+                             "models on a few busy cores)")
     parser.set_defaults(func=_cmd)
 
 
@@ -240,6 +245,10 @@ def _cmd(args) -> None:
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     run = Path(args.run)
     tokenizer, models, stage_dir = load_models(run, args.stage, args.device)
     app = create_app(tokenizer, models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)

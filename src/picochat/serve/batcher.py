@@ -53,7 +53,7 @@ class Batcher:
         self._batch = ContinuousBatch(model, tokenizer)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[_Job] = deque()
-        self._jobs: dict[int, tuple[_Job, int]] = {}  # sequence id -> (its job, choice index)
+        self._jobs: dict[int, _Job] = {}  # batch sequence id -> its job
         self._admitted = 0  # sequences accepted and not yet released (asyncio side only)
         self._thread: threading.Thread | None = None
         self.steps = 0  # forward steps run (for /health and the tests)
@@ -96,8 +96,12 @@ class Batcher:
         self._inbox.put(("add", job))
         return Submission(self, job)
 
-    def _release(self, submission: Submission) -> None:
-        self._admitted -= submission.job.n
+    def _cancel_later(self, job: _Job, choices: list[int]) -> None:
+        """Ask the worker to cancel these choices of a job (at its next step)."""
+        self._inbox.put(("cancel", job, choices))
+
+    def _release(self, job: _Job) -> None:
+        self._admitted -= job.n
 
     # --- the worker thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -147,13 +151,13 @@ class Batcher:
             except ValueError as error:
                 job.send(error)
                 continue
-            for choice, sequence in enumerate(job.sequences):
-                self._jobs[sequence] = (job, choice)
+            for sequence in job.sequences:
+                self._jobs[sequence] = job
 
     def _dispatch(self, events: list[StepEvent]) -> None:
         by_job: dict[int, tuple[_Job, list[StepEvent]]] = {}
         for event in events:
-            job, _ = self._jobs[event.sequence]
+            job = self._jobs[event.sequence]
             by_job.setdefault(id(job), (job, []))[1].append(event)
             if event.token is not None:
                 self.tokens += 1
@@ -163,7 +167,7 @@ class Batcher:
             job.send(job_events)
 
     def _fail_all(self, error: BaseException) -> None:
-        jobs = {id(job): job for job, _ in self._jobs.values()} | {id(job): job for job in self._waiting}
+        jobs = {id(job): job for job in [*self._jobs.values(), *self._waiting]}
         for job in jobs.values():
             job.send(error)
         self._jobs.clear()
@@ -215,13 +219,13 @@ class Submission:
         """Stop decoding one choice (its later tokens are dropped)."""
         if choice in self.unfinished:
             self.unfinished.discard(choice)
-            self.batcher._inbox.put(("cancel", self.job, [choice]))
+            self.batcher._cancel_later(self.job, [choice])
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         if self.unfinished:
-            self.batcher._inbox.put(("cancel", self.job, sorted(self.unfinished)))
+            self.batcher._cancel_later(self.job, sorted(self.unfinished))
             self.unfinished.clear()
-        self.batcher._release(self)
+        self.batcher._release(self.job)
