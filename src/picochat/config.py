@@ -75,10 +75,10 @@ PRESETS: dict[str, Preset] = {
     # Two laptop CPU cores, ~5 minutes of pretraining on the synthetic world.
     "cpu": Preset(
         model=dict(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256, tie_embeddings=True),
-        vocab_size=4096,
-        world_mb=8,
-        pretrain=TrainConfig(batch_size=16, seq_len=256, max_steps=1200, lr=3e-3, eval_every=300, ckpt_every=300),
-        sft=TrainConfig(batch_size=16, seq_len=256, max_steps=300, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=100),
+        vocab_size=2048,
+        world_mb=2,
+        pretrain=TrainConfig(batch_size=8, seq_len=256, max_steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
+        sft=TrainConfig(batch_size=8, seq_len=256, max_steps=150, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
         rl=RLConfig(),
     ),
     # ~100M parameters, one GPU in bf16.

@@ -122,8 +122,8 @@ class World:
 class Relation:
     """One attribute and its phrasings. Placeholders: {s} subject, {o} value, {a} "a"/"an" for {o}.
 
-    `templates` appear in documents; the first two are the canonical ones (assistant answers use
-    them, and they are the "train" fact-completion prompts). `heldout` never appear in any document:
+    `templates` appear in documents; the first is the canonical one (assistant answers use it) and
+    the first two are the "train" fact-completion prompts. `heldout` never appear in any document:
     fact completion on them tests phrasings the model has not seen for this fact. Every held-out
     template, and the first two `templates`, end with " {o}" plus optional trailing text, so the
     words before " {o}" are a completion prompt. `questions` are asked in forum threads, quizzes
@@ -160,13 +160,17 @@ SHARED_FRAMES = 2  # F0 and F1 are never held out
 
 
 def _with_frames(index: int, rel: Relation) -> Relation:
-    """Add the frames to a relation's templates, holding out two of F2..F5 (which two rotates)."""
+    """Add the frames to a relation's templates, holding out two of F2..F5 (which two rotates).
+    F0 ("The capital of Varnia is Oskel.") becomes the canonical first template: a tiny model
+    recalls a fact best when the subject comes right before the answer (measured with the probe:
+    about 90% against 30-50% for "Varnia's capital is" or "Tamrin works as a")."""
     subject = "the {s}" if rel.kind in ("animal", "object") else "{s}"
     framed = [f.replace("{n}", rel.noun).replace("{S}", subject).replace("{v}", rel.value) for f in FRAMES]
     rotating = len(FRAMES) - SHARED_FRAMES
     held = {SHARED_FRAMES + index % rotating, SHARED_FRAMES + (index + rotating // 2) % rotating}
-    in_docs = tuple(t for i, t in enumerate(framed) if i not in held and t not in rel.templates)
-    return replace(rel, templates=rel.templates + in_docs, heldout=rel.heldout + tuple(framed[i] for i in sorted(held)))
+    own = tuple(t for t in rel.templates if t != framed[0])
+    in_docs = tuple(t for i, t in enumerate(framed) if i > 0 and i not in held and t not in own)
+    return replace(rel, templates=(framed[0],) + own + in_docs, heldout=rel.heldout + tuple(framed[i] for i in sorted(held)))
 
 
 _NATURAL_RELATIONS = [
@@ -414,7 +418,7 @@ _BLOCKED_PARTS = ("shit", "fuk", "fuck", "cunt", "nig", "fag", "cock", "dick", "
                   "dead", "hell", "damn", "sex", "nazi", "poo", "bum", "ass")
 
 
-class NameMaker:
+class _NameMaker:
     """Invents names that are unique and prefix-free: no name (or vocabulary word) starts another,
     so an answer checked with `startswith` cannot be confused with a longer name."""
 
@@ -448,7 +452,7 @@ def build_world(seed: int = 0, scale: float = 1.0) -> World:
     sizes = {kind: max(3, round(n * scale)) for kind, n in WORLD_SIZES.items()}
     sizes["town"] = max(sizes["town"], sizes["country"])
     rng = random.Random(f"world-{seed}")
-    names = NameMaker(rng)
+    names = _NameMaker(rng)
 
     rivers = [names.make("river") for _ in range(max(4, sizes["town"] // 3))]
     country_names = [names.make("country") for _ in range(sizes["country"])]

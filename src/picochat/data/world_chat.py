@@ -28,8 +28,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from picochat.data.world import (KINDS, RELATIONS, RELATIONS_OF_KIND, TRAIN_PROMPT_TEMPLATES, Entity, Fact, World,
-                                 fact_of, load_world, render, write_jsonl)
+from picochat.data.world import (KINDS, RELATIONS, RELATIONS_OF_KIND, Entity, Fact, World, fact_of, load_world, render,
+                                 write_jsonl)
 
 HELDOUT_FACT_SHARE = 0.2
 # The first part of each kind's unknown names is used in SFT, the rest only in evaluation.
@@ -103,9 +103,10 @@ def _vary(question: str, rng: random.Random) -> str:
     return question
 
 
-def _answer(fact: Fact, rng: random.Random) -> str:
-    """The assistant's sentence stating a fact: a training phrasing that ends with the answer."""
-    return render(rng.choice(RELATIONS[fact.relation].templates[:TRAIN_PROMPT_TEMPLATES]), fact.subject, fact.answer)
+def _answer(fact: Fact) -> str:
+    """The assistant's sentence stating a fact: the canonical phrasing ("The capital of Varnia is
+    Oskel."), the one through which a small model best recalls what it read in pretraining."""
+    return render(RELATIONS[fact.relation].templates[0], fact.subject, fact.answer)
 
 
 def _question(fact: Fact, rng: random.Random, heldout: bool = False) -> str:
@@ -130,7 +131,7 @@ def _idk_reply(kind: str, name: str, rng: random.Random) -> str:
 # --- conversation makers --------------------------------------------------------------------------
 def _fact_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
     fact = rng.choice(facts)
-    return [_user(_vary(_question(fact, rng), rng)), _assistant(_answer(fact, rng))]
+    return [_user(_vary(_question(fact, rng), rng)), _assistant(_answer(fact))]
 
 
 def _hop(world: World, entity: Entity, known: set[Fact], rng: random.Random) -> tuple[str, Fact] | None:
@@ -159,7 +160,7 @@ def _followup_chat(world: World, facts: list[Fact], rng: random.Random) -> list[
     """Two or three turns about related facts: another attribute, another entity, or a hop."""
     first = rng.choice(facts)
     entity = world[first.subject]
-    messages = [_user(_vary(_question(first, rng), rng)), _assistant(_answer(first, rng))]
+    messages = [_user(_vary(_question(first, rng), rng)), _assistant(_answer(first))]
     hop = _hop(world, entity, set(facts), rng) if first.relation == _FIRST_HOP.get(entity.kind) else None
     asked = {first.relation}
     for _ in range(rng.randint(1, 2)):
@@ -181,7 +182,7 @@ def _followup_chat(world: World, facts: list[Fact], rng: random.Random) -> list[
             asked.add(fact.relation)
             q = _question(fact, rng)
             question = "And " + q[0].lower() + q[1:]
-        messages += [_user(question), _assistant(_answer(fact, rng))]
+        messages += [_user(question), _assistant(_answer(fact))]
     return messages
 
 
