@@ -16,8 +16,9 @@ from picochat.engine import FINISH_LENGTH, FINISH_STOP, Completion
 from picochat.model import ModelConfig, Transformer
 from picochat.tokenizer import Tokenizer
 from picochat.train.common import TrainingError
+from picochat.chat import render_for_reply
 from picochat.train.rl import (ProblemFileError, Rollouts, build_batch, group_advantages, policy_batch, policy_loss,
-                               problems_for_step, read_problems, run_rl, token_log_probs, trained_tokens)
+                               problems_for_step, read_problems, run_rl, sample_groups, token_log_probs, trained_tokens)
 
 
 def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
@@ -108,6 +109,22 @@ def test_micro_batches_add_up_to_the_full_batch_gradient():
     whole, split = gradients([batch.rows(0, 3)]), gradients([batch.rows(0, 1), batch.rows(1, 3)])
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_training_forward_scores_the_tokens_the_engine_sampled(small_tokenizer):
+    """Right-padded training sequences see what the engine saw (its prompts are left-padded in a KV
+    cache): at a near-zero temperature every sampled token is the training forward's argmax."""
+    tok = small_tokenizer
+    model = tiny_model(tok.vocab_size)
+    problems = [{"prompt": "Ann has 3 apples.", "answer": 3}, {"prompt": "A much longer question about pears?", "answer": 1}]
+    prompts = [render_for_reply([{"role": "user", "content": p["prompt"]}], tok) for p in problems]
+    rollouts = sample_groups(model, tok, prompts, problems, replace(RLConfig(), temperature=1e-6, group_size=2, max_new_tokens=12),
+                             seed=0, reward_fn=lambda text, problem: 0.0)
+    rows = [trained_tokens(group[0], tok.im_end_id, None) for group in rollouts.completions]
+    batch = build_batch(prompts, [r[0] for r in rows], [r[1] for r in rows], [1.0, 1.0])
+    with torch.no_grad():
+        predicted = model(batch.inputs).argmax(dim=-1)
+    assert torch.equal(predicted[batch.mask.bool()], batch.targets[batch.mask.bool()])
 
 
 def test_groups_with_equal_rewards_are_left_out(small_tokenizer):
