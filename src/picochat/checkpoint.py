@@ -21,11 +21,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from picochat.io import atomic_write_bytes, atomic_write_json
 from picochat.model import ModelConfig, Transformer
 
 STAGES = ("base", "sft", "rl")
@@ -33,24 +33,6 @@ STAGES = ("base", "sft", "rl")
 
 class CheckpointError(ValueError):
     """A missing or unreadable checkpoint."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _save_weights(model: Transformer, path: Path) -> None:

@@ -17,8 +17,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +25,8 @@ from tokenizers import Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
+
+from picochat.io import atomic_write_text
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",  # document boundary; also the first token of every document
@@ -107,7 +107,7 @@ class Tokenizer:
         if path.suffix != ".json":
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, self._special.to_str(pretty=True))
+        atomic_write_text(path, self._special.to_str(pretty=True))
         return path
 
     # --- encoding -----------------------------------------------------------------------------
@@ -203,19 +203,6 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _limit_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
     seen = 0
     for text in texts:
@@ -259,7 +246,7 @@ def _cmd_train(args) -> None:
     path = tok.save(args.out)
     seconds = time.time() - t0
     info = {"vocab_size": tok.vocab_size, "inputs": [str(p) for p in args.input], "seconds": round(seconds, 2), "fingerprint": tok.fingerprint}
-    _atomic_write_text(Path(args.out) / "train_info.json", json.dumps(info, indent=2))
+    atomic_write_text(Path(args.out) / "train_info.json", json.dumps(info, indent=2))
     print(f"tokenizer: vocab {tok.vocab_size} trained in {seconds:.1f}s -> {path}")
 
 

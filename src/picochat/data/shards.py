@@ -32,7 +32,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from picochat.data.sources import iter_documents, list_source_files
+from picochat.io import atomic_write_json
 from picochat.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -255,19 +255,6 @@ def _job_mismatch(job: dict, recorded: dict) -> list[str]:
     return [names[k] for k in job if job[k] != recorded.get(k)]
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_progress(out_dir: Path, job: dict, itemsize: int) -> dict:
     """The finished shards of an interrupted run of this job (those whose files are intact)."""
     path = out_dir / PROGRESS
@@ -328,7 +315,7 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     state = _load_progress(out_dir, job, dtype.itemsize)
-    save_state = lambda: _atomic_write_json(out_dir / PROGRESS, state)  # noqa: E731
+    save_state = lambda: atomic_write_json(out_dir / PROGRESS, state)  # noqa: E731
 
     if val_inputs:
         split_docs = {"val": lambda: iter_documents(val_inputs), "train": lambda: iter_documents(inputs)}
@@ -371,7 +358,7 @@ def prepare(
         **job,
         "splits": splits,
     }
-    _atomic_write_json(out_dir / MANIFEST, manifest)
+    atomic_write_json(out_dir / MANIFEST, manifest)
     (out_dir / PROGRESS).unlink(missing_ok=True)
     return manifest
 

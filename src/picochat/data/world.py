@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +37,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
+
+from picochat.io import atomic_write_lines
 
 FORMAT = "picochat-world/1"
 KINDS = ("country", "town", "person", "animal", "object")
@@ -720,36 +720,14 @@ def fact_completion_rows(world: World) -> list[dict]:
 
 
 # --- files ----------------------------------------------------------------------------------------
-def write_lines(path: str | Path, lines: Iterable[bytes]) -> int:
-    """Write byte lines atomically: into a temp file in the same folder, fsync, then rename, so the
-    file at `path` is always complete (an old version or the new one). Returns the bytes written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    size = 0
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary data files
-        with os.fdopen(fd, "wb") as f:
-            for line in lines:
-                f.write(line)
-                size += len(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size
-
-
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     """Write rows as JSONL atomically. Returns the bytes written."""
-    return write_lines(path, (json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in rows))
+    return atomic_write_lines(path, (json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in rows))
 
 
 def write_json(path: str | Path, data: dict) -> None:
     """Write one JSON document atomically."""
-    write_lines(path, [json.dumps(data, ensure_ascii=False, indent=1).encode() + b"\n"])
+    atomic_write_lines(path, [json.dumps(data, ensure_ascii=False, indent=1).encode() + b"\n"])
 
 
 def _document_lines(docs: Iterator[tuple[str, str]], limit: int, styles: Counter, bar: tqdm | None = None) -> Iterator[bytes]:
@@ -797,13 +775,13 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
         written = 0
         while written < total:
             name = f"docs/train-{len(files):05d}.jsonl"
-            written += write_lines(out / name, _document_lines(docs, min(shard_bytes, total - written), styles, bar))
+            written += atomic_write_lines(out / name, _document_lines(docs, min(shard_bytes, total - written), styles, bar))
             files.append(name)
     for stale in sorted((out / "docs").glob("train-*.jsonl")):
         if f"docs/{stale.name}" not in files:
             stale.unlink()
     val_docs = iter_documents(world, seed, "val")
-    val_bytes = write_lines(out / "docs-val.jsonl", _document_lines(val_docs, int(val_kb * 1e3), Counter()))
+    val_bytes = atomic_write_lines(out / "docs-val.jsonl", _document_lines(val_docs, int(val_kb * 1e3), Counter()))
     summary = {
         **params,
         "files": ["world.json", "eval/fact_completion.jsonl", "docs-val.jsonl", *files],

@@ -1,0 +1,47 @@
+"""Atomic file writes, shared by every stage: a crash or a kill mid-write never leaves a torn file.
+
+Data goes to a temporary file in the destination folder, is flushed and fsynced, then renamed over
+the destination (`os.replace` is atomic on POSIX): readers see the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_lines(path: str | Path, chunks: Iterable[bytes]) -> int:
+    """Stream `chunks` into `path` atomically; returns the bytes written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    size = 0
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary data files
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return size
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write_lines(path, [data])
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_lines(path, [text.encode("utf-8")])
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> None:
+    atomic_write_lines(path, [(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")])
