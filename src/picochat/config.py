@@ -79,7 +79,7 @@ PRESETS: dict[str, Preset] = {
         world_mb=2,
         pretrain=TrainConfig(batch_size=8, seq_len=256, max_steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
         sft=TrainConfig(batch_size=8, seq_len=256, max_steps=150, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
-        rl=RLConfig(),
+        rl=RLConfig(eval_problems=100, eval_k=8),
     ),
     # ~100M parameters, one GPU in bf16.
     "gpu-small": Preset(

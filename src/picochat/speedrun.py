@@ -61,12 +61,14 @@ def _rl(run: Path, preset_name: str, device: str) -> None:
     run_rl(run, preset_name, resume=True, device=device)
 
 
-def _evaluate(stage: str, device: str) -> Callable:
+def _evaluate(stage: str, preset, device: str) -> Callable:
     def run_eval(run: Path, *_):
+        import torch
+
         from picochat.evaluate import evaluate_stage
 
-        if not (run / stage / "eval.json").exists():
-            evaluate_stage(run, stage, device=device)
+        resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        evaluate_stage(run, stage, k=preset.rl.eval_k, n_problems=preset.rl.eval_problems, device=resolved)
 
     return run_eval
 
@@ -86,11 +88,11 @@ def stages(preset_name: str, device: str) -> list[tuple[str, Callable, Callable[
         ("tokenizer", lambda run: _tokenizer(run, preset), exists("tokenizer", "tokenizer.json")),
         ("shards", lambda run: _shards(run, preset), exists("shards", "manifest.json")),
         ("pretrain", lambda run: _pretrain(run, preset_name, device), exists("base", "done.json")),
-        ("eval base", _evaluate("base", device), exists("base", "eval.json")),
+        ("eval base", _evaluate("base", preset, device), exists("base", "eval.json")),
         ("sft", lambda run: _sft(run, preset_name, device), exists("sft", "done.json")),
-        ("eval sft", _evaluate("sft", device), exists("sft", "eval.json")),
+        ("eval sft", _evaluate("sft", preset, device), exists("sft", "eval.json")),
         ("rl", lambda run: _rl(run, preset_name, device), exists("rl", "done.json")),
-        ("eval rl", _evaluate("rl", device), exists("rl", "eval.json")),
+        ("eval rl", _evaluate("rl", preset, device), exists("rl", "eval.json")),
         ("report", _report, lambda run: False),
     ]
 
