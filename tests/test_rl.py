@@ -32,6 +32,8 @@ def test_advantages_are_reward_minus_group_mean():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
     expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0], [-0.25, -0.25, -0.25, 0.75]])
     assert torch.equal(group_advantages(rewards), expected)
+    equal_but_inexact = torch.full((1, 7), 0.3)  # its float mean is not exactly 0.3
+    assert not group_advantages(equal_but_inexact, normalize_std=True).any()
 
 
 def test_advantages_divided_by_the_group_std():

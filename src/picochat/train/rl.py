@@ -113,11 +113,12 @@ def check_config(cfg: RLConfig) -> None:
 # --- the algorithm --------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = False, eps: float = 1e-4) -> torch.Tensor:
     """rewards (problems, group) -> reward minus the group's mean, optionally over its (population)
-    standard deviation; all zeros for a group whose rewards are all equal."""
+    standard deviation; exactly zero for a group whose rewards are all equal (no rounding residue)."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if normalize_std:
         centred = centred / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return centred
+    all_equal = (rewards.max(dim=1).values == rewards.min(dim=1).values)[:, None]
+    return centred.masked_fill(all_equal, 0.0)
 
 
 def trained_tokens(completion: Completion, stop_id: int, tool_result_ids: tuple[int, int] | None) -> tuple[list[int], list[int]]:
