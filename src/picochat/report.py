@@ -150,7 +150,7 @@ def write_report(run: Path) -> dict:
     for metric in METRICS:
         if any(metric in s for s in stages.values()):
             lines.append(f"| {metric} | " + " | ".join(_fmt(s.get(metric)) for s in stages.values()) + f" | {METRIC_MEANING[metric]} |")
-    lines += ["", "## Cost per stage", "", "| stage | train seconds | wall seconds (with eval) | tokens | FLOPs | parameters |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Cost per stage", "", "| stage | train seconds | wall seconds | tokens | FLOPs | parameters |", "| --- | --- | --- | --- | --- | --- |"]
     for name, s in stages.items():
         flops = f"{s['flops']:.2e}" if "flops" in s else "–"
         lines.append(f"| {name} | {_fmt(s.get('seconds'))} | {_fmt(s.get('wall_seconds'))} | {_fmt(s.get('tokens'))} | {flops} | {_fmt(s.get('params'))} |")
