@@ -216,7 +216,6 @@ def copy_run(rl_run, tmp_path, name):
     return tmp_path / name
 
 
-@pytest.mark.slow
 def test_rl_run_writes_the_stage_and_a_killed_run_resumes_to_the_same_weights(rl_run, tmp_path):
     straight = copy_run(rl_run, tmp_path, "straight")
     summary = run_rl(straight, cfg=TINY_RL, device="cpu", reward_fn=odd_length_reward)
@@ -252,7 +251,6 @@ def test_rl_run_writes_the_stage_and_a_killed_run_resumes_to_the_same_weights(rl
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
 def test_rl_with_kl_and_ppo_clipping_runs(rl_run, tmp_path):
     run = copy_run(rl_run, tmp_path, "ppo")
     cfg = replace(TINY_RL, steps=2, kl_coef=0.05, clip_eps=0.2, ppo_epochs=2, normalize_std=True)
@@ -262,7 +260,6 @@ def test_rl_with_kl_and_ppo_clipping_runs(rl_run, tmp_path):
     assert trained and all("kl" in r and "clipped" in r for r in trained)
 
 
-@pytest.mark.slow
 def test_cli_runs_the_stage(rl_run, tmp_path):
     run = copy_run(rl_run, tmp_path, "cli")
     args = [sys.executable, "-m", "picochat", "rl", "--run", str(run), "--steps", "1", "--problems-per-step", "2",

@@ -79,7 +79,9 @@ PRESETS: dict[str, Preset] = {
         world_mb=2,
         pretrain=TrainConfig(batch_size=8, seq_len=256, max_steps=300, lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
         sft=TrainConfig(batch_size=8, seq_len=256, max_steps=150, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
-        rl=RLConfig(eval_problems=100, eval_k=8),
+        # RL: 16 problems x 8 samples a step, ~2 s of sampling and <= 5 s of update on 2 cores.
+        rl=RLConfig(steps=50, problems_per_step=16, group_size=8, max_new_tokens=80, lr=1e-4, ckpt_every=10,
+                    eval_problems=100, eval_k=8),
     ),
     # ~100M parameters, one GPU in bf16.
     "gpu-small": Preset(
@@ -88,7 +90,7 @@ PRESETS: dict[str, Preset] = {
         world_mb=200,
         pretrain=TrainConfig(batch_size=32, seq_len=2048, grad_accum=8, max_steps=5000, optimizer="muon", lr=3e-3, warmup_steps=100, weight_decay=0.0, eval_every=250, ckpt_every=500, dtype="bfloat16", compile=True),
         sft=TrainConfig(batch_size=16, seq_len=2048, max_steps=1000, lr=3e-4, warmup_steps=20, eval_every=0, ckpt_every=250, dtype="bfloat16", compile=True),
-        rl=RLConfig(steps=300, problems_per_step=32, group_size=16, max_new_tokens=256, lr=1e-5),
+        rl=RLConfig(steps=300, problems_per_step=32, group_size=16, max_new_tokens=256, lr=1e-5, dtype="bfloat16"),
     ),
     # ~0.5B parameters (nanochat's d20 shape), 8 GPUs or patience.
     "gpu-d20": Preset(
@@ -97,7 +99,7 @@ PRESETS: dict[str, Preset] = {
         world_mb=200,
         pretrain=TrainConfig(batch_size=32, seq_len=2048, grad_accum=8, max_steps=21400, optimizer="muon", lr=3e-3, warmup_steps=200, eval_every=500, ckpt_every=1000, dtype="bfloat16", compile=True),
         sft=TrainConfig(batch_size=16, seq_len=2048, max_steps=2000, lr=2e-4, warmup_steps=50, eval_every=0, ckpt_every=500, dtype="bfloat16", compile=True),
-        rl=RLConfig(steps=500, problems_per_step=32, group_size=16, max_new_tokens=512, lr=5e-6),
+        rl=RLConfig(steps=500, problems_per_step=32, group_size=16, max_new_tokens=512, lr=5e-6, micro_batch=32, dtype="bfloat16"),
     ),
 }
 
