@@ -24,7 +24,7 @@ def _world(run: Path, preset) -> None:
     from picochat.data.world_chat import write_chat
 
     world = run / "world"
-    write_world(world, size_mb=preset.world_mb, seed=0, shard_mb=max(1.0, preset.world_mb / 4))
+    write_world(world, size_mb=preset.world_mb, seed=0, shard_mb=max(1.0, preset.world_mb / 4), scale=preset.world_scale)
     write_chat(world, 6000, seed=0)
     write_tasks(world, n_sft=2000, n_rl=2000, n_eval=500, seed=0)  # eval/tasks.jsonl last: it marks the stage done
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from picochat.checkpoint import latest_checkpoint, load_training_state, save_model, save_training_state, atomic_write_json
 from picochat.config import TrainConfig
 from picochat.model import Transformer
+from picochat.train.muon import Muon
 
 
 class TrainingError(RuntimeError):
@@ -91,7 +92,7 @@ def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.O
         groups = [{"params": hidden, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
         return [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **fused)]
     if cfg.optimizer == "muon":
-        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="original")
+        muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95)
         adamw = torch.optim.AdamW(other, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)
         return [muon, adamw]
     raise ValueError(f"optimizer must be adamw or muon, not {cfg.optimizer!r}")
