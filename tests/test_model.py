@@ -125,6 +125,21 @@ def test_loss_is_mean_cross_entropy_over_unmasked_targets():
         assert model(ids, targets=torch.full_like(targets, IGNORE_INDEX)).item() == 0.0
 
 
+def test_logits_to_keep_gives_the_last_positions_only():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        last = model(ids, logits_to_keep=1)
+        cache = KVCache(model.config, batch_size=2, max_len=12)
+        cached_last = model(ids, kv_cache=cache, logits_to_keep=3)
+    assert last.shape == (2, 1, 97) and cached_last.shape == (2, 3, 97)
+    torch.testing.assert_close(last, full[:, -1:])
+    torch.testing.assert_close(cached_last, full[:, -3:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ModelInputError, match="logits_to_keep"):
+        model(ids, targets=ids, logits_to_keep=1)
+
+
 def test_training_steps_lower_the_loss():
     model = tiny_model().train()
     ids = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(3))

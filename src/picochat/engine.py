@@ -234,7 +234,7 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], rows: list[_Ro
     cache = KVCache(model.config, len(prompts), width + max(row.limit for row in rows),
                     device=device, dtype=model.lm_head.weight.dtype, pad_lengths=pad_lengths)
     padded = torch.tensor([[0] * pad + list(p) for pad, p in zip(pad_lengths, prompts)], device=device)
-    logits = model(padded, kv_cache=cache)[:, -1]
+    logits = model(padded, kv_cache=cache, logits_to_keep=1)[:, -1]
     if num_samples > 1:
         copies = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
         cache.select_rows(copies)
@@ -462,7 +462,7 @@ class ContinuousBatch:
         cache = KVCache(self.model.config, len(prompts), width, device=self._device,
                         dtype=self.model.lm_head.weight.dtype, pad_lengths=pad_lengths)
         padded = torch.tensor([[0] * pad + p for pad, p in zip(pad_lengths, prompts)], device=self._device)
-        logits = self.model(padded, kv_cache=cache)[:, -1]
+        logits = self.model(padded, kv_cache=cache, logits_to_keep=1)[:, -1]
         copies = [index for index, (_, ids) in enumerate(pending) for _ in ids]
         if len(copies) > len(prompts):
             cache.select_rows(copies)

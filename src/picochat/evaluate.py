@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,14 +22,14 @@ from tqdm import tqdm
 from picochat.chat import render_for_reply
 from picochat.checkpoint import atomic_write_json, find_stage, load_model
 from picochat.engine import generate
+from picochat.io import iter_jsonl
 from picochat.tokenizer import Tokenizer
 
 EVAL_BATCH = 64  # prompts decoded together
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in iter_jsonl(path)]
 
 
 @torch.inference_mode()

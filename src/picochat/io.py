@@ -1,7 +1,8 @@
-"""Atomic file writes, shared by every stage: a crash or a kill mid-write never leaves a torn file.
+"""File helpers shared by every stage: atomic writes, and JSONL reading with located errors.
 
-Data goes to a temporary file in the destination folder, is flushed and fsynced, then renamed over
-the destination (`os.replace` is atomic on POSIX): readers see the old file or the new one.
+Writes go to a temporary file in the destination folder, are flushed and fsynced, then renamed over
+the destination (`os.replace` is atomic on POSIX): readers see the old file or the new one, and a
+crash or a kill mid-write never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> None:
     atomic_write_lines(path, [(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")])
+
+
+def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each non-blank line of a JSONL file, `where` being "file:line" for error
+    messages; a line that is not JSON raises `error` naming the file and line."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{where}: not valid JSON ({e.msg})") from None

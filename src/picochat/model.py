@@ -136,6 +136,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype:  # the same arithmetic in one call (decode is overhead-bound)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -348,9 +350,11 @@ class Transformer(nn.Module):
         return 6 * matmul_params + attention
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, positions: torch.Tensor | None = None):
+                kv_cache: KVCache | None = None, positions: torch.Tensor | None = None, logits_to_keep: int = 0):
         """input_ids (B, T). Returns float32 logits (B, T, V), or, with targets (B, T), the mean
         cross-entropy over positions whose target is not IGNORE_INDEX (0 if there are none).
+        logits_to_keep > 0 computes logits for the last that many positions only (B, logits_to_keep, V):
+        a prefill needs just the last one, and the output head is the largest matmul.
 
         With a kv_cache the tokens go into the next T slots of every row and attend to all real
         tokens before them; positions then default to the cache's per-row positions. Without one,
@@ -358,6 +362,8 @@ class Transformer(nn.Module):
         (T,) or (B, T).
         """
         batch, seq = input_ids.shape
+        if logits_to_keep and targets is not None:
+            raise ModelInputError("logits_to_keep is for inference; a loss needs the logits of every position")
         start = 0
         if kv_cache is not None:
             start = kv_cache.length
@@ -383,6 +389,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, writer)
         if kv_cache is not None:
             kv_cache.length = start + seq
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.model.norm(x)).float()
         if targets is None:
             return logits

@@ -21,7 +21,6 @@ with the problem's answer. `read_gsm8k` reads GSM8K's JSONL into the same proble
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections import Counter
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from picochat.data.world import World, article, load_world, write_jsonl
+from picochat.io import iter_jsonl
 
 TEST_SHARE = 0.2
 LEVELS = (1, 2, 3)
@@ -229,27 +229,18 @@ def read_gsm8k(path: str | Path) -> list[dict]:
     problems. Calculator annotations `<<48/2=24>>` are removed; the level is the number of them
     (the solution's arithmetic steps, at least 1). A malformed row raises TaskDataError naming the
     file and line."""
-    path = Path(path)
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-                raise TaskDataError(f"{where}: expected an object with string fields \"question\" and \"answer\"")
-            working, marker, final = row["answer"].rpartition("####")
-            final = final.strip().replace(",", "")
-            if not marker or not re.fullmatch(r"-?\d+", final):
-                raise TaskDataError(f"{where}: the answer must end with '#### <integer>', got {row['answer'][-40:]!r}")
-            steps = max(1, len(_CALCULATOR.findall(working)))
-            solution = _CALCULATOR.sub("", working).strip()
-            problems.append({"prompt": row["question"].strip(), "answer": int(final), "level": steps,
-                             "solution": f"{solution}\nAnswer: {int(final)}"})
+    for where, row in iter_jsonl(path, TaskDataError):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise TaskDataError(f"{where}: expected an object with string fields \"question\" and \"answer\"")
+        working, marker, final = row["answer"].rpartition("####")
+        final = final.strip().replace(",", "")
+        if not marker or not re.fullmatch(r"-?\d+", final):
+            raise TaskDataError(f"{where}: the answer must end with '#### <integer>', got {row['answer'][-40:]!r}")
+        steps = max(1, len(_CALCULATOR.findall(working)))
+        solution = _CALCULATOR.sub("", working).strip()
+        problems.append({"prompt": row["question"].strip(), "answer": int(final), "level": steps,
+                         "solution": f"{solution}\nAnswer: {int(final)}"})
     return problems
 
 

@@ -40,6 +40,7 @@ from picochat.config import RLConfig, TrainConfig, add_dataclass_args, apply_ove
 from picochat.data.tasks import read_gsm8k, reward
 from picochat.engine import FINISH_STOP, Completion, generate
 from picochat.evaluate import problem_metrics
+from picochat.io import iter_jsonl
 from picochat.model import Transformer
 from picochat.tokenizer import Tokenizer
 from picochat.train.common import MetricsLog, Runtime, TrainingError, autocast, build_optimizers, setup_runtime, teardown_runtime
@@ -60,22 +61,14 @@ def read_problems(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such problem file")
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProblemFileError(f"{where}: not valid JSON ({e.msg})") from None
-            if not problems and isinstance(row, dict) and "question" in row and "prompt" not in row:
-                return read_gsm8k(path)
-            answer = row.get("answer") if isinstance(row, dict) else None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() \
-                    or isinstance(answer, bool) or not isinstance(answer, int):
-                raise ProblemFileError(f'{where}: expected an object with a non-empty string "prompt" and an integer "answer"')
-            problems.append(row)
+    for where, row in iter_jsonl(path, ProblemFileError):
+        if not problems and isinstance(row, dict) and "question" in row and "prompt" not in row:
+            return read_gsm8k(path)
+        answer = row.get("answer") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() \
+                or isinstance(answer, bool) or not isinstance(answer, int):
+            raise ProblemFileError(f'{where}: expected an object with a non-empty string "prompt" and an integer "answer"')
+        problems.append(row)
     if not problems:
         raise ProblemFileError(f"{path}: no problems in the file")
     return problems
