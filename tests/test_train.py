@@ -122,3 +122,21 @@ def test_pretrain_refuses_a_tokenizer_that_does_not_match_the_shards(tiny_run, t
     Tokenizer.train(["some other text entirely"] * 10, vocab_size=300).save(run / "tokenizer")
     out = picochat("pretrain", "--run", str(run), *TINY_MODEL_FLAGS, "--max-steps", "1")
     assert out.returncode == 2 and "another tokenizer" in out.stderr
+
+
+def test_every_override_flag_explains_itself_and_applies():
+    import argparse
+    import dataclasses
+
+    from picochat.config import RLConfig, add_dataclass_args, apply_overrides
+
+    for cls in (TrainConfig, RLConfig):
+        parser = argparse.ArgumentParser()
+        add_dataclass_args(parser, cls)
+        actions = {a.dest: a for a in parser._actions}
+        for f in dataclasses.fields(cls):
+            assert actions[f.name].help, f"{cls.__name__}.{f.name} has no help text"
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, TrainConfig)
+    cfg = apply_overrides(TrainConfig(), parser.parse_args(["--muon-lr", "0.01", "--compile", "--optimizer", "muon"]))
+    assert (cfg.muon_lr, cfg.compile, cfg.optimizer, cfg.lr) == (0.01, True, "muon", TrainConfig().lr)

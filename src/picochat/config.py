@@ -12,53 +12,58 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def knob(default, help: str):
+    """A dataclass field whose help text becomes the `--flag`'s help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters of one training stage (pretraining or SFT)."""
 
-    batch_size: int = 16  # sequences per micro-batch, per process
-    seq_len: int = 256
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000
-    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
-    lr: float = 3e-3  # AdamW peak learning rate
-    muon_lr: float = 0.02  # Muon peak learning rate (hidden matrices)
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    decay_frac: float = 0.4  # warmup, constant, then linear decay over the last decay_frac of steps
-    final_lr_frac: float = 0.05
-    grad_clip: float = 1.0
-    eval_every: int = 200  # steps between validation evaluations (0: only at the end)
-    eval_batches: int = 16
-    ckpt_every: int = 200  # steps between checkpoints (0: only at the end)
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
-    compile: bool = False  # torch.compile the model
-    seed: int = 0
+    batch_size: int = knob(16, "sequences per micro-batch, per process")
+    seq_len: int = knob(256, "tokens per sequence")
+    grad_accum: int = knob(1, "micro-batches per optimizer step")
+    max_steps: int = knob(1000, "optimizer steps")
+    optimizer: str = knob("adamw", "adamw, or muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)")
+    lr: float = knob(3e-3, "AdamW peak learning rate")
+    muon_lr: float = knob(0.02, "Muon peak learning rate (hidden matrices)")
+    weight_decay: float = knob(0.0, "decoupled weight decay of the matrices")
+    warmup_steps: int = knob(20, "steps of linear learning-rate warmup")
+    decay_frac: float = knob(0.4, "share of the steps, at the end, over which the learning rate decays linearly")
+    final_lr_frac: float = knob(0.05, "learning rate at the last step, as a fraction of the peak")
+    grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)")
+    eval_every: int = knob(200, "steps between validation evaluations (0: only at the end)")
+    eval_batches: int = knob(16, "validation batches per evaluation")
+    ckpt_every: int = knob(200, "steps between checkpoints (0: only at the end)")
+    dtype: str = knob("float32", "float32, or bfloat16 (autocast; fast on GPUs, slow on CPUs without bf16 units)")
+    compile: bool = knob(False, "torch.compile the model")
+    seed: int = knob(0, "seed of the initial weights and the data order")
 
 
 @dataclass
 class RLConfig:
     """Hyperparameters of reinforcement learning on verifiable problems."""
 
-    steps: int = 60
-    problems_per_step: int = 8  # problems sampled together each step
-    group_size: int = 8  # completions sampled per problem
-    max_new_tokens: int = 96  # longest sampled reply; a reply cut off here has no answer line (reward 0)
-    temperature: float = 1.0
-    lr: float = 5e-5  # AdamW learning rate, constant
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch: int = 64  # sequences per forward/backward (gradients accumulate over a step's batch)
-    normalize_std: bool = False  # divide advantages by the group's standard deviation
-    kl_coef: float = 0.0  # KL penalty to the starting (SFT) model (0: off)
-    clip_eps: float = 0.0  # PPO-style ratio clipping (0: off, plain on-policy policy gradient)
-    ppo_epochs: int = 1  # optimizer steps per batch of samples (>1 reuses them, with clip_eps)
-    eval_problems: int = 200  # held-out problems for pass@1 / pass@k
-    eval_k: int = 8
-    eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
-    ckpt_every: int = 20
-    dtype: str = "float32"  # float32 | bfloat16 (autocast) for the policy-gradient forward/backward
-    seed: int = 0
+    steps: int = knob(60, "RL steps (one batch of sampled problems each)")
+    problems_per_step: int = knob(8, "problems sampled together each step")
+    group_size: int = knob(8, "completions sampled per problem")
+    max_new_tokens: int = knob(96, "longest sampled reply; a reply cut off here has no answer line (reward 0)")
+    temperature: float = knob(1.0, "sampling temperature of the rollouts")
+    lr: float = knob(5e-5, "AdamW learning rate, constant")
+    weight_decay: float = knob(0.0, "decoupled weight decay")
+    grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)")
+    micro_batch: int = knob(64, "sequences per forward/backward (gradients accumulate over a step's batch)")
+    normalize_std: bool = knob(False, "divide advantages by the group's standard deviation")
+    kl_coef: float = knob(0.0, "KL penalty to the starting (SFT) model (0: off)")
+    clip_eps: float = knob(0.0, "PPO-style ratio clipping (0: off, plain on-policy policy gradient)")
+    ppo_epochs: int = knob(1, "optimizer steps per batch of samples (>1 reuses them, with clip_eps)")
+    eval_problems: int = knob(200, "held-out problems for pass@1 / pass@k")
+    eval_k: int = knob(8, "samples per problem for pass@k")
+    eval_every: int = knob(0, "steps between held-out evaluations (0: only at the end)")
+    ckpt_every: int = knob(20, "steps between checkpoints (0: only at the end)")
+    dtype: str = knob("float32", "float32, or bfloat16 (autocast) for the policy-gradient forward/backward")
+    seed: int = knob(0, "seed of problem order and sampling")
 
 
 @dataclass
@@ -122,10 +127,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
     for f in dataclasses.fields(cls):
         flag = "--" + prefix + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f.metadata.get("help"))
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
-            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=kind, default=None, metavar=str(f.type).upper())
+            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=kind, default=None, metavar=str(f.type).upper(),
+                               help=f.metadata.get("help"))
 
 
 def apply_overrides(config, args: argparse.Namespace, prefix: str = ""):
