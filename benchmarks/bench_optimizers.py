@@ -88,7 +88,7 @@ def main() -> None:
     times = (60, 120, 180, 240, 300)
     print("\n| optimizer | steps | seconds | tok/s (median) | " + " | ".join(f"loss @{t}s" for t in times)
           + " | val bpb | fact completion held-out / train phrasing |")
-    print("|---" * (7 + len(times)) + "|")
+    print("|---" * (6 + len(times)) + "|")
     for r in results:
         losses = " | ".join("-" if r["loss_at"][t] is None else f"{r['loss_at'][t]:.3f}" for t in times)
         print(f"| {r['optimizer']} | {r['steps']} | {r['seconds']:.0f} | {r['tok_per_s']:,.0f} | {losses} | "
