@@ -13,18 +13,16 @@ engines taking turns. Neither side stops early (no stop ids): both produce batch
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers
+from bench_decode import add_decode_args, bench_config, decode_with_cache, median_seconds  # benchmarks/ is on sys.path
 
 from picochat.checkpoint import find_stage, load_model, save_model
-from picochat.engine import generate
 from picochat.export import export_hf
-from picochat.model import ModelConfig, Transformer
+from picochat.model import Transformer
 from picochat.tokenizer import Tokenizer
 
 BENCH_TEXT = "The capital of Varnia is Oskel. Oskel lies on the river Tam, and 12,345 people live there.\n" * 50
@@ -34,15 +32,8 @@ def random_run(folder: Path, max_seq_len: int) -> Path:
     """A run folder with a small tokenizer and a random model of bench_decode.py's shape."""
     tok = Tokenizer.train([BENCH_TEXT], vocab_size=512)
     tok.save(folder / "tokenizer")
-    config = ModelConfig(vocab_size=4096, n_layer=6, d_model=256, n_head=4, n_kv_head=2,
-                         max_seq_len=max_seq_len, tie_embeddings=True)
-    save_model(folder / "sft", Transformer(config), {"stage": "sft", "tokenizer": tok.fingerprint})
+    save_model(folder / "sft", Transformer(bench_config(max_seq_len)), {"stage": "sft", "tokenizer": tok.fingerprint})
     return folder
-
-
-def picochat_decode(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
-    result = generate(model, prompts.tolist(), max_new_tokens=new_tokens, temperature=0)
-    return [completion.tokens for [completion] in result]
 
 
 @torch.no_grad()
@@ -52,27 +43,11 @@ def transformers_decode(hf_model, prompts: torch.Tensor, new_tokens: int) -> lis
     return output[:, prompts.shape[1]:].tolist()
 
 
-def median_seconds(runs: dict, repeats: int) -> dict[str, tuple[float, list[list[int]]]]:
-    """(median seconds, tokens) of each run; the runs alternate, so a busy machine slows them alike."""
-    tokens = {name: run() for name, run in runs.items()}  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), tokens[name]) for name in runs}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default=None, help="run folder to export (default: a random ~5M-parameter model)")
     parser.add_argument("--stage", default=None, help="stage of --run (default: its most advanced one)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="rows decoded together")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is shown)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_decode_args(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,7 +69,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(batch))
-        results = median_seconds({"picochat": lambda: picochat_decode(model, prompts, args.new_tokens),
+        results = median_seconds({"picochat": lambda: decode_with_cache(model, prompts, args.new_tokens),
                                   "transformers": lambda: transformers_decode(hf_model, prompts, args.new_tokens)},
                                  args.repeats)
         (ours_s, ours), (theirs_s, theirs) = results["picochat"], results["transformers"]

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer as HFTokenizer
 
 from picochat.checkpoint import STAGES, save_model
 from picochat.model import ModelConfig, ModelConfigError, Transformer
-from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, read_tokenizer_file
 
 SUPPORTED_ARCHITECTURE = "Qwen3ForCausalLM"
 # Defaults of transformers' Qwen3Config, for fields a config.json may leave out.
@@ -157,9 +156,9 @@ def load_hf_tokenizer(path: Path) -> Tokenizer:
     if not path.exists():
         raise HFImportError(f"{path}: missing; picochat needs the fast tokenizer file tokenizer.json")
     try:
-        hf = HFTokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception on a bad file
-        raise HFImportError(f"{path}: not a valid tokenizer.json ({err})") from None
+        hf = read_tokenizer_file(path)
+    except ValueError as err:
+        raise HFImportError(str(err)) from None
     wrong = [f"{token} at {hf.token_to_id(token)}" for token in SPECIAL_TOKENS
              if hf.token_to_id(token) != SPECIAL_TOKENS.index(token)]
     if wrong:

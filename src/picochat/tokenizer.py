@@ -49,6 +49,14 @@ SPLIT_PATTERN = (
 TRAIN_CHUNK_CHARS = 10_000
 
 
+def read_tokenizer_file(path: Path) -> HFTokenizer:
+    """A tokenizer.json as a Hugging Face `tokenizers.Tokenizer`; ValueError naming the file if it is not one."""
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+
 class Tokenizer:
     """A trained BPE tokenizer: encode, decode, inspect; loaded from / saved to `tokenizer.json`."""
 
@@ -95,11 +103,7 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no tokenizer here (train one with `picochat tokenizer train`)")
-        try:
-            hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
-        return cls(hf)
+        return cls(read_tokenizer_file(path))
 
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json atomically (path may be a folder or a .json file)."""
