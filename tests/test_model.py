@@ -138,6 +138,8 @@ def test_logits_to_keep_gives_the_last_positions_only():
     torch.testing.assert_close(cached_last, full[:, -3:], atol=1e-5, rtol=1e-5)
     with pytest.raises(ModelInputError, match="logits_to_keep"):
         model(ids, targets=ids, logits_to_keep=1)
+    with pytest.raises(ModelInputError, match="logits_to_keep must be >= 0"):
+        model(ids, logits_to_keep=-1)
 
 
 def test_training_steps_lower_the_loss():

@@ -51,9 +51,11 @@ def test_float32_orthogonalization_is_close_to_bfloat16():
         assert (a - b).abs().max() < 0.02  # bfloat16 rounding, over 5 steps of size ~0.02
 
 
-def test_rejects_non_matrix_parameters():
+def test_rejects_non_matrix_parameters_and_negative_settings():
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.ones(4))])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Muon(_matrices(0), lr=-0.01)
 
 
 def test_build_optimizers_gives_hidden_matrices_to_muon():

@@ -362,6 +362,8 @@ class Transformer(nn.Module):
         (T,) or (B, T).
         """
         batch, seq = input_ids.shape
+        if logits_to_keep < 0:
+            raise ModelInputError(f"logits_to_keep must be >= 0 (0: every position), got {logits_to_keep}")
         if logits_to_keep and targets is not None:
             raise ModelInputError("logits_to_keep is for inference; a loss needs the logits of every position")
         start = 0
