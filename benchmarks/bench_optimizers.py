@@ -23,19 +23,16 @@ import torch
 
 from picochat.checkpoint import load_model
 from picochat.config import get_preset
-from picochat.data.shards import prepare
-from picochat.data.sources import iter_documents
-from picochat.data.world import write_world
 from picochat.evaluate import fact_completion, read_jsonl
+from picochat.speedrun import stages
 from picochat.tokenizer import Tokenizer
 from picochat.train.pretrain import run_pretrain
 
 
 def build_data(folder: Path) -> None:
-    preset = get_preset("cpu")
-    write_world(folder / "world", size_mb=preset.world_mb, seed=0, shard_mb=1.0, scale=preset.world_scale)
-    Tokenizer.train(iter_documents(folder / "world" / "docs"), preset.vocab_size).save(folder / "tokenizer")
-    prepare(folder / "world" / "docs", folder / "tokenizer", folder / "shards", val_inputs=folder / "world" / "docs-val.jsonl")
+    """The cpu preset's world, tokenizer and shards, made by the speedrun's own first three stages."""
+    for _name, action, _is_done in stages("cpu", "cpu")[:3]:
+        action(folder)
 
 
 def train_one(data: Path, optimizer: str, steps: int) -> dict:
@@ -75,6 +72,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--workdir", default=None, help="folder for the data and runs (default: a temporary one)")
     args = parser.parse_args()
+    for spec in args.runs:
+        optimizer, _, steps = spec.partition(":")
+        if optimizer not in ("adamw", "muon") or not steps.isdigit() or int(steps) < 1:
+            parser.error(f"--runs {spec!r}: expected OPTIMIZER:STEPS with OPTIMIZER adamw or muon, e.g. muon:400")
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
