@@ -2,12 +2,15 @@
 
 A model (a run's stage with --run, else a random ~5M-parameter one, the size bench_decode.py uses)
 is exported with `picochat.export`, loaded back with `AutoModelForCausalLM`, and both decode the
-same prompts greedily on the CPU in float32 with a KV cache. tokens/s is new tokens (all rows) per
-second, prefill included; each figure is the median of --repeats runs after one warm-up, the two
-engines taking turns. Neither side stops early (no stop ids): both produce batch x new-tokens tokens.
+same prompts greedily on the CPU in float32 with a KV cache, picochat with its compiled decode step
+(`generate(compile=True)`; --eager for the plain one). tokens/s is new tokens (all rows) per second,
+prefill included; each figure is the median of --repeats runs after one warm-up (which compiles),
+the two engines taking turns. Neither side stops early (no stop ids): both produce batch x
+new-tokens tokens.
 
     python benchmarks/bench_hf_decode.py                          # batch 1 and 8
     python benchmarks/bench_hf_decode.py --run runs/demo --stage sft --threads 2
+    python benchmarks/bench_hf_decode.py --eager                  # picochat without compiling
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default=None, help="run folder to export (default: a random ~5M-parameter model)")
     parser.add_argument("--stage", default=None, help="stage of --run (default: its most advanced one)")
+    parser.add_argument("--eager", action="store_true", help="picochat's eager decode step, not the compiled one")
     add_decode_args(parser)
     args = parser.parse_args()
     if args.threads:
@@ -62,14 +66,16 @@ def main() -> None:
 
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, d_model "
           f"{model.config.d_model}; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, float32, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}; transformers {transformers.__version__}, "
-          f"torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}; "
+          f"picochat {'eager' if args.eager else 'compiled'}; "
+          f"transformers {transformers.__version__}, torch {torch.__version__}")
     print("| batch | picochat tok/s | transformers tok/s | ratio | same tokens |")
     print("|------:|---------------:|-------------------:|------:|:-----------:|")
     for batch in args.batch_sizes:
         prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(batch))
-        results = median_seconds({"picochat": lambda: decode_with_cache(model, prompts, args.new_tokens),
+        results = median_seconds({"picochat": lambda: decode_with_cache(model, prompts, args.new_tokens,
+                                                                        compile=not args.eager),
                                   "transformers": lambda: transformers_decode(hf_model, prompts, args.new_tokens)},
                                  args.repeats)
         (ours_s, ours), (theirs_s, theirs) = results["picochat"], results["transformers"]
