@@ -179,7 +179,8 @@ def test_greedy_generation_matches_engine(exported, hf_model, hf_tokenizer, smal
     # Besides the exported EOS ids, stop at a token the first reply is known to reach, so stopping is
     # compared whatever this tiny model learned (rows that run to the limit are compared too).
     [[free_run], *_] = generate(model, prompts[:1], max_new_tokens=24, temperature=0)
-    reached = next(t for i, t in enumerate(free_run.tokens) if i >= 1 and t not in free_run.tokens[:i])
+    reached = next((t for i, t in enumerate(free_run.tokens) if i >= 1 and t not in free_run.tokens[:i]),
+                   free_run.tokens[0])  # a reply of one repeated token: stop at once
     stop_ids = [tok.im_end_id, tok.eot_id, reached]
     ours = generate(model, prompts, max_new_tokens=24, temperature=0, stop_ids=stop_ids)
     batch = hf_tokenizer.pad({"input_ids": prompts}, return_tensors="pt")  # left padding, as exported

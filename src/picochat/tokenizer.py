@@ -40,9 +40,12 @@ SPECIAL_TOKENS = [
     "<|pad|>",  # padding, never trained on
 ]
 
-# GPT-4's (cl100k) pre-tokenization pattern: words, numbers of up to 3 digits, punctuation runs, spaces.
+# GPT-4's (cl100k) pre-tokenization pattern (words, numbers of up to 3 digits, punctuation runs,
+# spaces) with one change: a number keeps the space before it, " 12" rather than " " + "12". Copying a
+# number from a question into the working is then the token that followed the same word before, a
+# plain induction pattern; with the lone " " a tiny model copied numbers far worse (BENCHMARKS.md).
 SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+| ?\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
 # Long documents are cut into pieces for training: merges are local, and this bounds memory.
@@ -221,7 +224,7 @@ def _limit_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 def register_cli(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="<action>", required=True)
 
-    p = sub.add_parser("train", help="train a BPE tokenizer on documents", description="Train a byte-level BPE tokenizer (GPT-4 split pattern, reserved special tokens) on documents and save tokenizer.json.")
+    p = sub.add_parser("train", help="train a BPE tokenizer on documents", description="Train a byte-level BPE tokenizer (GPT-4-style split pattern, reserved special tokens) on documents and save tokenizer.json.")
     p.add_argument("--input", nargs="+", required=True, help="files or folders of documents (.txt, .jsonl, .parquet, optionally .gz)")
     p.add_argument("--out", required=True, help="output folder (tokenizer.json is written there)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including the special tokens (default 8192)")
