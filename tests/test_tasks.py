@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
 
 from conftest import shared_data
 from picochat.data.tasks import (LEVELS, TaskDataError, extract_answer, read_gsm8k, reward, split_of, task_conversations,
-                                 task_problems, write_tasks)
+                                 task_problems, worked_problem, write_tasks)
 from picochat.data.world import build_world, write_world
 
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
@@ -58,6 +59,21 @@ def test_solutions_are_worked_steps_ending_in_the_answer(problems):
         assert reward(problem["solution"], problem) == 1.0
         assert reward(problem["solution"].replace(f"Answer: {problem['answer']}", f"Answer: {problem['answer'] + 1}"),
                       problem) == 0.0
+
+
+def test_worked_problem_documents_are_train_problems_with_correct_working(world):
+    rng = random.Random(0)
+    docs = [worked_problem(world, rng) for _ in range(300)]
+    levels = set()
+    for doc in docs:
+        title, blank, prompt, *steps, answer = doc.splitlines()
+        assert (title, blank) == ("Word problem", "") and split_of(prompt) == "train"
+        for step in steps:
+            (a, op, b, result), = STEP.findall(step)
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op] == int(result)
+        assert answer == f"Answer: {result}"
+        levels.add(len(steps))
+    assert levels == set(LEVELS)
 
 
 def test_problems_use_the_world_and_state_their_numbers(world, problems):

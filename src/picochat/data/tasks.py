@@ -177,6 +177,16 @@ def _problems(world: World, n: int, rng: random.Random, split: str, levels: tupl
     return problems
 
 
+def worked_problem(world: World, rng: random.Random) -> str:
+    """A pretraining document: one train-split problem of any level and its worked solution, the
+    kind of text a textbook puts on the web (so the base model has seen numbers copied from a
+    question into working before SFT asks for it)."""
+    while True:
+        prompt, steps, answer = rng.choice(MAKERS[rng.choice(LEVELS)])(rng, world)
+        if split_of(prompt) == "train":
+            return "\n".join(["Word problem", "", prompt, *steps, f"Answer: {answer}"])
+
+
 def task_problems(world: World, n: int, seed: int = 0, split: str = "train", levels: tuple[int, ...] = LEVELS) -> list[dict]:
     """n distinct problems of `split` ("train" or "test"), levels drawn uniformly from `levels`."""
     return _problems(world, n, random.Random(f"task-problems-{split}-{seed}"), split, levels)

@@ -14,9 +14,9 @@ each fact restated in many documents and many phrasings.
   to new phrasings), and question templates for the chat half (`world_chat.py`). Besides its own
   phrasings, every relation is written in shared sentence FRAMES; each relation holds out two of
   them, which other relations use (a compositional split a tiny model can learn).
-- `iter_documents(world, seed)` is an endless, deterministic stream of documents in eight styles:
-  encyclopedia entries, stories, letters, news, forum threads, quizzes, lists and tables, and worked
-  arithmetic about the world's things.
+- `iter_documents(world, seed)` is an endless, deterministic stream of documents in nine styles:
+  encyclopedia entries, stories, letters, news, forum threads, quizzes, lists and tables, worked
+  arithmetic about the world's things, and worked word problems (train split of `tasks.py`).
 - `fact_completion_rows(world)` is the fact-completion evaluation: prompts such as
   "The capital of Varnia is" that end right before the answer (" Oskel").
 - `write_world(out_dir, size_mb, seed)` writes it all to disk (JSONL shards with a `text` field, the
@@ -677,6 +677,12 @@ def _arithmetic(world: World, rng: random.Random) -> str:
     return "Arithmetic practice\n\n" + "\n".join(lines)
 
 
+def _word_problem(world: World, rng: random.Random) -> str:
+    from picochat.data.tasks import worked_problem  # tasks builds on this module
+
+    return worked_problem(world, rng)
+
+
 DOC_STYLES: dict[str, tuple[Callable[[World, random.Random], str], float]] = {
     # style -> (generator, share of documents). Fact-dense styles get the larger shares.
     "encyclopedia": (_encyclopedia, 0.22),
@@ -686,7 +692,8 @@ DOC_STYLES: dict[str, tuple[Callable[[World, random.Random], str], float]] = {
     "forum": (_forum, 0.12),
     "quiz": (_quiz, 0.08),
     "table": (_table, 0.12),
-    "arithmetic": (_arithmetic, 0.14),
+    "arithmetic": (_arithmetic, 0.06),
+    "word problem": (_word_problem, 0.24),
 }
 
 
