@@ -47,10 +47,12 @@ class Runtime:
         return self.world_size > 1
 
 
-def setup_runtime(device: str = "auto") -> Runtime:
-    """Pick the device and, under torchrun (WORLD_SIZE set), join the process group (NCCL on GPU, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def setup_runtime(device: str = "auto", join_group: bool = True) -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE set), join the process group (NCCL on GPU, gloo on CPU).
+
+    join_group=False: run as one process (rank 0 of 1) even under torchrun, as the speedrun's RL does on rank 0."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if join_group else 1
+    rank = int(os.environ.get("RANK", "0")) if join_group else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

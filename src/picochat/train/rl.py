@@ -305,8 +305,10 @@ def heldout_metrics(model: Transformer, tok: Tokenizer, problems: list[dict], cf
 
 def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init: Path | None = None,
            problems_path: Path | None = None, heldout_path: Path | None = None, resume: bool = False,
-           device: str = "auto", reward_fn: RewardFn = reward) -> dict:
-    """Train `<init or run/sft>` with RL on the problems and write `<run>/rl/`; returns the summary."""
+           device: str = "auto", reward_fn: RewardFn = reward, join_group: bool = True) -> dict:
+    """Train `<init or run/sft>` with RL on the problems and write `<run>/rl/`; returns the summary.
+
+    join_group=False runs in one process even under torchrun (see `setup_runtime`)."""
     run_dir = Path(run_dir)
     cfg = cfg or get_preset(preset).rl
     check_config(cfg)
@@ -319,7 +321,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
     ckpt = latest_checkpoint(stage_dir)
     if ckpt and not resume:
         raise TrainingError(f"{stage_dir} has a checkpoint ({ckpt.name}); pass --resume to continue it, or remove the folder")
-    rt = setup_runtime(device)
+    rt = setup_runtime(device, join_group)
     try:
         if rt.distributed:
             raise TrainingError("rl runs in one process; start it without torchrun")
