@@ -1,21 +1,45 @@
 """`picochat speedrun`: every stage end to end, then a report card.
 
     picochat speedrun --preset cpu --run runs/demo
+    torchrun --standalone --nproc_per_node=8 -m picochat -- speedrun --preset gpu-small --run runs/gpu \
+        --docs data/fineweb --chat chats.jsonl
 
 world -> tokenizer -> shards -> pretrain -> eval -> SFT -> eval -> RL -> eval -> report. A stage whose
 output is complete is skipped; an interrupted training stage resumes from its last checkpoint, so
 rerunning the same command after a crash picks up where it stopped.
+
+`--docs` pretrains on your documents (FineWeb-edu parquet, JSONL, text) instead of the world's: the
+tokenizer and the token shards are made from them, their first `--val-docs` documents held out for
+validation. The world is generated all the same: the evaluations, the SFT conversations and the word
+problems come from it. `--chat FILE[:WEIGHT]` adds conversation files to the SFT mixture beside the
+world's.
+
+Under torchrun every process runs this loop. Pretraining and SFT train on all of them (DDP); the
+other stages run on rank 0 alone (RL in one process too) while the other ranks poll the stage's
+output every few seconds. If a stage fails on rank 0, it writes `speedrun-failed.json` in the run
+folder, and the waiting ranks stop with its message instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from picochat.config import get_preset
+
+ALL_RANKS = ("pretrain", "sft")  # the DDP stages: every torchrun process trains
+FAILED = "speedrun-failed.json"  # rank 0's note that a stage failed, for the waiting ranks
+POLL_SECONDS = 5.0
+DEFAULT_VAL_DOCS = 5000
+TOKENIZER_CHARS = 2_000_000_000  # the tokenizer trains on at most this much of --docs (as `picochat tokenizer train`)
+
+
+class SpeedrunError(RuntimeError):
+    """Bad speedrun input, or a stage that failed on rank 0 while this rank waited for it."""
 
 
 def _world(run: Path, preset) -> None:
@@ -29,18 +53,22 @@ def _world(run: Path, preset) -> None:
     write_tasks(world, n_sft=2000, n_rl=2000, n_eval=500, seed=0)  # eval/tasks.jsonl last: it marks the stage done
 
 
-def _tokenizer(run: Path, preset) -> None:
+def _tokenizer(run: Path, preset, docs: Path | None) -> None:
     from picochat.data.sources import iter_documents
-    from picochat.tokenizer import Tokenizer
+    from picochat.tokenizer import Tokenizer, _limit_chars
 
     if not (run / "tokenizer" / "tokenizer.json").exists():
-        Tokenizer.train(iter_documents(run / "world" / "docs"), preset.vocab_size).save(run / "tokenizer")
+        texts = _limit_chars(iter_documents(docs), TOKENIZER_CHARS) if docs else iter_documents(run / "world" / "docs")
+        Tokenizer.train(texts, preset.vocab_size).save(run / "tokenizer")
 
 
-def _shards(run: Path, preset) -> None:
+def _shards(run: Path, preset, docs: Path | None, val_docs: int) -> None:
     from picochat.data.shards import prepare
 
-    prepare(run / "world" / "docs", run / "tokenizer", run / "shards", val_inputs=run / "world" / "docs-val.jsonl")
+    if docs:
+        prepare(docs, run / "tokenizer", run / "shards", val_docs=val_docs)
+    else:
+        prepare(run / "world" / "docs", run / "tokenizer", run / "shards", val_inputs=run / "world" / "docs-val.jsonl")
 
 
 def _pretrain(run: Path, preset_name: str, device: str) -> None:
@@ -49,16 +77,17 @@ def _pretrain(run: Path, preset_name: str, device: str) -> None:
     run_pretrain(run, preset_name, resume=True, device=device)
 
 
-def _sft(run: Path, preset_name: str, device: str) -> None:
-    from picochat.train.sft import run_sft
+def _sft(run: Path, preset_name: str, device: str, chat: list[str]) -> None:
+    from picochat.train.sft import WORLD_SFT_FILES, run_sft
 
-    run_sft(run, preset_name, resume=True, device=device)
+    data = ([str(run / "world" / name) for name in WORLD_SFT_FILES] + chat) if chat else None  # None: run_sft's default, the world's files
+    run_sft(run, preset_name, data=data, resume=True, device=device)
 
 
 def _rl(run: Path, preset_name: str, device: str) -> None:
     from picochat.train.rl import run_rl
 
-    run_rl(run, preset_name, resume=True, device=device)
+    run_rl(run, preset_name, resume=True, device=device, join_group=False)  # one process, even under torchrun
 
 
 def _evaluate(stage: str, preset, device: str) -> Callable:
@@ -79,17 +108,18 @@ def _report(run: Path, *_) -> None:
     write_report(run)
 
 
-def stages(preset_name: str, device: str) -> list[tuple[str, Callable, Callable[[Path], bool]]]:
+def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[str] | None = None,
+           val_docs: int = DEFAULT_VAL_DOCS) -> list[tuple[str, Callable, Callable[[Path], bool]]]:
     """(name, action(run, preset), is_done(run)) in pipeline order."""
     preset = get_preset(preset_name)
     exists = lambda *parts: (lambda run: run.joinpath(*parts).exists())  # noqa: E731
     return [
         ("world", lambda run: _world(run, preset), exists("world", "eval", "tasks.jsonl")),
-        ("tokenizer", lambda run: _tokenizer(run, preset), exists("tokenizer", "tokenizer.json")),
-        ("shards", lambda run: _shards(run, preset), exists("shards", "manifest.json")),
+        ("tokenizer", lambda run: _tokenizer(run, preset, docs), exists("tokenizer", "tokenizer.json")),
+        ("shards", lambda run: _shards(run, preset, docs, val_docs), exists("shards", "manifest.json")),
         ("pretrain", lambda run: _pretrain(run, preset_name, device), exists("base", "done.json")),
         ("eval base", _evaluate("base", preset, device), exists("base", "eval.json")),
-        ("sft", lambda run: _sft(run, preset_name, device), exists("sft", "done.json")),
+        ("sft", lambda run: _sft(run, preset_name, device, chat or []), exists("sft", "done.json")),
         ("eval sft", _evaluate("sft", preset, device), exists("sft", "eval.json")),
         ("rl", lambda run: _rl(run, preset_name, device), exists("rl", "done.json")),
         ("eval rl", _evaluate("rl", preset, device), exists("rl", "eval.json")),
@@ -97,31 +127,108 @@ def stages(preset_name: str, device: str) -> list[tuple[str, Callable, Callable[
     ]
 
 
-def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto") -> None:
+def check_inputs(docs: Path | None, chat: list[str] | None, val_docs: int, read_chat: bool = True) -> None:
+    """Fail before any work on inputs that would fail a stage hours later: every --docs file is found
+    with a known format; every --chat file exists, has a valid weight and (read_chat) valid conversations."""
+    from picochat.data.conversations import read_conversations
+    from picochat.data.sources import list_source_files
+    from picochat.train.sft import parse_data_spec
+
+    if docs is not None:
+        list_source_files(docs)
+        if val_docs < 1:
+            raise SpeedrunError(f"--val-docs must be at least 1 (documents held out for validation), got {val_docs}")
+    for spec in chat or []:
+        path, _ = parse_data_spec(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"--chat {spec}: {path} is not a conversation file")
+        if read_chat:
+            for _ in read_conversations(path):
+                pass
+
+
+def launch() -> tuple[int, int, str]:
+    """(rank, world size, run id) of this process: torchrun's environment, or a single process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
+def write_failure(run: Path, stage: str, error: BaseException, run_id: str) -> None:
+    (run / FAILED).write_text(json.dumps({"stage": stage, "error": f"{type(error).__name__}: {error}", "run_id": run_id}))
+
+
+def wait_for(run: Path, is_done: Callable[[Path], bool], run_id: str, poll_s: float = POLL_SECONDS) -> None:
+    """Block until rank 0 completes the stage (`is_done`); raise if rank 0 recorded a failure in this run."""
+    while not is_done(run):
+        failed = run / FAILED
+        if failed.exists():
+            note = json.loads(failed.read_text())
+            if note.get("run_id") == run_id:
+                raise SpeedrunError(f"rank 0 failed at stage {note['stage']!r} ({note['error']}); see rank 0's output")
+        time.sleep(poll_s)
+
+
+def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Path | None = None,
+             chat: list[str] | None = None, val_docs: int = DEFAULT_VAL_DOCS) -> None:
     run = Path(run)
+    rank, world_size, run_id = launch()
+    plan = stages(preset_name, device, docs, chat, val_docs)
+    if rank != 0:
+        check_inputs(docs, chat, val_docs, read_chat=False)  # rank 0 reads the conversations
+        _follow(run, plan, run_id)
+        return
     run.mkdir(parents=True, exist_ok=True)
-    plan = stages(preset_name, device)
-    timings_path = run / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    t_all = time.time()
-    for i, (name, action, is_done) in enumerate(plan, 1):
-        header = f"[{i}/{len(plan)}] {name}"
-        if is_done(run):
-            print(f"{header}: already complete, skipped", flush=True)
-            continue
-        print(f"{header} ... (total elapsed {time.time() - t_all:.0f}s)", flush=True)
-        t0 = time.time()
-        action(run)
-        timings[name] = round(timings.get(name, 0) + time.time() - t0, 2)
-        timings_path.write_text(json.dumps(timings, indent=2))
-        print(f"{header}: done in {time.time() - t0:.0f}s", flush=True)
+    (run / FAILED).unlink(missing_ok=True)
+    stage = "checking inputs"
+    try:
+        check_inputs(docs, chat, val_docs)
+        timings_path = run / "timings.json"
+        timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+        t_all = time.time()
+        for i, (stage, action, is_done) in enumerate(plan, 1):
+            header = f"[{i}/{len(plan)}] {stage}"
+            if is_done(run):
+                print(f"{header}: already complete, skipped", flush=True)
+                continue
+            print(f"{header} ... (total elapsed {time.time() - t_all:.0f}s)", flush=True)
+            t0 = time.time()
+            action(run)
+            timings[stage] = round(timings.get(stage, 0) + time.time() - t0, 2)
+            timings_path.write_text(json.dumps(timings, indent=2))
+            print(f"{header}: done in {time.time() - t0:.0f}s", flush=True)
+    except BaseException as e:
+        if world_size > 1:
+            write_failure(run, stage, e, run_id)
+        raise
     print(f"\nspeedrun finished in {time.time() - t_all:.0f}s. Report card: {run / 'report.md'}")
     print(f"Chat with your model:  picochat chat --run {run}")
     print(f"Or serve it:           picochat serve --run {run}   (then open http://127.0.0.1:8000)")
+
+
+def _follow(run: Path, plan: list, run_id: str) -> None:
+    """A rank other than 0: train in the DDP stages, wait for rank 0 in the others, and stop after the
+    last DDP stage (what follows runs on rank 0 alone)."""
+    last_shared = max(i for i, (name, _, _) in enumerate(plan) if name in ALL_RANKS)
+    for name, action, is_done in plan[: last_shared + 1]:
+        if name in ALL_RANKS:
+            if not is_done(run):
+                action(run)
+        else:
+            wait_for(run, is_done, run_id)
 
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default="runs/demo", help="run folder (default runs/demo)")
     parser.add_argument("--preset", default="cpu", help="cpu, gpu-small or gpu-d20 (default cpu)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
-    parser.set_defaults(func=lambda args: speedrun(Path(args.run), args.preset, args.device))
+    parser.add_argument("--docs", type=Path, default=None, metavar="PATH",
+                        help="pretraining documents instead of the synthetic world's: a folder of FineWeb-edu parquet shards "
+                             "(as `picochat download` writes), or JSONL ({\"text\": ...}) / text files. The tokenizer and the "
+                             "token shards are made from them; the world still provides the evaluations, SFT conversations "
+                             "and word problems")
+    parser.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS, metavar="N",
+                        help=f"with --docs: the first N documents are the validation split (default {DEFAULT_VAL_DOCS})")
+    parser.add_argument("--chat", nargs="+", default=None, metavar="FILE[:WEIGHT]",
+                        help="conversation files (OpenAI messages JSONL; ShareGPT, Alpaca) added to the SFT mixture beside "
+                             "the world's sft.jsonl and tasks-sft.jsonl; FILE:WEIGHT for a weighted mixture (the world's "
+                             "files weigh 1)")
+    parser.set_defaults(func=lambda args: speedrun(Path(args.run), args.preset, args.device, args.docs, args.chat, args.val_docs))

@@ -1,0 +1,164 @@
+"""The speedrun under torchrun: rank 0 runs the single-process stages while the other ranks wait (and
+stop on its failure), every rank trains in pretraining and SFT; `--docs` and `--chat` inputs."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from picochat import speedrun as sr
+from picochat.data.sources import SourceError
+
+TINY_PRESET_SCRIPT = """
+import sys
+from picochat.cli import main
+from picochat.config import PRESETS, Preset, RLConfig, TrainConfig
+
+PRESETS["tiny"] = Preset(
+    model=dict(n_layer=2, d_model=64, n_head=2, n_kv_head=1, max_seq_len=256, tie_embeddings=True),
+    vocab_size=512, world_mb=0.2, world_scale=0.1,
+    pretrain=TrainConfig(batch_size=4, seq_len=64, max_steps=6, eval_every=0, eval_batches=2, ckpt_every=0),
+    sft=TrainConfig(batch_size=4, seq_len=128, max_steps=4, eval_every=0, ckpt_every=0),
+    rl=RLConfig(steps=2, problems_per_step=2, group_size=2, max_new_tokens=8, ckpt_every=0, eval_problems=4, eval_k=2),
+)
+main(sys.argv[1:])
+"""
+
+
+def write_docs(folder: Path, n: int = 400) -> Path:
+    """JSONL documents whose only long word, 'Quetzalcoatlus', a tokenizer trained on them makes one token."""
+    folder.mkdir()
+    words = "the river flows past old stone bridges while merchants count copper coins".split()
+    with open(folder / "part-0.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(50)) + " Quetzalcoatlus."}) + "\n")
+    return folder
+
+
+def write_chats(path: Path, n: int = 50) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]}) + "\n")
+    return path
+
+
+def fake_plan(calls: list, fail: str | None = None):
+    """Stages named like the real ones; each action records its name and writes its done file."""
+    def action(name):
+        def run(run_dir):
+            calls.append(name)
+            if name == fail:
+                raise ValueError(f"{name} broke")
+            (run_dir / f"{name}.done").touch()
+        return run
+    names = ["world", "tokenizer", "shards", "pretrain", "eval base", "sft", "eval sft", "rl", "eval rl", "report"]
+    return [(name, action(name), (lambda n: lambda run_dir: (run_dir / f"{n}.done").exists())(name)) for name in names]
+
+
+def as_rank(monkeypatch, rank: int, world_size: int = 2, run_id: str = "run-a"):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+
+
+def test_wait_for_returns_once_rank_0_finishes_the_stage(tmp_path):
+    done = tmp_path / "done"
+    threading.Timer(0.2, done.touch).start()
+    t0 = time.time()
+    sr.wait_for(tmp_path, lambda run: (run / "done").exists(), "run-a", poll_s=0.02)
+    assert done.exists() and time.time() - t0 < 5
+
+
+def test_wait_for_stops_on_this_runs_failure_and_ignores_a_stale_one(tmp_path):
+    is_done = lambda run: (run / "done").exists()  # noqa: E731
+    sr.write_failure(tmp_path, "tokenizer", ValueError("old failure"), "run-old")
+    threading.Timer(0.2, (tmp_path / "done").touch).start()
+    sr.wait_for(tmp_path, is_done, "run-a", poll_s=0.02)  # a marker from another run: keeps waiting
+
+    (tmp_path / "done").unlink()
+    sr.write_failure(tmp_path, "tokenizer", ValueError("no such file"), "run-a")
+    with pytest.raises(sr.SpeedrunError, match=r"rank 0 failed at stage 'tokenizer' \(ValueError: no such file\)"):
+        sr.wait_for(tmp_path, is_done, "run-a", poll_s=0.02)
+
+
+def test_rank_0_runs_every_stage_and_records_a_failure_for_the_others(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls, fail="eval sft"))
+    as_rank(monkeypatch, 0)
+    sr.write_failure(tmp_path, "world", ValueError("stale"), "run-a")  # from an earlier attempt: cleared at start
+    with pytest.raises(ValueError, match="eval sft broke"):
+        sr.speedrun(tmp_path)
+    assert calls == ["world", "tokenizer", "shards", "pretrain", "eval base", "sft", "eval sft"]
+    note = json.loads((tmp_path / sr.FAILED).read_text())
+    assert note == {"stage": "eval sft", "error": "ValueError: eval sft broke", "run_id": "run-a"}
+
+
+def test_a_single_process_writes_no_failure_marker(tmp_path, monkeypatch):
+    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan([], fail="world"))
+    for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="world broke"):
+        sr.speedrun(tmp_path)
+    assert not (tmp_path / sr.FAILED).exists()
+
+
+def test_other_ranks_train_in_the_ddp_stages_wait_for_the_rest_and_stop_after_sft(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))
+    as_rank(monkeypatch, 1)
+    for name in ("world", "tokenizer", "shards", "eval base"):  # rank 0's work, already done
+        (tmp_path / f"{name}.done").touch()
+    sr.speedrun(tmp_path)  # would wait forever for rank 0's rl/report if it did not stop after sft
+    assert calls == ["pretrain", "sft"]
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(SourceError, match="no such file or folder"):
+        sr.speedrun(run, docs=tmp_path / "missing-fineweb")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl is not a conversation file"):
+        sr.speedrun(run, chat=[str(tmp_path / "missing.jsonl:2")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "oops"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        sr.speedrun(run, chat=[str(bad)])
+    assert not (run / "world").exists()
+
+
+def test_docs_make_the_tokenizer_and_the_shards(tmp_path):
+    from picochat.data.shards import read_manifest
+    from picochat.tokenizer import Tokenizer
+
+    docs = write_docs(tmp_path / "docs")
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = dict((name, action) for name, action, _ in sr.stages("cpu", "cpu", docs=docs, val_docs=40))
+    plan["tokenizer"](run)
+    plan["shards"](run)
+    tok = Tokenizer.load(run / "tokenizer")
+    assert len(tok.encode(" Quetzalcoatlus")) == 1  # learnt from --docs, not from a world (none was made)
+    manifest = read_manifest(run / "shards")
+    assert [Path(s["path"]).name for s in manifest["sources"]] == ["part-0.jsonl"]
+    assert manifest["splits"]["val"]["documents"] == 40 and manifest["splits"]["train"]["documents"] == 360
+
+
+@pytest.mark.slow
+def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
+    script = tmp_path / "tiny_speedrun.py"
+    script.write_text(TINY_PRESET_SCRIPT)
+    docs, chats, run = write_docs(tmp_path / "docs"), write_chats(tmp_path / "chats.jsonl"), tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "--",
+                          "speedrun", "--preset", "tiny", "--run", str(run), "--device", "cpu", "--docs", str(docs),
+                          "--val-docs", "40", "--chat", f"{chats}:2"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for stage in ("base", "sft", "rl"):
+        assert (run / stage / "done.json").exists() and (run / stage / "eval.json").exists(), stage
+    assert (run / "report.md").exists() and not (run / sr.FAILED).exists()
+    assert out.stdout.count("[4/10] pretrain ...") == 1  # one rank tells the story
+    assert str(chats) in json.loads((run / "sft" / "model.json").read_text())["data"][-1]
