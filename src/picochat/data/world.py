@@ -692,8 +692,8 @@ DOC_STYLES: dict[str, tuple[Callable[[World, random.Random], str], float]] = {
     "forum": (_forum, 0.12),
     "quiz": (_quiz, 0.08),
     "table": (_table, 0.12),
-    "arithmetic": (_arithmetic, 0.08),
-    "word problem": (_word_problem, 0.12),
+    "arithmetic": (_arithmetic, 0.06),
+    "word problem": (_word_problem, 0.24),
 }
 
 
