@@ -61,9 +61,16 @@ def fake_plan(calls: list, fail: str | None = None):
 
 
 def as_rank(monkeypatch, rank: int, world_size: int = 2, run_id: str = "run-a"):
+    """torchrun's environment for one rank; the process group the speedrun holds is recorded, not joined."""
+    from picochat.train import common
+
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+    groups = []
+    monkeypatch.setattr(common, "setup_runtime", lambda device: groups.append("joined") or "group")
+    monkeypatch.setattr(common, "teardown_runtime", lambda group: groups.append(f"left {group}"))
+    return groups
 
 
 def test_wait_for_returns_once_rank_0_finishes_the_stage(tmp_path):
@@ -89,10 +96,11 @@ def test_wait_for_stops_on_this_runs_failure_and_ignores_a_stale_one(tmp_path):
 def test_rank_0_runs_every_stage_and_records_a_failure_for_the_others(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls, fail="eval sft"))
-    as_rank(monkeypatch, 0)
+    groups = as_rank(monkeypatch, 0)
     sr.write_failure(tmp_path, "world", ValueError("stale"), "run-a")  # from an earlier attempt: cleared at start
     with pytest.raises(ValueError, match="eval sft broke"):
         sr.speedrun(tmp_path)
+    assert groups == ["joined", "left group"]  # one group for the whole run, left even on failure
     assert calls == ["world", "tokenizer", "shards", "pretrain", "eval base", "sft", "eval sft"]
     note = json.loads((tmp_path / sr.FAILED).read_text())
     assert note == {"stage": "eval sft", "error": "ValueError: eval sft broke", "run_id": "run-a"}
@@ -110,11 +118,11 @@ def test_a_single_process_writes_no_failure_marker(tmp_path, monkeypatch):
 def test_other_ranks_train_in_the_ddp_stages_wait_for_the_rest_and_stop_after_sft(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))
-    as_rank(monkeypatch, 1)
+    groups = as_rank(monkeypatch, 1)
     for name in ("world", "tokenizer", "shards", "eval base"):  # rank 0's work, already done
         (tmp_path / f"{name}.done").touch()
     sr.speedrun(tmp_path)  # would wait forever for rank 0's rl/report if it did not stop after sft
-    assert calls == ["pretrain", "sft"]
+    assert calls == ["pretrain", "sft"] and groups == ["joined", "left group"]
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path):

@@ -172,10 +172,27 @@ def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Pa
     run = Path(run)
     rank, world_size, run_id = launch()
     plan = stages(preset_name, device, docs, chat, val_docs)
-    if rank != 0:
-        check_inputs(docs, chat, val_docs, read_chat=False)  # rank 0 reads the conversations
-        _follow(run, plan, run_id)
+    if world_size == 1:
+        _lead(run, plan, world_size, run_id, docs, chat, val_docs)
         return
+    from picochat.train.common import setup_runtime, teardown_runtime
+
+    # One process group for the whole run: under torchrun, joining a new group after leaving
+    # pretraining's could hang at SFT's start (seen with gloo), so the stages share this one.
+    group = setup_runtime(device)
+    try:
+        if rank == 0:
+            _lead(run, plan, world_size, run_id, docs, chat, val_docs)
+        else:
+            check_inputs(docs, chat, val_docs, read_chat=False)  # rank 0 reads the conversations
+            _follow(run, plan, run_id)
+    finally:
+        teardown_runtime(group)
+
+
+def _lead(run: Path, plan: list, world_size: int, run_id: str, docs: Path | None, chat: list[str] | None,
+          val_docs: int) -> None:
+    """Rank 0 (or the only process): run every stage not yet complete, in order."""
     run.mkdir(parents=True, exist_ok=True)
     (run / FAILED).unlink(missing_ok=True)
     stage = "checking inputs"

@@ -37,6 +37,7 @@ class Runtime:
     rank: int
     world_size: int
     local_rank: int
+    owns_group: bool = False  # this call joined the process group, so its teardown leaves it
 
     @property
     def is_main(self) -> bool:
@@ -62,13 +63,15 @@ def setup_runtime(device: str = "auto", join_group: bool = True) -> Runtime:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
+    joins = world_size > 1 and not dist.is_initialized()
+    if joins:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return Runtime(dev, rank, world_size, local_rank)
+    return Runtime(dev, rank, world_size, local_rank, owns_group=joins)
 
 
 def teardown_runtime(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
+    """Leave the process group if `setup_runtime` joined it (not one a caller such as the speedrun holds)."""
+    if rt.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
