@@ -135,6 +135,14 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "oops"}\n')
     with pytest.raises(ValueError, match="bad.jsonl"):
         sr.speedrun(run, chat=[str(bad)])
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    with pytest.raises(ValueError, match="weight"):
+        sr.speedrun(run, chat=[f"{good}:-1"])
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "a document"}\n')
+    with pytest.raises(sr.SpeedrunError, match="--val-docs must be at least 1"):
+        sr.speedrun(run, docs=docs, val_docs=0)
     assert not (run / "world").exists()
 
 

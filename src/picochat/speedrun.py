@@ -55,10 +55,10 @@ def _world(run: Path, preset) -> None:
 
 def _tokenizer(run: Path, preset, docs: Path | None) -> None:
     from picochat.data.sources import iter_documents
-    from picochat.tokenizer import Tokenizer, _limit_chars
+    from picochat.tokenizer import Tokenizer, limit_chars
 
     if not (run / "tokenizer" / "tokenizer.json").exists():
-        texts = _limit_chars(iter_documents(docs), TOKENIZER_CHARS) if docs else iter_documents(run / "world" / "docs")
+        texts = limit_chars(iter_documents(docs), TOKENIZER_CHARS) if docs else iter_documents(run / "world" / "docs")
         Tokenizer.train(texts, preset.vocab_size).save(run / "tokenizer")
 
 

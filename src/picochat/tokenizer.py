@@ -210,7 +210,8 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def _limit_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+def limit_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The texts, the last one cut, up to max_chars characters in all (a cap on tokenizer training text)."""
     seen = 0
     for text in texts:
         if seen >= max_chars:
@@ -248,7 +249,7 @@ def _cmd_train(args) -> None:
     from picochat.data.sources import iter_documents
 
     t0 = time.time()
-    texts = _limit_chars(iter_documents(args.input), int(args.max_chars))
+    texts = limit_chars(iter_documents(args.input), int(args.max_chars))
     tok = Tokenizer.train(texts, args.vocab_size, show_progress=True)
     path = tok.save(args.out)
     seconds = time.time() - t0
@@ -284,5 +285,5 @@ def _cmd_stats(args) -> None:
     from picochat.data.sources import iter_documents
 
     tok = Tokenizer.load(args.tokenizer)
-    bpt, n_bytes, n_tokens = tok.bytes_per_token(_limit_chars(iter_documents(args.input), int(args.max_chars)))
+    bpt, n_bytes, n_tokens = tok.bytes_per_token(limit_chars(iter_documents(args.input), int(args.max_chars)))
     print(f"{n_bytes:,} bytes -> {n_tokens:,} tokens: {bpt:.3f} bytes per token (vocab {tok.vocab_size})")
