@@ -123,6 +123,8 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
         ([json.dumps({"conversations": [{"from": "human"}]})], r"bad\.jsonl:1: turn 0: expected an object with 'from' and 'value'"),
         ([json.dumps({"instruction": "x", "output": 3})], r"bad\.jsonl:1: expected string fields 'instruction' and 'output'"),
         ([json.dumps({"instruction": "x", "output": ""})], r"bad\.jsonl:1: message 1: empty assistant message"),
+        ([json.dumps({"text": "a document"}), json.dumps({"text": ""})], r"bad\.jsonl:2: expected an object with a non-empty string 'text'"),
+        ([json.dumps({"text": "a document"}), json.dumps({"text": 7})], r"bad\.jsonl:2: expected an object with a non-empty string 'text'"),
     ],
 )
 def test_malformed_jsonl_names_file_and_line(tmp_path, lines, error):
@@ -210,6 +212,28 @@ def test_batches_shift_targets_and_mask_all_but_the_replies(small_tokenizer):
         assert tok.decode(row_y[trained].tolist()) == expected
         assert (row_x == EOT).sum() == len(numbers)  # each conversation starts with <|endoftext|>
         assert torch.all(row_y[row_x == PAD] == -100)
+
+
+def test_documents_are_read_and_trained_on_every_token_beside_conversations(tmp_path, small_tokenizer):
+    tok = small_tokenizer
+    texts = [f"Document {k} says that the river is {k} miles long." for k in range(12)]
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t, "style": "news"} for t in texts])
+    documents = list(read_conversations(path))
+    assert documents == [{"text": t} for t in texts]
+    conversations = numbered_conversations(12)
+    loader = ConversationLoader(conversations + documents, tok, batch_size=2, seq_len=256, pack=False)
+    assert loader.stats["documents"] == 12 and loader.stats["used"] == 24
+    seen_documents = 0
+    for _ in range(loader.steps_in_epoch(0)):
+        x, y = next(loader)
+        for row_x, row_y in zip(x, y):
+            trained = tok.decode(row_y[row_y != -100].tolist())
+            if trained in texts:  # a document: every token after its <|endoftext|>
+                seen_documents += 1
+                assert row_x[0] == EOT and tok.decode(row_x[row_x != PAD].tolist()) == "<|endoftext|>" + trained
+            else:  # a conversation: the reply only
+                assert trained.endswith("<|im_end|>") and "user" not in trained
+    assert seen_documents == 12
 
 
 def test_packing_fills_rows_and_padding_holds_one_each(small_tokenizer):

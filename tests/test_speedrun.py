@@ -177,4 +177,6 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
         assert (run / stage / "done.json").exists() and (run / stage / "eval.json").exists(), stage
     assert (run / "report.md").exists() and not (run / sr.FAILED).exists()
     assert out.stdout.count("[4/10] pretrain ...") == 1  # one rank tells the story
-    assert str(chats) in json.loads((run / "sft" / "model.json").read_text())["data"][-1]
+    sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
+    assert str(chats) in sft_data[-1]
+    assert not any("docs" in path for path in sft_data)  # no world documents replayed: pretraining read --docs

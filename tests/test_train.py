@@ -1,11 +1,13 @@
 """The training loop: schedule, a killed run resumes to the same weights, 2-process DDP equals 1 process,
 SFT on conversations, and base-model sampling."""
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 import time
 from dataclasses import replace
 
@@ -101,13 +103,15 @@ def test_pretrain_sft_sample_chat_end_to_end(tiny_run, tmp_path):
     run = fresh_copy(tiny_run, tmp_path, "e2e")
     out = picochat("pretrain", "--run", str(run), *TINY_MODEL_FLAGS, *TINY_TRAIN, "--max-steps", "30", "--eval-every", "15", "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    records = [__import__("json").loads(line) for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] - 0.5  # it learns
     assert 0 < records[-1]["val_bpb"] < records[14]["val_bpb"]
 
     out = picochat("sft", "--run", str(run), "--seq-len", "128", "--batch-size", "4", "--max-steps", "10", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert (run / "sft" / "done.json").exists()
+    sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
+    assert [Path(p).name for p in sft_data] == ["sft.jsonl", "tasks-sft.jsonl", "train-00000.jsonl"]  # documents replayed
 
     out = picochat("sample", "--run", str(run), "--prompt", "The capital of", "--max-tokens", "8", "--seed", "1")
     assert out.returncode == 0 and out.stdout.startswith("The capital of"), out.stderr

@@ -11,8 +11,8 @@ rerunning the same command after a crash picks up where it stopped.
 `--docs` pretrains on your documents (FineWeb-edu parquet, JSONL, text) instead of the world's: the
 tokenizer and the token shards are made from them, their first `--val-docs` documents held out for
 validation. The world is generated all the same: the evaluations, the SFT conversations and the word
-problems come from it. `--chat FILE[:WEIGHT]` adds conversation files to the SFT mixture beside the
-world's.
+problems come from it (SFT replays the world's documents only when pretraining read them, without
+`--docs`). `--chat FILE[:WEIGHT]` adds conversation files to the SFT mixture beside the world's.
 
 Under torchrun every process runs this loop. Pretraining and SFT train on all of them (DDP); the
 other stages run on rank 0 alone (RL in one process too) while the other ranks poll the stage's
@@ -77,11 +77,10 @@ def _pretrain(run: Path, preset_name: str, device: str) -> None:
     run_pretrain(run, preset_name, resume=True, device=device)
 
 
-def _sft(run: Path, preset_name: str, device: str, chat: list[str]) -> None:
-    from picochat.train.sft import WORLD_SFT_FILES, run_sft
+def _sft(run: Path, preset_name: str, device: str, chat: list[str], replay: bool) -> None:
+    from picochat.train.sft import run_sft, world_sft_data
 
-    data = ([str(run / "world" / name) for name in WORLD_SFT_FILES] + chat) if chat else None  # None: run_sft's default, the world's files
-    run_sft(run, preset_name, data=data, resume=True, device=device)
+    run_sft(run, preset_name, data=world_sft_data(run, replay) + chat, resume=True, device=device)
 
 
 def _rl(run: Path, preset_name: str, device: str) -> None:
@@ -119,7 +118,7 @@ def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[s
         ("shards", lambda run: _shards(run, preset, docs, val_docs), exists("shards", "manifest.json")),
         ("pretrain", lambda run: _pretrain(run, preset_name, device), exists("base", "done.json")),
         ("eval base", _evaluate("base", preset, device), exists("base", "eval.json")),
-        ("sft", lambda run: _sft(run, preset_name, device, chat or []), exists("sft", "done.json")),
+        ("sft", lambda run: _sft(run, preset_name, device, chat or [], replay=docs is None), exists("sft", "done.json")),
         ("eval sft", _evaluate("sft", preset, device), exists("sft", "eval.json")),
         ("rl", lambda run: _rl(run, preset_name, device), exists("rl", "done.json")),
         ("eval rl", _evaluate("rl", preset, device), exists("rl", "eval.json")),

@@ -4,7 +4,10 @@ Readers. `read_conversations(path, format="auto")` yields `{"messages": [...]}` 
 protocol's form (see `picochat.chat`) from:
 - OpenAI messages: `{"messages": [{"role", "content"}, ...]}` per line (JSONL) or in a JSON array;
 - ShareGPT: `{"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}, ...]}`;
-- Alpaca: `{"instruction", "input", "output"}`, `input` appended to the instruction when non-empty.
+- Alpaca: `{"instruction", "input", "output"}`, `input` appended to the instruction when non-empty;
+- documents: `{"text": ...}` (pretraining's JSONL, TRL's "language modeling" rows), yielded as
+  `{"text": str}` and trained on every token: replayed beside the conversations, they keep what
+  pretraining taught while SFT teaches the manner.
 Files may be JSON arrays or JSON lines, optionally gzipped; "auto" reads the format off the first
 record. Every conversation is validated as it is read; a malformed one raises ConversationError
 naming the file and the line (JSONL) or the array index (JSON). `from_messages`, `from_sharegpt`
@@ -34,7 +37,7 @@ from tqdm import tqdm
 
 from picochat.chat import ConversationError, render_batch, validate
 
-FORMATS = ("messages", "sharegpt", "alpaca")
+FORMATS = ("messages", "sharegpt", "alpaca", "text")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -91,7 +94,14 @@ def from_alpaca(record) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-CONVERTERS = {"messages": from_messages, "sharegpt": from_sharegpt, "alpaca": from_alpaca}
+def from_text(record) -> str:
+    """A document `{"text": str}` -> its text."""
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
+        raise ConversationError("expected an object with a non-empty string 'text'")
+    return record["text"]
+
+
+CONVERTERS = {"messages": from_messages, "sharegpt": from_sharegpt, "alpaca": from_alpaca, "text": from_text}
 
 
 def detect_format(record) -> str:
@@ -103,10 +113,12 @@ def detect_format(record) -> str:
             return "sharegpt"
         if "instruction" in record and "output" in record:
             return "alpaca"
+        if "text" in record:
+            return "text"
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise ConversationError(
         f"unknown conversation format (keys {keys}); expected 'messages' (OpenAI), 'conversations' (ShareGPT) "
-        "or 'instruction' and 'output' (Alpaca)"
+        "'instruction' and 'output' (Alpaca) or 'text' (a document)"
     )
 
 
@@ -142,7 +154,8 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def read_conversations(path: str | Path, format: str = "auto") -> Iterator[dict]:
-    """Yield `{"messages": [...]}` for each conversation in a file (see the module docstring)."""
+    """Yield `{"messages": [...]}` for each conversation in a file, `{"text": str}` for each document
+    of a documents file (see the module docstring)."""
     path = Path(path)
     if format != "auto" and format not in CONVERTERS:
         raise ValueError(f"unknown conversation format {format!r}; expected auto or one of {', '.join(FORMATS)}")
@@ -153,11 +166,12 @@ def read_conversations(path: str | Path, format: str = "auto") -> Iterator[dict]
         try:
             if convert is None:
                 convert = CONVERTERS[detect_format(record)]
-            messages = convert(record)
-            validate(messages, end="any")
+            converted = convert(record)
+            if convert is not from_text:
+                validate(converted, end="any")
         except ConversationError as e:
             raise ConversationError(f"{where}: {e}") from None
-        yield {"messages": messages}
+        yield {"text": converted} if convert is from_text else {"messages": converted}
 
 
 # --- training preparation and mixtures ----------------------------------------------------------------
@@ -220,6 +234,9 @@ def _pack_rows(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> list[
 
 class ConversationLoader:
     """SFT batches `(inputs, targets)`: int64 tensors of shape (batch_size, seq_len), like `ShardLoader`.
+
+    Items are conversations (messages, or `{"messages": [...]}`) or documents `{"text": str}`, which
+    are trained on every token, as in pretraining.
 
     Rows. Each conversation is rendered (`picochat.chat`) and placed whole in a row of seq_len + 1
     tokens; inputs are a row's first seq_len tokens, targets its last seq_len, with -100 wherever
@@ -321,15 +338,20 @@ class ConversationLoader:
 
 
 def _render_all(conversations: Sequence, tokenizer, capacity: int, too_long: str, show_progress: bool):
-    """Render the trainable conversations into flat token / trained arrays, with counts of what was cut."""
-    stats = {"conversations": len(conversations), "used": 0, "trimmed_to_last_reply": 0, "skipped_no_reply": 0,
-             "truncated": 0, "dropped_too_long": 0, "trained_tokens": 0}
+    """Render the trainable conversations (and documents) into flat token / trained arrays, with counts
+    of what was cut."""
+    stats = {"conversations": len(conversations), "documents": 0, "used": 0, "trimmed_to_last_reply": 0,
+             "skipped_no_reply": 0, "truncated": 0, "dropped_too_long": 0, "trained_tokens": 0}
+    bos = tokenizer.special_id("<|endoftext|>")
     tokens, trained, lengths = [], [], []
     bar = tqdm(total=len(conversations), desc="render conversations", unit="conv", disable=not show_progress)
     for first in range(0, len(conversations), RENDER_CHUNK):
-        chunk = []
+        chunk, documents = [], []  # documents: (position in chunk, text)
         for k in range(first, min(first + RENDER_CHUNK, len(conversations))):
             item = conversations[k]
+            if isinstance(item, dict) and "text" in item and "messages" not in item:
+                documents.append((len(chunk) + len(documents), item["text"]))
+                continue
             messages = item["messages"] if isinstance(item, dict) else item
             try:
                 validate(messages, end="any")
@@ -341,7 +363,12 @@ def _render_all(conversations: Sequence, tokenizer, capacity: int, too_long: str
                 continue
             stats["trimmed_to_last_reply"] += len(trimmed) < len(messages)
             chunk.append(trimmed)
-        for ids, mask in render_batch(chunk, tokenizer):
+        rendered = render_batch(chunk, tokenizer)
+        # A document is trained on every token after its `<|endoftext|>`, as in pretraining.
+        for (at, _), ids in zip(documents, tokenizer.encode_batch([text for _, text in documents])):
+            rendered.insert(at, ([bos] + ids, [0] + [1] * len(ids)))
+        stats["documents"] += len(documents)
+        for ids, mask in rendered:
             if len(ids) > capacity:
                 # Position 0 is never a target, so a cut conversation must keep a trained token after it.
                 if too_long == "drop" or not any(mask[1:capacity]):
