@@ -180,3 +180,26 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
     assert str(chats) in sft_data[-1]
     assert not any("docs" in path for path in sft_data)  # no world documents replayed: pretraining read --docs
+
+
+def test_a_rerun_with_other_inputs_is_refused_before_any_work(tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls, fail="pretrain"))
+    chats, run = write_chats(tmp_path / "chats.jsonl"), tmp_path / "run"
+    with pytest.raises(ValueError, match="pretrain broke"):  # a first attempt that stopped mid-way
+        sr.speedrun(run, chat=[f"{chats}:2"])
+    assert json.loads((run / sr.INPUTS).read_text()) == {"preset": "cpu", "docs": None, "val_docs": None,
+                                                          "chat": [f"{chats.resolve()}:2"]}
+    calls.clear()
+    for other in ([], [f"{chats}:3"], [str(chats)]):
+        with pytest.raises(sr.SpeedrunError, match=r"started with other inputs \(chat: was .*, or pick another --run"):
+            sr.speedrun(run, chat=other)
+    with pytest.raises(sr.SpeedrunError, match="preset: was 'cpu', now 'gpu-small'"):
+        sr.speedrun(run, "gpu-small", chat=[f"{chats}:2"])
+    assert calls == []
+    monkeypatch.chdir(tmp_path)  # the same inputs, written from another folder: resumed
+    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))
+    sr.speedrun(Path("run"), chat=["chats.jsonl:2.0"])
+    assert calls == ["pretrain", "eval base", "sft", "eval sft", "rl", "eval rl", "report"]

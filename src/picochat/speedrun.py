@@ -6,7 +6,9 @@
 
 world -> tokenizer -> shards -> pretrain -> eval -> SFT -> eval -> RL -> eval -> report. A stage whose
 output is complete is skipped; an interrupted training stage resumes from its last checkpoint, so
-rerunning the same command after a crash picks up where it stopped.
+rerunning the same command after a crash picks up where it stopped. The run folder remembers its
+inputs (`speedrun.json`: preset, `--docs`, `--val-docs`, `--chat`); a rerun with other inputs is
+refused before any work rather than resumed into a mix of two runs.
 
 `--docs` pretrains on your documents (FineWeb-edu parquet, JSONL, text) instead of the world's: the
 tokenizer and the token shards are made from them, their first `--val-docs` documents held out for
@@ -30,9 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from picochat.config import get_preset
+from picochat.io import atomic_write_json
 
 ALL_RANKS = ("pretrain", "sft")  # the DDP stages: every torchrun process trains
 FAILED = "speedrun-failed.json"  # rank 0's note that a stage failed, for the waiting ranks
+INPUTS = "speedrun.json"  # the inputs the run was started with
 POLL_SECONDS = 5.0
 DEFAULT_VAL_DOCS = 5000
 TOKENIZER_CHARS = 2_000_000_000  # the tokenizer trains on at most this much of --docs (as `picochat tokenizer train`)
@@ -146,6 +150,31 @@ def check_inputs(docs: Path | None, chat: list[str] | None, val_docs: int, read_
                 pass
 
 
+def run_inputs(preset_name: str, docs: Path | None, chat: list[str] | None, val_docs: int) -> dict:
+    """What decides a run's stages, with paths made absolute so a rerun from another folder compares equal."""
+    from picochat.train.sft import parse_data_spec
+
+    def chat_spec(spec: str) -> str:
+        path, weight = parse_data_spec(spec)
+        return str(path.resolve()) + ("" if weight is None else f":{weight:g}")
+
+    return {"preset": preset_name, "docs": str(Path(docs).resolve()) if docs else None,
+            "val_docs": val_docs if docs else None, "chat": [chat_spec(spec) for spec in chat or []]}
+
+
+def check_same_inputs(run: Path, inputs: dict) -> None:
+    """Record the run's inputs on its first start; refuse a rerun whose inputs differ."""
+    path = run / INPUTS
+    if not path.exists():
+        atomic_write_json(path, inputs)
+        return
+    before = json.loads(path.read_text())
+    changed = [f"{key}: was {before.get(key)!r}, now {value!r}" for key, value in inputs.items() if before.get(key) != value]
+    if changed:
+        raise SpeedrunError(f"{run} was started with other inputs ({'; '.join(changed)}); rerun with the same "
+                            f"ones to resume it, or pick another --run")
+
+
 def launch() -> tuple[int, int, str]:
     """(rank, world size, run id) of this process: torchrun's environment, or a single process."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("TORCHELASTIC_RUN_ID", "")
@@ -171,8 +200,9 @@ def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Pa
     run = Path(run)
     rank, world_size, run_id = launch()
     plan = stages(preset_name, device, docs, chat, val_docs)
+    inputs = run_inputs(preset_name, docs, chat, val_docs)
     if world_size == 1:
-        _lead(run, plan, world_size, run_id, docs, chat, val_docs)
+        _lead(run, plan, world_size, run_id, docs, chat, val_docs, inputs)
         return
     from picochat.train.common import setup_runtime, teardown_runtime
 
@@ -181,7 +211,7 @@ def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Pa
     group = setup_runtime(device)
     try:
         if rank == 0:
-            _lead(run, plan, world_size, run_id, docs, chat, val_docs)
+            _lead(run, plan, world_size, run_id, docs, chat, val_docs, inputs)
         else:
             check_inputs(docs, chat, val_docs, read_chat=False)  # rank 0 reads the conversations
             _follow(run, plan, run_id)
@@ -190,13 +220,14 @@ def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Pa
 
 
 def _lead(run: Path, plan: list, world_size: int, run_id: str, docs: Path | None, chat: list[str] | None,
-          val_docs: int) -> None:
+          val_docs: int, inputs: dict) -> None:
     """Rank 0 (or the only process): run every stage not yet complete, in order."""
     run.mkdir(parents=True, exist_ok=True)
     (run / FAILED).unlink(missing_ok=True)
     stage = "checking inputs"
     try:
         check_inputs(docs, chat, val_docs)
+        check_same_inputs(run, inputs)
         timings_path = run / "timings.json"
         timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
         t_all = time.time()
