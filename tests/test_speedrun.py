@@ -154,13 +154,17 @@ def test_docs_make_the_tokenizer_and_the_shards(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     plan = dict((name, action) for name, action, _ in sr.stages("cpu", "cpu", docs=docs, val_docs=40))
+    plan["world"](run)
+    for shard in (run / "world" / "docs").glob("*.jsonl"):
+        shard.unlink()
+    (run / "world" / "docs" / "train-00000.jsonl").write_text('{"text": "Quetzal is a town."}\n')  # a world of one document
     plan["tokenizer"](run)
     plan["shards"](run)
     tok = Tokenizer.load(run / "tokenizer")
-    assert len(tok.encode(" Quetzalcoatlus")) == 1  # learnt from --docs, not from a world (none was made)
+    assert len(tok.encode(" Quetzalcoatlus")) == 1  # learnt from --docs
     manifest = read_manifest(run / "shards")
-    assert [Path(s["path"]).name for s in manifest["sources"]] == ["part-0.jsonl"]
-    assert manifest["splits"]["val"]["documents"] == 40 and manifest["splits"]["train"]["documents"] == 360
+    assert [Path(s["path"]).name for s in manifest["sources"]] == ["part-0.jsonl", "train-00000.jsonl"]  # --docs, then the world's
+    assert manifest["splits"]["val"]["documents"] == 40 and manifest["splits"]["train"]["documents"] == 361
 
 
 @pytest.mark.slow
@@ -179,7 +183,7 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     assert out.stdout.count("[4/10] pretrain ...") == 1  # one rank tells the story
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
     assert str(chats) in sft_data[-1]
-    assert not any("docs" in path for path in sft_data)  # no world documents replayed: pretraining read --docs
+    assert Path(sft_data[2]).name == "train-00000.jsonl"  # the world's documents replayed: pretraining read them too
 
 
 def test_a_rerun_with_other_inputs_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -10,11 +10,14 @@ rerunning the same command after a crash picks up where it stopped. The run fold
 inputs (`speedrun.json`: preset, `--docs`, `--val-docs`, `--chat`); a rerun with other inputs is
 refused before any work rather than resumed into a mix of two runs.
 
-`--docs` pretrains on your documents (FineWeb-edu parquet, JSONL, text) instead of the world's: the
-tokenizer and the token shards are made from them, their first `--val-docs` documents held out for
-validation. The world is generated all the same: the evaluations, the SFT conversations and the word
-problems come from it (SFT replays the world's documents only when pretraining read them, without
-`--docs`). `--chat FILE[:WEIGHT]` adds conversation files to the SFT mixture beside the world's.
+`--docs` pretrains on your documents (FineWeb-edu parquet, JSONL, text) with the world's mixed in:
+the tokenizer is trained on yours, the token shards hold yours and then the world's (pretraining
+reads sequences in a random order, so they are spread over the whole run), and your first
+`--val-docs` documents are held out for validation. The world's documents stay in because the SFT
+conversations, the word problems and every evaluation come from the world: a base model that never
+read its facts would be taught by SFT to answer questions about entities it knows nothing of, the
+very way the lecture says hallucination is made. `--chat FILE[:WEIGHT]` adds conversation files to
+the SFT mixture beside the world's.
 
 Under torchrun every process runs this loop. Pretraining and SFT train on all of them (DDP); the
 other stages run on rank 0 alone (RL in one process too) while the other ranks poll the stage's
@@ -70,7 +73,7 @@ def _shards(run: Path, preset, docs: Path | None, val_docs: int) -> None:
     from picochat.data.shards import prepare
 
     if docs:
-        prepare(docs, run / "tokenizer", run / "shards", val_docs=val_docs)
+        prepare([docs, run / "world" / "docs"], run / "tokenizer", run / "shards", val_docs=val_docs)
     else:
         prepare(run / "world" / "docs", run / "tokenizer", run / "shards", val_inputs=run / "world" / "docs-val.jsonl")
 
@@ -81,10 +84,10 @@ def _pretrain(run: Path, preset_name: str, device: str) -> None:
     run_pretrain(run, preset_name, resume=True, device=device)
 
 
-def _sft(run: Path, preset_name: str, device: str, chat: list[str], replay: bool) -> None:
+def _sft(run: Path, preset_name: str, device: str, chat: list[str]) -> None:
     from picochat.train.sft import run_sft, world_sft_data
 
-    run_sft(run, preset_name, data=world_sft_data(run, replay) + chat, resume=True, device=device)
+    run_sft(run, preset_name, data=world_sft_data(run) + chat, resume=True, device=device)
 
 
 def _rl(run: Path, preset_name: str, device: str) -> None:
@@ -122,7 +125,7 @@ def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[s
         ("shards", lambda run: _shards(run, preset, docs, val_docs), exists("shards", "manifest.json")),
         ("pretrain", lambda run: _pretrain(run, preset_name, device), exists("base", "done.json")),
         ("eval base", _evaluate("base", preset, device), exists("base", "eval.json")),
-        ("sft", lambda run: _sft(run, preset_name, device, chat or [], replay=docs is None), exists("sft", "done.json")),
+        ("sft", lambda run: _sft(run, preset_name, device, chat or []), exists("sft", "done.json")),
         ("eval sft", _evaluate("sft", preset, device), exists("sft", "eval.json")),
         ("rl", lambda run: _rl(run, preset_name, device), exists("rl", "done.json")),
         ("eval rl", _evaluate("rl", preset, device), exists("rl", "eval.json")),
@@ -268,10 +271,10 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cpu", help="cpu, gpu-small or gpu-d20 (default cpu)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     parser.add_argument("--docs", type=Path, default=None, metavar="PATH",
-                        help="pretraining documents instead of the synthetic world's: a folder of FineWeb-edu parquet shards "
-                             "(as `picochat download` writes), or JSONL ({\"text\": ...}) / text files. The tokenizer and the "
-                             "token shards are made from them; the world still provides the evaluations, SFT conversations "
-                             "and word problems")
+                        help="pretraining documents beside the synthetic world's: a folder of FineWeb-edu parquet shards "
+                             "(as `picochat download` writes), or JSONL ({\"text\": ...}) / text files. The tokenizer is "
+                             "trained on them; pretraining reads them and the world's documents, whose facts the SFT "
+                             "conversations, word problems and evaluations ask about")
     parser.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS, metavar="N",
                         help=f"with --docs: the first N documents are the validation split (default {DEFAULT_VAL_DOCS})")
     parser.add_argument("--chat", nargs="+", default=None, metavar="FILE[:WEIGHT]",

@@ -34,10 +34,9 @@ WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl")  # world conversations, then 
 WORLD_REPLAY_FILE = "docs/train-00000.jsonl"
 
 
-def world_sft_data(run_dir: Path, replay: bool = True) -> list[str]:
-    """The world's SFT files in `run_dir`, with its replayed pretraining documents when `replay`."""
-    names = WORLD_SFT_FILES + ((WORLD_REPLAY_FILE,) if replay else ())
-    return [str(Path(run_dir) / "world" / name) for name in names]
+def world_sft_data(run_dir: Path) -> list[str]:
+    """The world's SFT files in `run_dir`: its conversations, word problems and replayed documents."""
+    return [str(Path(run_dir) / "world" / name) for name in WORLD_SFT_FILES + (WORLD_REPLAY_FILE,)]
 
 
 def parse_data_spec(spec: str) -> tuple[Path, float | None]:
