@@ -140,6 +140,19 @@ def test_groups_with_equal_rewards_are_left_out(small_tokenizer):
     assert policy_batch(tok, prompts, Rollouts(groups, torch.tensor([[0.0, 0.0], [1.0, 1.0]])), False) is None
 
 
+def test_training_rows_come_shortest_first_each_with_its_own_advantage(small_tokenizer):
+    tok = small_tokenizer
+    prompts = [[1, 40, 2], [1, 41, 42, 43, 2]]
+    groups = [[Completion([50, 51, 52, 53], FINISH_LENGTH), Completion([54], FINISH_STOP)],
+              [Completion([55, 56], FINISH_LENGTH), Completion([57], FINISH_LENGTH)]]
+    batch = policy_batch(tok, prompts, Rollouts(groups, torch.tensor([[1.0, 0.0], [0.0, 1.0]])), normalize_std=False)
+    lengths = (batch.mask.cumsum(dim=1).argmax(dim=1) + 2).tolist()  # tokens in each row: last trained target + 1
+    assert lengths == [5, 6, 7, 7]
+    first_sampled = [int(batch.targets[row, int(batch.mask[row].nonzero()[0])]) for row in range(4)]
+    assert first_sampled == [54, 57, 50, 55]
+    assert batch.advantages.tolist() == [-0.5, 0.5, 0.5, -0.5]
+
+
 def test_ppo_clipping_stops_the_gradient_outside_the_trust_region():
     old = torch.zeros(1, 2)
     logp = torch.log(torch.tensor([[1.5, 1.1]])).requires_grad_(True)  # ratios 1.5 (outside 1 +- 0.2) and 1.1
