@@ -184,7 +184,8 @@ def launch() -> tuple[int, int, str]:
 
 
 def write_failure(run: Path, stage: str, error: BaseException, run_id: str) -> None:
-    (run / FAILED).write_text(json.dumps({"stage": stage, "error": f"{type(error).__name__}: {error}", "run_id": run_id}))
+    # Atomic: the waiting ranks poll for this file and must never read half of it.
+    atomic_write_json(run / FAILED, {"stage": stage, "error": f"{type(error).__name__}: {error}", "run_id": run_id})
 
 
 def wait_for(run: Path, is_done: Callable[[Path], bool], run_id: str, poll_s: float = POLL_SECONDS) -> None:
@@ -243,7 +244,7 @@ def _lead(run: Path, plan: list, world_size: int, run_id: str, docs: Path | None
             t0 = time.time()
             action(run)
             timings[stage] = round(timings.get(stage, 0) + time.time() - t0, 2)
-            timings_path.write_text(json.dumps(timings, indent=2))
+            atomic_write_json(timings_path, timings)
             print(f"{header}: done in {time.time() - t0:.0f}s", flush=True)
     except BaseException as e:
         if world_size > 1:
@@ -279,6 +280,6 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
                         help=f"with --docs: the first N documents are the validation split (default {DEFAULT_VAL_DOCS})")
     parser.add_argument("--chat", nargs="+", default=None, metavar="FILE[:WEIGHT]",
                         help="conversation files (OpenAI messages JSONL; ShareGPT, Alpaca) added to the SFT mixture beside "
-                             "the world's sft.jsonl and tasks-sft.jsonl; FILE:WEIGHT for a weighted mixture (the world's "
-                             "files weigh 1)")
+                             "the world's conversations, word problems and replayed documents; FILE:WEIGHT for a weighted "
+                             "mixture (the world's files weigh 1)")
     parser.set_defaults(func=lambda args: speedrun(Path(args.run), args.preset, args.device, args.docs, args.chat, args.val_docs))

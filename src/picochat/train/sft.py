@@ -29,8 +29,8 @@ from picochat.train.pretrain import add_common_args
 
 WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl")  # world conversations, then worked word problems
 # The first shard of the world's pretraining documents (1 MB, 3,400 documents, on the cpu preset). On
-# the cpu preset, 200 steps without it took known-fact QA to 63% and fact completion to 80%; 300 steps
-# with it 75% and 98% (BENCHMARKS.md).
+# the cpu preset, 200 steps without it took known-fact QA to 63% and fact completion to 76%; with it,
+# 76% and 95% (BENCHMARKS.md).
 WORLD_REPLAY_FILE = "docs/train-00000.jsonl"
 
 
