@@ -264,6 +264,35 @@ def test_rl_run_writes_the_stage_and_a_killed_run_resumes_to_the_same_weights(rl
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
+def test_replay_adds_the_sft_loss_and_a_killed_run_resumes_to_the_same_weights(rl_run, tmp_path):
+    cfg = replace(TINY_RL, replay_coef=0.5, replay_batch=2)
+    straight = copy_run(rl_run, tmp_path, "straight")
+    run_rl(straight, cfg=cfg, device="cpu", reward_fn=odd_length_reward)
+    records = [json.loads(line) for line in (straight / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["replay_loss"] > 0 for r in records)  # the world's conversations, scored every step
+    without = copy_run(rl_run, tmp_path, "without")
+    run_rl(without, cfg=TINY_RL, device="cpu", reward_fn=odd_length_reward)
+    final = load_file(str(straight / "rl" / "model.safetensors"))
+    plain = load_file(str(without / "rl" / "model.safetensors"))
+    assert any(not torch.equal(final[name], plain[name]) for name in final)
+
+    killed = copy_run(rl_run, tmp_path, "killed")
+    calls = []
+
+    def dies_in_step_three(text, problem):
+        calls.append(1)
+        if len(calls) > 2 * cfg.problems_per_step * cfg.group_size:
+            raise KeyboardInterrupt
+        return odd_length_reward(text, problem)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(killed, cfg=cfg, device="cpu", reward_fn=dies_in_step_three)
+    run_rl(killed, cfg=cfg, device="cpu", reward_fn=odd_length_reward, resume=True)
+    resumed = load_file(str(killed / "rl" / "model.safetensors"))
+    for name in final:  # the replayed rows continue where the checkpoint left them
+        assert torch.equal(final[name], resumed[name]), name
+
+
 def test_rl_with_kl_and_ppo_clipping_runs(rl_run, tmp_path):
     run = copy_run(rl_run, tmp_path, "ppo")
     cfg = replace(TINY_RL, steps=2, kl_coef=0.05, clip_eps=0.2, ppo_epochs=2, normalize_std=True)
@@ -287,3 +316,7 @@ def test_settings_that_cannot_train_are_refused(rl_run):
         run_rl(rl_run, cfg=replace(TINY_RL, group_size=1), device="cpu")
     with pytest.raises(ValueError, match="--temperature must be positive"):
         run_rl(rl_run, cfg=replace(TINY_RL, temperature=0.0), device="cpu")
+    with pytest.raises(ValueError, match="--replay-coef must not be negative"):
+        run_rl(rl_run, cfg=replace(TINY_RL, replay_coef=-1.0), device="cpu")
+    with pytest.raises(ValueError, match="--replay-batch must be at least 1"):
+        run_rl(rl_run, cfg=replace(TINY_RL, replay_batch=0), device="cpu")

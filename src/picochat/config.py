@@ -62,8 +62,11 @@ class RLConfig:
     eval_k: int = knob(8, "samples per problem for pass@k")
     eval_every: int = knob(0, "steps between held-out evaluations (0: only at the end)")
     ckpt_every: int = knob(20, "steps between checkpoints (0: only at the end)")
+    replay_coef: float = knob(0.0, "weight of the SFT loss on replayed conversations and documents, added to every "
+                                   "step's policy loss (0: off); keeps what the SFT model knew while RL sharpens problem solving")
+    replay_batch: int = knob(8, "replayed rows (of the model's context length) per step, with replay_coef")
     dtype: str = knob("float32", "float32, or bfloat16 (autocast) for the policy-gradient forward/backward")
-    seed: int = knob(0, "seed of problem order and sampling")
+    seed: int = knob(0, "seed of problem order, sampling and the replayed rows")
 
 
 @dataclass

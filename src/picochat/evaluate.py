@@ -3,7 +3,8 @@
 - fact completion (base model): greedy continuation of "The capital of Varnia is" must start with
   the answer, on phrasings no training document uses;
 - known-fact QA and "I don't know" (chat model): questions about held-out facts, which SFT never
-  showed, and about entities that do not exist;
+  showed, and about entities that do not exist; seen-fact QA asks as many questions about facts SFT
+  did show (what a later stage such as RL must not make the model forget);
 - pass@1 / pass@k (chat model): word problems with checkable answers, k samples each.
 
     picochat eval --run runs/demo --stage sft         # writes runs/demo/sft/eval.json
@@ -113,6 +114,8 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
     }
     if stage != "base":
         metrics.update(qa_metrics(model, tok, read_jsonl(world_dir / "eval" / "qa.jsonl")))
+        seen = [row for row in read_jsonl(world_dir / "eval" / "qa-train.jsonl") if row["kind"] == "known"]
+        metrics["seen_fact_qa"] = qa_metrics(model, tok, seen)["known_fact_qa"]
         problems = read_jsonl(world_dir / "eval" / "tasks.jsonl")[:n_problems]
         metrics.update(problem_metrics(model, tok, problems, k))
     atomic_write_json(stage_dir / "eval.json", metrics)

@@ -14,12 +14,14 @@ import torch
 
 from picochat.checkpoint import STAGES, atomic_write_bytes, atomic_write_json
 
-METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "known_fact_idk", "unknown_idk", "pass@1", "pass@k"]
+METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "seen_fact_qa", "known_fact_idk",
+           "unknown_idk", "pass@1", "pass@k"]
 METRIC_MEANING = {
     "val_bpb": "validation bits per byte (lower is better)",
     "fact_completion": "completes a fact in a phrasing no document used",
     "fact_completion_train_phrasing": "completes a fact in a training phrasing",
     "known_fact_qa": "answers questions about facts SFT never showed",
+    "seen_fact_qa": "answers questions about facts SFT showed",
     "known_fact_idk": "says \"I don't know\" about a known fact (lower is better)",
     "unknown_idk": "says \"I don't know\" about entities that do not exist",
     "pass@1": "word problems solved, one sample",
@@ -63,7 +65,16 @@ def stage_figures(run: Path) -> dict:
     return {"stages": stages}
 
 
-def _plot_losses(run: Path) -> list[str]:
+def _save_figure(fig, run: Path, name: str) -> None:
+    tmp = run / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, run / name)
+
+
+def _plot_curves(run: Path) -> list[str]:
+    """Training curves: loss and validation bits per byte for pretraining and SFT; for RL, what a
+    reader can judge (mean reward and the share of problems with a right sample, per step, and the
+    reply length), not the policy-gradient loss, which hovers around zero by construction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,25 +83,34 @@ def _plot_losses(run: Path) -> list[str]:
     written = []
     for stage in STAGES:
         records = _read_metrics(run / stage / "metrics.jsonl")
-        key = "loss" if records and "loss" in records[0] else "mean_reward"
-        if not records or key not in records[0]:
+        if not records:
             continue
+        steps = [r["step"] for r in records]
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.plot([r["step"] for r in records], [r[key] for r in records], label=f"train {key}", lw=1)
-        val = [r for r in records if "val_bpb" in r]
-        if val:
+        if stage == "rl":
+            ax.plot(steps, [r["reward"] for r in records], label="mean reward", lw=1)
+            ax.plot(steps, [r["pass_rate"] for r in records], label="problems with a right sample", lw=1)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("share")
+            ax.legend(loc="lower right", fontsize=8)
             ax2 = ax.twinx()
-            ax2.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", color="tab:red", label="val bits/byte")
-            ax2.set_ylabel("val bits per byte")
+            ax2.plot(steps, [r["response_len"] for r in records], color="tab:gray", lw=0.8, ls="--")
+            ax2.set_ylabel("reply length (tokens, dashed)")
+            name, title = "rl_reward.png", "rl: reward per step"
+        else:
+            ax.plot(steps, [r["loss"] for r in records], label="train loss", lw=1)
+            val = [r for r in records if "val_bpb" in r]
+            if val:
+                ax2 = ax.twinx()
+                ax2.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", color="tab:red", label="val bits/byte")
+                ax2.set_ylabel("val bits per byte")
+            ax.set_ylabel("loss")
+            name, title = f"{stage}_loss.png", f"{stage}: loss"
         ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(f"{stage}: {key}")
+        ax.set_title(title)
         fig.tight_layout()
-        name = f"{stage}_{key}.png"
-        tmp = run / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        _save_figure(fig, run, name)
         plt.close(fig)
-        os.replace(tmp, run / name)
         written.append(name)
     return written
 
@@ -122,9 +142,19 @@ def _side_by_side(run: Path) -> list[dict]:
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension (the CPU decides float rounding and speed)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    name = names[0] if names else (platform.processor() or platform.machine())
+    return f"{name} ({vector})" if vector else name
+
+
 def _machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def _fmt(value) -> str:
@@ -139,7 +169,7 @@ def write_report(run: Path) -> dict:
     run = Path(run)
     figures = stage_figures(run)
     figures["machine"] = _machine()
-    plots = _plot_losses(run)
+    plots = _plot_curves(run)
     side = _side_by_side(run)
     figures["side_by_side"] = side
     stages = figures["stages"]

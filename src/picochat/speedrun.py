@@ -28,6 +28,7 @@ folder, and the waiting ranks stop with its message instead of waiting forever.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -78,26 +79,29 @@ def _shards(run: Path, preset, docs: Path | None, val_docs: int) -> None:
         prepare(run / "world" / "docs", run / "tokenizer", run / "shards", val_inputs=run / "world" / "docs-val.jsonl")
 
 
-def _pretrain(run: Path, preset_name: str, device: str) -> None:
+def _pretrain(run: Path, preset_name: str, device: str, seed: int) -> None:
     from picochat.train.pretrain import run_pretrain
 
-    run_pretrain(run, preset_name, resume=True, device=device)
+    cfg = dataclasses.replace(get_preset(preset_name).pretrain, seed=seed)
+    run_pretrain(run, preset_name, cfg, resume=True, device=device)
 
 
-def _sft(run: Path, preset_name: str, device: str, chat: list[str]) -> None:
+def _sft(run: Path, preset_name: str, device: str, chat: list[str], seed: int) -> None:
     from picochat.train.sft import run_sft, world_sft_data
 
-    run_sft(run, preset_name, data=world_sft_data(run) + chat, resume=True, device=device)
+    cfg = dataclasses.replace(get_preset(preset_name).sft, seed=seed)
+    run_sft(run, preset_name, cfg, data=world_sft_data(run) + chat, resume=True, device=device)
 
 
-def _rl(run: Path, preset_name: str, device: str) -> None:
+def _rl(run: Path, preset_name: str, device: str, seed: int) -> None:
     from picochat.train.rl import run_rl
 
-    run_rl(run, preset_name, resume=True, device=device, join_group=False)  # one process, even under torchrun
+    cfg = dataclasses.replace(get_preset(preset_name).rl, seed=seed)
+    run_rl(run, preset_name, cfg, resume=True, device=device, join_group=False)  # one process, even under torchrun
 
 
 def _evaluate(stage: str, preset, device: str) -> Callable:
-    def run_eval(run: Path, *_):
+    def run_eval(run: Path):
         import torch
 
         from picochat.evaluate import evaluate_stage
@@ -108,26 +112,27 @@ def _evaluate(stage: str, preset, device: str) -> Callable:
     return run_eval
 
 
-def _report(run: Path, *_) -> None:
+def _report(run: Path) -> None:
     from picochat.report import write_report
 
     write_report(run)
 
 
 def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[str] | None = None,
-           val_docs: int = DEFAULT_VAL_DOCS) -> list[tuple[str, Callable, Callable[[Path], bool]]]:
-    """(name, action(run, preset), is_done(run)) in pipeline order."""
+           val_docs: int = DEFAULT_VAL_DOCS, seed: int = 0) -> list[tuple[str, Callable, Callable[[Path], bool]]]:
+    """(name, action(run), is_done(run)) in pipeline order. `seed` seeds every training stage (initial
+    weights, data order, RL's sampling); the world, its data and the evaluations stay the same."""
     preset = get_preset(preset_name)
     exists = lambda *parts: (lambda run: run.joinpath(*parts).exists())  # noqa: E731
     return [
         ("world", lambda run: _world(run, preset), exists("world", "eval", "tasks.jsonl")),
         ("tokenizer", lambda run: _tokenizer(run, preset, docs), exists("tokenizer", "tokenizer.json")),
         ("shards", lambda run: _shards(run, preset, docs, val_docs), exists("shards", "manifest.json")),
-        ("pretrain", lambda run: _pretrain(run, preset_name, device), exists("base", "done.json")),
+        ("pretrain", lambda run: _pretrain(run, preset_name, device, seed), exists("base", "done.json")),
         ("eval base", _evaluate("base", preset, device), exists("base", "eval.json")),
-        ("sft", lambda run: _sft(run, preset_name, device, chat or []), exists("sft", "done.json")),
+        ("sft", lambda run: _sft(run, preset_name, device, chat or [], seed), exists("sft", "done.json")),
         ("eval sft", _evaluate("sft", preset, device), exists("sft", "eval.json")),
-        ("rl", lambda run: _rl(run, preset_name, device), exists("rl", "done.json")),
+        ("rl", lambda run: _rl(run, preset_name, device, seed), exists("rl", "done.json")),
         ("eval rl", _evaluate("rl", preset, device), exists("rl", "eval.json")),
         ("report", _report, lambda run: False),
     ]
@@ -153,7 +158,7 @@ def check_inputs(docs: Path | None, chat: list[str] | None, val_docs: int, read_
                 pass
 
 
-def run_inputs(preset_name: str, docs: Path | None, chat: list[str] | None, val_docs: int) -> dict:
+def run_inputs(preset_name: str, docs: Path | None, chat: list[str] | None, val_docs: int, seed: int = 0) -> dict:
     """What decides a run's stages, with paths made absolute so a rerun from another folder compares equal."""
     from picochat.train.sft import parse_data_spec
 
@@ -162,7 +167,7 @@ def run_inputs(preset_name: str, docs: Path | None, chat: list[str] | None, val_
         return str(path.resolve()) + ("" if weight is None else f":{weight:g}")
 
     return {"preset": preset_name, "docs": str(Path(docs).resolve()) if docs else None,
-            "val_docs": val_docs if docs else None, "chat": [chat_spec(spec) for spec in chat or []]}
+            "val_docs": val_docs if docs else None, "chat": [chat_spec(spec) for spec in chat or []], "seed": seed}
 
 
 def check_same_inputs(run: Path, inputs: dict) -> None:
@@ -172,6 +177,7 @@ def check_same_inputs(run: Path, inputs: dict) -> None:
         atomic_write_json(path, inputs)
         return
     before = json.loads(path.read_text())
+    before.setdefault("seed", 0)  # runs started before --seed existed
     changed = [f"{key}: was {before.get(key)!r}, now {value!r}" for key, value in inputs.items() if before.get(key) != value]
     if changed:
         raise SpeedrunError(f"{run} was started with other inputs ({'; '.join(changed)}); rerun with the same "
@@ -200,11 +206,11 @@ def wait_for(run: Path, is_done: Callable[[Path], bool], run_id: str, poll_s: fl
 
 
 def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Path | None = None,
-             chat: list[str] | None = None, val_docs: int = DEFAULT_VAL_DOCS) -> None:
+             chat: list[str] | None = None, val_docs: int = DEFAULT_VAL_DOCS, seed: int = 0) -> None:
     run = Path(run)
     rank, world_size, run_id = launch()
-    plan = stages(preset_name, device, docs, chat, val_docs)
-    inputs = run_inputs(preset_name, docs, chat, val_docs)
+    plan = stages(preset_name, device, docs, chat, val_docs, seed)
+    inputs = run_inputs(preset_name, docs, chat, val_docs, seed)
     if world_size == 1:
         _lead(run, plan, world_size, run_id, docs, chat, val_docs, inputs)
         return
@@ -282,4 +288,8 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
                         help="conversation files (OpenAI messages JSONL; ShareGPT, Alpaca) added to the SFT mixture beside "
                              "the world's conversations, word problems and replayed documents; FILE:WEIGHT for a weighted "
                              "mixture (the world's files weigh 1)")
-    parser.set_defaults(func=lambda args: speedrun(Path(args.run), args.preset, args.device, args.docs, args.chat, args.val_docs))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of every training stage: initial weights, data order, RL's problems and samples "
+                             "(default 0; the world and the evaluation sets do not change with it)")
+    parser.set_defaults(func=lambda args: speedrun(Path(args.run), args.preset, args.device, args.docs, args.chat,
+                                                   args.val_docs, args.seed))

@@ -12,6 +12,12 @@ divided by the number of trained tokens in the whole step (token-level normalisa
 and nanochat). Optional: a KL penalty to the frozen starting model (`kl_coef`) and PPO-style
 ratio clipping over several updates on the same samples (`clip_eps`, `ppo_epochs`).
 
+Replay (`replay_coef`, InstructGPT's "PPO-ptx"): every step also takes the SFT loss on a batch of
+the SFT mixture (the world's conversations, word problems and documents by default; `--replay` for
+other files) and adds it, weighted, to the policy loss. The policy gradient only ever sees word
+problems; without replay it is free to move what the model knows about everything else, and how far
+it moves depends on the seed and the CPU's rounding (BENCHMARKS.md, "RL over seeds").
+
     picochat rl --run runs/demo                        # <run>/sft -> <run>/rl, problems from the world
     picochat rl --run runs/x --problems gsm8k/train.jsonl --heldout gsm8k/test.jsonl --preset gpu-small
 
@@ -37,6 +43,7 @@ from tqdm import tqdm
 from picochat.chat import render_for_reply
 from picochat.checkpoint import atomic_write_json, latest_checkpoint, load_model, load_training_state, save_model, save_training_state
 from picochat.config import RLConfig, TrainConfig, add_dataclass_args, apply_overrides, get_preset
+from picochat.data.conversations import ConversationLoader
 from picochat.data.tasks import read_gsm8k, reward
 from picochat.engine import FINISH_STOP, Completion, generate
 from picochat.evaluate import problem_metrics
@@ -45,6 +52,7 @@ from picochat.model import Transformer
 from picochat.tokenizer import Tokenizer
 from picochat.train.common import MetricsLog, Runtime, TrainingError, autocast, build_optimizers, setup_runtime, teardown_runtime
 from picochat.train.pretrain import add_common_args
+from picochat.train.sft import load_mixture, world_sft_data
 
 RewardFn = Callable[[str, dict], float]
 
@@ -90,7 +98,7 @@ def problems_for_step(n_problems: int, step: int, per_step: int, seed: int) -> l
 
 def check_config(cfg: RLConfig) -> None:
     """Refuse settings that cannot train, with the flag to change."""
-    positive = ("steps", "problems_per_step", "micro_batch", "ppo_epochs", "max_new_tokens")
+    positive = ("steps", "problems_per_step", "micro_batch", "ppo_epochs", "max_new_tokens", "replay_batch")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -98,7 +106,7 @@ def check_config(cfg: RLConfig) -> None:
         raise ValueError(f"--group-size must be at least 2 (advantages compare samples of a problem), got {cfg.group_size}")
     if not cfg.temperature > 0:
         raise ValueError(f"--temperature must be positive: RL learns from samples, got {cfg.temperature}")
-    for name in ("clip_eps", "kl_coef", "eval_problems", "eval_every", "ckpt_every"):
+    for name in ("clip_eps", "kl_coef", "replay_coef", "eval_problems", "eval_every", "ckpt_every"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
 
@@ -233,11 +241,13 @@ def policy_batch(tok: Tokenizer, prompts: Sequence[Sequence[int]], rollouts: Rol
     return build_batch(*zip(*rows)) if rows else None
 
 
-def update(model: Transformer, optimizers: list, batch: PolicyBatch, cfg: RLConfig, rt: Runtime,
-           reference: Transformer | None) -> dict:
-    """`ppo_epochs` optimizer steps on the batch, each accumulating micro-batches of `micro_batch` rows."""
-    n_tokens = int(batch.mask.sum())
-    chunks = [batch.rows(i, i + cfg.micro_batch) for i in range(0, len(batch.advantages), cfg.micro_batch)]
+def update(model: Transformer, optimizers: list, batch: PolicyBatch | None, cfg: RLConfig, rt: Runtime,
+           reference: Transformer | None, replay: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """`ppo_epochs` optimizer steps on the batch, each accumulating micro-batches of `micro_batch` rows,
+    plus `replay_coef` times the SFT loss on the `replay` rows (inputs, targets) at each of them."""
+    n_tokens = int(batch.mask.sum()) if batch is not None else 1
+    rows = len(batch.advantages) if batch is not None else 0
+    chunks = [batch.rows(i, i + cfg.micro_batch) for i in range(0, rows, cfg.micro_batch)]
     chunks = [PolicyBatch(*(t.to(rt.device) for t in (c.inputs, c.targets, c.mask, c.advantages))) for c in chunks]
     ref_logps = [None] * len(chunks)
     if reference is not None:
@@ -259,6 +269,12 @@ def update(model: Transformer, optimizers: list, batch: PolicyBatch, cfg: RLConf
                 totals["loss"] += loss.item()
                 for name, value in stats.items():
                     totals[name] = totals.get(name, 0.0) + value / n_tokens
+        if replay is not None:
+            with autocast(rt, cfg.dtype):
+                replay_loss = model(replay[0].to(rt.device), replay[1].to(rt.device))
+            (cfg.replay_coef * replay_loss).backward()
+            if epoch == 0:
+                totals["replay_loss"] = replay_loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         for opt in optimizers:
             opt.step()
@@ -307,8 +323,10 @@ def heldout_metrics(model: Transformer, tok: Tokenizer, problems: list[dict], cf
 
 def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init: Path | None = None,
            problems_path: Path | None = None, heldout_path: Path | None = None, resume: bool = False,
-           device: str = "auto", reward_fn: RewardFn = reward, join_group: bool = True) -> dict:
+           device: str = "auto", reward_fn: RewardFn = reward, join_group: bool = True,
+           replay: list[str] | None = None) -> dict:
     """Train `<init or run/sft>` with RL on the problems and write `<run>/rl/`; returns the summary.
+    With cfg.replay_coef > 0, `replay` (FILE[:WEIGHT] specs, default the world's SFT mixture) is replayed.
 
     join_group=False runs in one process even under torchrun (see `setup_runtime`)."""
     run_dir = Path(run_dir)
@@ -334,14 +352,23 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
         reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
         model.train()
         optimizers = build_optimizers(model, TrainConfig(optimizer="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay))
+        replay_loader = None
+        if cfg.replay_coef > 0:
+            replay = replay or world_sft_data(run_dir)
+            replay_loader = ConversationLoader(load_mixture(replay, cfg.seed), tok, batch_size=cfg.replay_batch,
+                                               seq_len=model.config.max_seq_len, seed=cfg.seed)
         step = 0
         if ckpt:
-            step = load_training_state(ckpt, model, optimizers)["step"]
+            meta = load_training_state(ckpt, model, optimizers)
+            step = meta["step"]
+            if replay_loader is not None:
+                replay_loader.load_state_dict(meta["replay_loader"])
             tqdm.write(f"rl: resuming from {ckpt} (step {step})")
             if step >= cfg.steps and (stage_dir / "done.json").exists():
                 return json.loads((stage_dir / "done.json").read_text())
         print(f"rl: {len(problems):,} problems from {problems_path} ({too_long} longer than the context left out), "
-              f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, from {init}")
+              f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, from {init}"
+              + (f"; replaying {cfg.replay_batch} rows a step of {', '.join(replay)}" if replay_loader else ""))
         metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=step)
         info = {"stage": "rl", "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": str(problems_path)}
         last: dict = {}
@@ -355,7 +382,11 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
                                      seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn)
             sample_s = time.perf_counter() - t0
             batch = policy_batch(tok, step_prompts, rollouts, cfg.normalize_std)
-            trained = update(model, optimizers, batch, cfg, rt, reference) if batch is not None else {"loss": 0.0}
+            replay_rows = next(replay_loader) if replay_loader is not None else None
+            if batch is None and replay_rows is None:
+                trained = {"loss": 0.0}
+            else:
+                trained = update(model, optimizers, batch, cfg, rt, reference, replay_rows)
             step += 1
             record = step_record(step, rollouts, trained, sample_s, time.perf_counter() - t0)
             if heldout and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
@@ -367,7 +398,8 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
                              "loss": record["loss"], "s": record["seconds"]}, refresh=False)
             bar.update(1)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-                save_training_state(stage_dir, step, model, optimizers, {"rl_config": asdict(cfg)})
+                loader_state = {"replay_loader": replay_loader.state_dict()} if replay_loader is not None else {}
+                save_training_state(stage_dir, step, model, optimizers, {"rl_config": asdict(cfg), **loader_state})
         bar.close()
         summary = {**last, "seconds": round(time.perf_counter() - t_start, 2), "rl_config": asdict(cfg)}
         save_model(stage_dir, model, info)
@@ -386,12 +418,16 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", default=None,
                         help="held-out problems for pass@1 / pass@k, same formats (default: <run>/world/eval/tasks.jsonl, "
                              "the set `picochat eval` uses)")
+    parser.add_argument("--replay", nargs="+", default=None, metavar="FILE[:WEIGHT]",
+                        help="with --replay-coef > 0: conversation or document files replayed with the SFT loss "
+                             "(default: the world's SFT mixture, as `picochat sft` trains on)")
     add_dataclass_args(parser, RLConfig)
     parser.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> None:
     cfg = apply_overrides(get_preset(args.preset).rl, args)
-    summary = run_rl(Path(args.run), args.preset, cfg, args.init, args.problems, args.heldout, args.resume, args.device)
+    summary = run_rl(Path(args.run), args.preset, cfg, args.init, args.problems, args.heldout, args.resume, args.device,
+                     replay=args.replay)
     shown = {k: summary[k] for k in ("reward", "heldout_pass@1", "heldout_pass@k", "seconds") if k in summary}
     print(f"rl: done {shown} -> {Path(args.run) / 'rl'}")
