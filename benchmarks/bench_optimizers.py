@@ -23,7 +23,8 @@ import torch
 
 from picochat.checkpoint import load_model
 from picochat.config import get_preset
-from picochat.evaluate import fact_completion, read_jsonl
+from picochat.evaluate import fact_completion
+from picochat.io import read_jsonl
 from picochat.speedrun import stages
 from picochat.tokenizer import Tokenizer
 from picochat.train.pretrain import run_pretrain

@@ -2,7 +2,7 @@
 
 import pytest
 
-from picochat.evaluate import read_jsonl
+from picochat.io import read_jsonl
 from picochat.io import atomic_write_json, atomic_write_text, iter_jsonl
 
 

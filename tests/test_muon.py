@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from picochat.config import TrainConfig
 from picochat.model import ModelConfig, Transformer
-from picochat.train.common import build_optimizers
+from picochat.train.loop import build_optimizers
 from picochat.train.muon import Muon, orthogonalize
 
 
@@ -60,7 +59,7 @@ def test_rejects_non_matrix_parameters_and_negative_settings():
 
 def test_build_optimizers_gives_hidden_matrices_to_muon():
     model = Transformer(ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=16))
-    muon, adamw = build_optimizers(model, TrainConfig(optimizer="muon"))
+    muon, adamw = build_optimizers(model, "muon", lr=3e-3)
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in in_muon}

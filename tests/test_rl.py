@@ -15,7 +15,7 @@ from picochat.config import RLConfig
 from picochat.engine import FINISH_LENGTH, FINISH_STOP, Completion
 from picochat.model import ModelConfig, Transformer
 from picochat.tokenizer import Tokenizer
-from picochat.train.common import TrainingError
+from picochat.train.loop import TrainingError
 from picochat.chat import render_for_reply
 from picochat.train.rl import (ProblemFileError, Rollouts, build_batch, group_advantages, policy_batch, policy_loss,
                                problems_for_step, read_problems, run_rl, sample_groups, token_log_probs, trained_tokens)

@@ -56,7 +56,7 @@ def fake_plan(calls: list, fail: str | None = None):
                 raise ValueError(f"{name} broke")
             (run_dir / f"{name}.done").touch()
         return run
-    names = ["world", "tokenizer", "shards", "pretrain", "eval base", "sft", "eval sft", "rl", "eval rl", "report"]
+    names = ["world", "tokenizer", "shards", "base", "eval base", "sft", "eval sft", "rl", "eval rl", "report"]
     return [(name, action(name), (lambda n: lambda run_dir: (run_dir / f"{n}.done").exists())(name)) for name in names]
 
 
@@ -101,7 +101,7 @@ def test_rank_0_runs_every_stage_and_records_a_failure_for_the_others(tmp_path, 
     with pytest.raises(ValueError, match="eval sft broke"):
         sr.speedrun(tmp_path)
     assert groups == ["joined", "left group"]  # one group for the whole run, left even on failure
-    assert calls == ["world", "tokenizer", "shards", "pretrain", "eval base", "sft", "eval sft"]
+    assert calls == ["world", "tokenizer", "shards", "base", "eval base", "sft", "eval sft"]
     note = json.loads((tmp_path / sr.FAILED).read_text())
     assert note == {"stage": "eval sft", "error": "ValueError: eval sft broke", "run_id": "run-a"}
 
@@ -122,7 +122,7 @@ def test_other_ranks_train_in_the_ddp_stages_wait_for_the_rest_and_stop_after_sf
     for name in ("world", "tokenizer", "shards", "eval base"):  # rank 0's work, already done
         (tmp_path / f"{name}.done").touch()
     sr.speedrun(tmp_path)  # would wait forever for rank 0's rl/report if it did not stop after sft
-    assert calls == ["pretrain", "sft"] and groups == ["joined", "left group"]
+    assert calls == ["base", "sft"] and groups == ["joined", "left group"]
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path):
@@ -190,7 +190,7 @@ def test_a_rerun_with_other_inputs_is_refused_before_any_work(tmp_path, monkeypa
     for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     calls = []
-    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls, fail="pretrain"))
+    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls, fail="base"))
     chats, run = write_chats(tmp_path / "chats.jsonl"), tmp_path / "run"
     with pytest.raises(ValueError, match="pretrain broke"):  # a first attempt that stopped mid-way
         sr.speedrun(run, chat=[f"{chats}:2"])
@@ -206,4 +206,4 @@ def test_a_rerun_with_other_inputs_is_refused_before_any_work(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # the same inputs, written from another folder: resumed
     monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))
     sr.speedrun(Path("run"), chat=["chats.jsonl:2.0"])
-    assert calls == ["pretrain", "eval base", "sft", "eval sft", "rl", "eval rl", "report"]
+    assert calls == ["base", "eval base", "sft", "eval sft", "rl", "eval rl", "report"]

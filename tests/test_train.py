@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from picochat.config import TrainConfig
-from picochat.train.common import lr_multiplier
+from picochat.train.loop import lr_multiplier
 
 from conftest import TINY_MODEL_FLAGS
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from picochat.chat import parse, render, render_for_reply
-from picochat.checkpoint import find_stage, load_model
+from picochat.run import Run
 from picochat.engine import stream
 from picochat.tokenizer import Tokenizer, iter_text, render_pieces
 
@@ -87,10 +86,7 @@ def _print_reply(session: ChatSession, text: str) -> None:
 
 
 def _cmd(args) -> int:
-    run = Path(args.run)
-    stage_dir = find_stage(run, args.stage)
-    model, _ = load_model(stage_dir, args.device)
-    tok = Tokenizer.load(run / "tokenizer")
+    model, tok, stage_dir = Run(args.run).load(args.stage, args.device)
     session = ChatSession(model, tok, args.system, args.temperature, args.top_k or None, args.top_p, args.max_tokens, args.seed)
     if args.prompt is not None:
         _print_reply(session, args.prompt)

@@ -148,3 +148,11 @@ def apply_overrides(config, args: argparse.Namespace, prefix: str = ""):
         if value is not None:
             changes[f.name] = value
     return dataclasses.replace(config, **changes)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every training stage takes: --run, --preset, --resume, --device."""
+    parser.add_argument("--run", required=True, help="run folder (holds tokenizer/, shards/, and the stages' outputs)")
+    parser.add_argument("--preset", default="cpu", help="named preset: cpu, gpu-small, gpu-d20 (default cpu)")
+    parser.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: cuda when available)")

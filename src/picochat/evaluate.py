@@ -21,16 +21,12 @@ import torch
 from tqdm import tqdm
 
 from picochat.chat import render_for_reply
-from picochat.checkpoint import atomic_write_json, find_stage, load_model
 from picochat.engine import generate
-from picochat.io import iter_jsonl
+from picochat.io import atomic_write_json, read_jsonl
+from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
 
 EVAL_BATCH = 64  # prompts decoded together
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [row for _, row in iter_jsonl(path)]
 
 
 @torch.inference_mode()
@@ -102,21 +98,18 @@ def problem_metrics(model, tok: Tokenizer, problems: list[dict], k: int, tempera
 
 def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200, device: str = "cpu") -> dict:
     """Every metric that applies to `stage`, written to `<run>/<stage>/eval.json`."""
-    run_dir = Path(run_dir)
-    stage_dir = find_stage(run_dir, stage)
-    model, _ = load_model(stage_dir, device)
-    tok = Tokenizer.load(run_dir / "tokenizer")
-    world_dir = run_dir / "world"
-    facts = read_jsonl(world_dir / "eval" / "fact_completion.jsonl")
+    run = Run(run_dir)
+    model, tok, stage_dir = run.load(stage, device)
+    facts = read_jsonl(run.eval_facts)
     metrics = {
         "fact_completion": fact_completion(model, tok, facts, "heldout"),
         "fact_completion_train_phrasing": fact_completion(model, tok, facts, "train"),
     }
     if stage != "base":
-        metrics.update(qa_metrics(model, tok, read_jsonl(world_dir / "eval" / "qa.jsonl")))
-        seen = [row for row in read_jsonl(world_dir / "eval" / "qa-train.jsonl") if row["kind"] == "known"]
+        metrics.update(qa_metrics(model, tok, read_jsonl(run.eval_questions)))
+        seen = [row for row in read_jsonl(run.eval_seen_questions) if row["kind"] == "known"]
         metrics["seen_fact_qa"] = qa_metrics(model, tok, seen)["known_fact_qa"]
-        problems = read_jsonl(world_dir / "eval" / "tasks.jsonl")[:n_problems]
+        problems = read_jsonl(run.eval_problems)[:n_problems]
         metrics.update(problem_metrics(model, tok, problems, k))
     atomic_write_json(stage_dir / "eval.json", metrics)
     return metrics
@@ -124,7 +117,7 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (e.g. runs/demo)")
-    parser.add_argument("--stage", required=True, choices=["base", "sft", "rl"], help="which model to evaluate")
+    parser.add_argument("--stage", required=True, choices=STAGES, help="which model to evaluate")
     parser.add_argument("--k", type=int, default=8, help="samples per word problem for pass@k (default 8)")
     parser.add_argument("--problems", type=int, default=200, help="held-out word problems (default 200)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

@@ -61,3 +61,17 @@ def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterato
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> list[Any]:
+    """Every row of a JSONL file (errors as `iter_jsonl`)."""
+    return [row for _, row in iter_jsonl(path, error)]
+
+
+def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
+    """A JSON file's value; a file that is not JSON raises `error` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None

@@ -5,14 +5,17 @@ answered by the base, SFT and RL models side by side, and time / tokens / FLOPs 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
 import torch
 
-from picochat.checkpoint import STAGES, atomic_write_bytes, atomic_write_json
+from picochat.checkpoint import load_model
+from picochat.evaluate import chat_replies, complete
+from picochat.io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
+from picochat.run import STAGES, Run
+from picochat.tokenizer import Tokenizer
 
 METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "seen_fact_qa", "known_fact_idk",
            "unknown_idk", "pass@1", "pass@k"]
@@ -36,18 +39,16 @@ SIDE_BY_SIDE_PROMPTS = [
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.exists() else []
 
 
 def stage_figures(run: Path) -> dict:
     """{"stages": {stage: {metric: value}}} from each stage's done.json and eval.json."""
-    timings = _read_json(run / "timings.json")
+    timings = _read_json(Run(run).timings)
     stages = {}
     for stage in STAGES:
         done, evaluation = _read_json(run / stage / "done.json"), _read_json(run / stage / "eval.json")
@@ -58,9 +59,8 @@ def stage_figures(run: Path) -> dict:
         for key in ("mean_reward", "steps"):
             if key in done:
                 figures[key] = done[key]
-        stage_name = {"base": "pretrain", "sft": "sft", "rl": "rl"}[stage]
-        if stage_name in timings:
-            figures["wall_seconds"] = timings[stage_name]
+        if stage in timings:
+            figures["wall_seconds"] = timings[stage]
         stages[stage] = figures
     return {"stages": stages}
 
@@ -117,14 +117,12 @@ def _plot_curves(run: Path) -> list[str]:
 
 def _side_by_side(run: Path) -> list[dict]:
     """The same prompts to every stage: the base model gets them as a document, the others as a chat."""
-    from picochat.checkpoint import load_model
     from picochat.data.world import load_world
-    from picochat.evaluate import chat_replies, complete, read_jsonl
-    from picochat.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(run / "tokenizer")
-    world = load_world(run / "world")
-    task = read_jsonl(run / "world" / "eval" / "tasks.jsonl")[0]["prompt"]
+    paths = Run(run)
+    tok = Tokenizer.load(paths.tokenizer)
+    world = load_world(paths.world)
+    task = read_jsonl(paths.eval_problems)[0]["prompt"]
     fill = {"country": world.of_kind("country")[0].name, "person": world.of_kind("person")[0].name, "task": task}
     prompts = [p.format(**fill) for p in SIDE_BY_SIDE_PROMPTS]
     rows = [{"prompt": p} for p in prompts]

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from picochat.checkpoint import find_stage, load_model
 from picochat.engine import stream
-from picochat.tokenizer import Tokenizer, iter_text
+from picochat.run import Run
+from picochat.tokenizer import iter_text
 
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +29,7 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd(args) -> None:
-    run = Path(args.run)
-    model, _ = load_model(find_stage(run, args.stage), args.device)
-    tok = Tokenizer.load(run / "tokenizer")
+    model, tok, _ = Run(args.run).load(args.stage, args.device)
     ids = [tok.eot_id] + tok.encode(args.prompt)
     sys.stdout.write(args.prompt)
     with torch.inference_mode():

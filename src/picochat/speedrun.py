@@ -35,10 +35,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from picochat.config import get_preset
-from picochat.io import atomic_write_json
+import torch
 
-ALL_RANKS = ("pretrain", "sft")  # the DDP stages: every torchrun process trains
+from picochat.config import get_preset
+from picochat.data.conversations import parse_data_spec, read_conversations
+from picochat.data.shards import prepare
+from picochat.data.sources import iter_documents, list_source_files
+from picochat.evaluate import evaluate_stage
+from picochat.io import atomic_write_json
+from picochat.report import write_report
+from picochat.run import Run
+from picochat.tokenizer import Tokenizer, limit_chars
+from picochat.train.loop import setup_runtime, teardown_runtime
+from picochat.train.pretrain import run_pretrain
+from picochat.train.rl import run_rl
+from picochat.train.sft import run_sft
+
+ALL_RANKS = ("base", "sft")  # the DDP stages: every torchrun process trains
 FAILED = "speedrun-failed.json"  # rank 0's note that a stage failed, for the waiting ranks
 INPUTS = "speedrun.json"  # the inputs the run was started with
 POLL_SECONDS = 5.0
@@ -61,61 +74,43 @@ def _world(run: Path, preset) -> None:
     write_tasks(world, n_sft=2000, n_rl=2000, n_eval=500, seed=0)  # eval/tasks.jsonl last: it marks the stage done
 
 
-def _tokenizer(run: Path, preset, docs: Path | None) -> None:
-    from picochat.data.sources import iter_documents
-    from picochat.tokenizer import Tokenizer, limit_chars
-
-    if not (run / "tokenizer" / "tokenizer.json").exists():
-        texts = limit_chars(iter_documents(docs), TOKENIZER_CHARS) if docs else iter_documents(run / "world" / "docs")
-        Tokenizer.train(texts, preset.vocab_size).save(run / "tokenizer")
+def _tokenizer(run: Run, preset, docs: Path | None) -> None:
+    texts = limit_chars(iter_documents(docs), TOKENIZER_CHARS) if docs else iter_documents(run.world_docs)
+    Tokenizer.train(texts, preset.vocab_size).save(run.tokenizer)
 
 
-def _shards(run: Path, preset, docs: Path | None, val_docs: int) -> None:
-    from picochat.data.shards import prepare
-
+def _shards(run: Run, docs: Path | None, val_docs: int) -> None:
     if docs:
-        prepare([docs, run / "world" / "docs"], run / "tokenizer", run / "shards", val_docs=val_docs)
+        prepare([docs, run.world_docs], run.tokenizer, run.shards, val_docs=val_docs)
     else:
-        prepare(run / "world" / "docs", run / "tokenizer", run / "shards", val_inputs=run / "world" / "docs-val.jsonl")
+        prepare(run.world_docs, run.tokenizer, run.shards, val_inputs=run.world_val_docs)
 
 
-def _pretrain(run: Path, preset_name: str, device: str, seed: int) -> None:
-    from picochat.train.pretrain import run_pretrain
-
+def _pretrain(run: Run, preset_name: str, device: str, seed: int) -> None:
     cfg = dataclasses.replace(get_preset(preset_name).pretrain, seed=seed)
-    run_pretrain(run, preset_name, cfg, resume=True, device=device)
+    run_pretrain(run.root, preset_name, cfg, resume=True, device=device)
 
 
-def _sft(run: Path, preset_name: str, device: str, chat: list[str], seed: int) -> None:
-    from picochat.train.sft import run_sft, world_sft_data
-
+def _sft(run: Run, preset_name: str, device: str, chat: list[str], seed: int) -> None:
     cfg = dataclasses.replace(get_preset(preset_name).sft, seed=seed)
-    run_sft(run, preset_name, cfg, data=world_sft_data(run) + chat, resume=True, device=device)
+    run_sft(run.root, preset_name, cfg, data=[str(path) for path in run.world_sft_data] + chat, resume=True, device=device)
 
 
-def _rl(run: Path, preset_name: str, device: str, seed: int) -> None:
-    from picochat.train.rl import run_rl
-
+def _rl(run: Run, preset_name: str, device: str, seed: int) -> None:
     cfg = dataclasses.replace(get_preset(preset_name).rl, seed=seed)
-    run_rl(run, preset_name, cfg, resume=True, device=device, join_group=False)  # one process, even under torchrun
+    run_rl(run.root, preset_name, cfg, resume=True, device=device, join_group=False)  # one process, even under torchrun
 
 
 def _evaluate(stage: str, preset, device: str) -> Callable:
-    def run_eval(run: Path):
-        import torch
-
-        from picochat.evaluate import evaluate_stage
-
+    def run_eval(run: Run):
         resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        evaluate_stage(run, stage, k=preset.rl.eval_k, n_problems=preset.rl.eval_problems, device=resolved)
+        evaluate_stage(run.root, stage, k=preset.rl.eval_k, n_problems=preset.rl.eval_problems, device=resolved)
 
     return run_eval
 
 
-def _report(run: Path) -> None:
-    from picochat.report import write_report
-
-    write_report(run)
+def _report(run: Run) -> None:
+    write_report(run.root)
 
 
 def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[str] | None = None,
@@ -123,28 +118,26 @@ def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[s
     """(name, action(run), is_done(run)) in pipeline order. `seed` seeds every training stage (initial
     weights, data order, RL's sampling); the world, its data and the evaluations stay the same."""
     preset = get_preset(preset_name)
-    exists = lambda *parts: (lambda run: run.joinpath(*parts).exists())  # noqa: E731
-    return [
-        ("world", lambda run: _world(run, preset), exists("world", "eval", "tasks.jsonl")),
-        ("tokenizer", lambda run: _tokenizer(run, preset, docs), exists("tokenizer", "tokenizer.json")),
-        ("shards", lambda run: _shards(run, preset, docs, val_docs), exists("shards", "manifest.json")),
-        ("pretrain", lambda run: _pretrain(run, preset_name, device, seed), exists("base", "done.json")),
-        ("eval base", _evaluate("base", preset, device), exists("base", "eval.json")),
-        ("sft", lambda run: _sft(run, preset_name, device, chat or [], seed), exists("sft", "done.json")),
-        ("eval sft", _evaluate("sft", preset, device), exists("sft", "eval.json")),
-        ("rl", lambda run: _rl(run, preset_name, device, seed), exists("rl", "done.json")),
-        ("eval rl", _evaluate("rl", preset, device), exists("rl", "eval.json")),
+    stage_file = lambda stage, name: (lambda run: (run.stage(stage) / name).exists())  # noqa: E731
+    plan = [
+        ("world", lambda run: _world(run.root, preset), lambda run: run.eval_problems.exists()),
+        ("tokenizer", lambda run: _tokenizer(run, preset, docs), lambda run: (run.tokenizer / "tokenizer.json").exists()),
+        ("shards", lambda run: _shards(run, docs, val_docs), lambda run: (run.shards / "manifest.json").exists()),
+        ("base", lambda run: _pretrain(run, preset_name, device, seed), stage_file("base", "done.json")),
+        ("eval base", _evaluate("base", preset, device), stage_file("base", "eval.json")),
+        ("sft", lambda run: _sft(run, preset_name, device, chat or [], seed), stage_file("sft", "done.json")),
+        ("eval sft", _evaluate("sft", preset, device), stage_file("sft", "eval.json")),
+        ("rl", lambda run: _rl(run, preset_name, device, seed), stage_file("rl", "done.json")),
+        ("eval rl", _evaluate("rl", preset, device), stage_file("rl", "eval.json")),
         ("report", _report, lambda run: False),
     ]
+    on_path = lambda f: (lambda path: f(Run(path)))  # noqa: E731  (the plan is driven with the run's Path)
+    return [(name, on_path(action), on_path(is_done)) for name, action, is_done in plan]
 
 
 def check_inputs(docs: Path | None, chat: list[str] | None, val_docs: int, read_chat: bool = True) -> None:
     """Fail before any work on inputs that would fail a stage hours later: every --docs file is found
     with a known format; every --chat file exists, has a valid weight and (read_chat) valid conversations."""
-    from picochat.data.conversations import read_conversations
-    from picochat.data.sources import list_source_files
-    from picochat.train.sft import parse_data_spec
-
     if docs is not None:
         list_source_files(docs)
         if val_docs < 1:
@@ -160,7 +153,6 @@ def check_inputs(docs: Path | None, chat: list[str] | None, val_docs: int, read_
 
 def run_inputs(preset_name: str, docs: Path | None, chat: list[str] | None, val_docs: int, seed: int = 0) -> dict:
     """What decides a run's stages, with paths made absolute so a rerun from another folder compares equal."""
-    from picochat.train.sft import parse_data_spec
 
     def chat_spec(spec: str) -> str:
         path, weight = parse_data_spec(spec)
@@ -172,7 +164,7 @@ def run_inputs(preset_name: str, docs: Path | None, chat: list[str] | None, val_
 
 def check_same_inputs(run: Path, inputs: dict) -> None:
     """Record the run's inputs on its first start; refuse a rerun whose inputs differ."""
-    path = run / INPUTS
+    path = Run(run).inputs
     if not path.exists():
         atomic_write_json(path, inputs)
         return
@@ -184,7 +176,7 @@ def check_same_inputs(run: Path, inputs: dict) -> None:
                             f"ones to resume it, or pick another --run")
 
 
-def launch() -> tuple[int, int, str]:
+def torchrun_env() -> tuple[int, int, str]:
     """(rank, world size, run id) of this process: torchrun's environment, or a single process."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("TORCHELASTIC_RUN_ID", "")
 
@@ -208,13 +200,12 @@ def wait_for(run: Path, is_done: Callable[[Path], bool], run_id: str, poll_s: fl
 def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Path | None = None,
              chat: list[str] | None = None, val_docs: int = DEFAULT_VAL_DOCS, seed: int = 0) -> None:
     run = Path(run)
-    rank, world_size, run_id = launch()
+    rank, world_size, run_id = torchrun_env()
     plan = stages(preset_name, device, docs, chat, val_docs, seed)
     inputs = run_inputs(preset_name, docs, chat, val_docs, seed)
     if world_size == 1:
         _lead(run, plan, world_size, run_id, docs, chat, val_docs, inputs)
         return
-    from picochat.train.common import setup_runtime, teardown_runtime
 
     # One process group for the whole run: under torchrun, joining a new group after leaving
     # pretraining's could hang at SFT's start (seen with gloo), so the stages share this one.
@@ -238,7 +229,7 @@ def _lead(run: Path, plan: list, world_size: int, run_id: str, docs: Path | None
     try:
         check_inputs(docs, chat, val_docs)
         check_same_inputs(run, inputs)
-        timings_path = run / "timings.json"
+        timings_path = Run(run).timings
         timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
         t_all = time.time()
         for i, (stage, action, is_done) in enumerate(plan, 1):

@@ -287,3 +287,8 @@ def _cmd_stats(args) -> None:
     tok = Tokenizer.load(args.tokenizer)
     bpt, n_bytes, n_tokens = tok.bytes_per_token(limit_chars(iter_documents(args.input), int(args.max_chars)))
     print(f"{n_bytes:,} bytes -> {n_tokens:,} tokens: {bpt:.3f} bytes per token (vocab {tok.vocab_size})")
+
+
+def token_byte_lengths(tok: Tokenizer) -> list[int]:
+    """UTF-8 length of every token (0 for special tokens), for bits-per-byte."""
+    return [0] * len(SPECIAL_TOKENS) + [len(tok.token_bytes(i)) for i in range(len(SPECIAL_TOKENS), tok.vocab_size)]

@@ -214,6 +214,33 @@ def mix(datasets: Sequence[tuple[Sequence, float]], n: int, seed: int = 0) -> li
     return [out[i] for i in rng.permutation(len(out))]
 
 
+def parse_data_spec(spec: str) -> tuple[Path, float | None]:
+    """`path` or `path:weight` -> (path, weight or None when not given)."""
+    path, sep, weight = spec.rpartition(":")
+    try:
+        value = float(weight) if sep else None
+    except ValueError:  # a colon that is part of the path
+        return Path(spec), None
+    if value is not None and value <= 0:
+        raise ValueError(f"{spec}: a mixture weight must be positive")
+    return Path(path if sep else spec), value
+
+
+def load_mixture(specs: list[str], seed: int) -> list[dict]:
+    """Read each dataset. Without weights they are simply concatenated; with weights, a mixture as
+    large as all of them together is drawn, each dataset's share set by its weight."""
+    datasets = []
+    for spec in specs:
+        path, weight = parse_data_spec(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such conversation file")
+        datasets.append((list(read_conversations(path)), weight))
+    if all(weight is None for _, weight in datasets):
+        return [conversation for items, _ in datasets for conversation in items]
+    weighted = [(items, 1.0 if weight is None else weight) for items, weight in datasets]
+    return mix(weighted, n=sum(len(items) for items, _ in weighted), seed=seed)
+
+
 # --- the SFT loader -----------------------------------------------------------------------------------
 def _pack_rows(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Best-fit decreasing: each conversation goes into the fullest row that still has room for it."""

@@ -14,19 +14,14 @@ from pathlib import Path
 
 import torch
 
-from picochat.config import TrainConfig, add_dataclass_args, apply_overrides, get_preset
+from picochat.config import TrainConfig, add_common_args, add_dataclass_args, apply_overrides, get_preset
 from picochat.data.shards import ShardLoader, iter_val_batches, read_manifest
 from picochat.model import ModelConfig, Transformer
-from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from picochat.train.common import evaluate_loss, setup_runtime, teardown_runtime, train
+from picochat.run import Run
+from picochat.tokenizer import Tokenizer, token_byte_lengths
+from picochat.train.loop import evaluate_loss, setup_runtime, teardown_runtime, train
 
 MODEL_FLAGS = ("n_layer", "d_model", "n_head", "n_kv_head")
-
-
-def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
-    """UTF-8 length of every token (0 for special tokens), for bits-per-byte."""
-    lengths = [0] * len(SPECIAL_TOKENS) + [len(tok.token_bytes(i)) for i in range(len(SPECIAL_TOKENS), tok.vocab_size)]
-    return torch.tensor(lengths, dtype=torch.float32)
 
 
 def model_config_for(preset_model: dict, vocab_size: int, seq_len: int, overrides: dict) -> ModelConfig:
@@ -37,16 +32,16 @@ def model_config_for(preset_model: dict, vocab_size: int, seq_len: int, override
 
 def run_pretrain(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = None, model_overrides: dict | None = None,
                  shards_dir: Path | None = None, resume: bool = False, device: str = "auto") -> dict:
-    run_dir = Path(run_dir)
-    shards_dir = Path(shards_dir) if shards_dir else run_dir / "shards"
+    run = Run(run_dir)
+    shards_dir = Path(shards_dir) if shards_dir else run.shards
     p = get_preset(preset)
     cfg = cfg or p.pretrain
     rt = setup_runtime(device)
     try:
-        tok = Tokenizer.load(run_dir / "tokenizer")
+        tok = Tokenizer.load(run.tokenizer)
         manifest = read_manifest(shards_dir)
         if manifest["tokenizer_fingerprint"] != tok.fingerprint:
-            raise ValueError(f"{shards_dir}: shards were made with another tokenizer than {run_dir / 'tokenizer'}")
+            raise ValueError(f"{shards_dir}: shards were made with another tokenizer than {run.tokenizer}")
         config = model_config_for(p.model, tok.vocab_size, cfg.seq_len, model_overrides or {})
         torch.manual_seed(cfg.seed)
         model = Transformer(config)
@@ -55,23 +50,16 @@ def run_pretrain(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = N
             print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {config.n_layer} layers x {config.d_model}, "
                   f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size:,} tokens per step, {cfg.max_steps} steps, device {rt.device}")
         loader = ShardLoader(shards_dir, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=rt.rank, world_size=rt.world_size, seed=cfg.seed)
-        token_bytes = token_byte_lengths(tok)
+        token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float32)
 
         def evaluate(m: Transformer) -> dict:
             batches = iter_val_batches(shards_dir, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches, rank=rt.rank, world_size=rt.world_size)
             return evaluate_loss(m, batches, rt, cfg.dtype, token_bytes)
 
-        return train(model, loader, cfg, run_dir / "base", rt, resume=resume, evaluate=evaluate,
+        return train(model, loader, cfg, run.stage("base"), rt, resume=resume, evaluate=evaluate,
                      info={"stage": "base", "preset": preset, "tokenizer": tok.fingerprint}, desc="pretrain")
     finally:
         teardown_runtime(rt)
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder (holds tokenizer/, shards/, and the stages' outputs)")
-    parser.add_argument("--preset", default="cpu", help="named preset: cpu, gpu-small, gpu-d20 (default cpu)")
-    parser.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: cuda when available)")
 
 
 def register_cli(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -38,21 +37,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from picochat.chat import render_for_reply
-from picochat.checkpoint import atomic_write_json, latest_checkpoint, load_model, load_training_state, save_model, save_training_state
-from picochat.config import RLConfig, TrainConfig, add_dataclass_args, apply_overrides, get_preset
-from picochat.data.conversations import ConversationLoader
+from picochat.checkpoint import load_model
+from picochat.config import RLConfig, add_common_args, add_dataclass_args, apply_overrides, get_preset
+from picochat.data.conversations import ConversationLoader, load_mixture
 from picochat.data.tasks import read_gsm8k, reward
 from picochat.engine import FINISH_STOP, Completion, generate
 from picochat.evaluate import problem_metrics
 from picochat.io import iter_jsonl
 from picochat.model import Transformer
+from picochat.run import Run
 from picochat.tokenizer import Tokenizer
-from picochat.train.common import MetricsLog, Runtime, TrainingError, autocast, build_optimizers, setup_runtime, teardown_runtime
-from picochat.train.pretrain import add_common_args
-from picochat.train.sft import load_mixture, world_sft_data
+from picochat.train.loop import Runtime, TrainingError, autocast, build_optimizers, run_steps, setup_runtime, teardown_runtime
 
 RewardFn = Callable[[str, dict], float]
 
@@ -299,12 +296,11 @@ def training_problems(tok: Tokenizer, path: Path, context: int) -> tuple[list[di
     return [problems[i] for i in fits], [prompts[i] for i in fits], len(problems) - len(fits)
 
 
-def step_record(step: int, rollouts: Rollouts, trained: dict, sample_s: float, step_s: float) -> dict:
+def step_record(rollouts: Rollouts, trained: dict, sample_s: float, step_s: float) -> dict:
     """The metrics of one step: reward, pass rate, reply length, the update's loss, time."""
     rewards = rollouts.rewards
     lengths = [len(c.tokens) for group in rollouts.completions for c in group]
     return {
-        "step": step,
         "reward": round(rewards.mean().item(), 4),
         "pass_rate": round((rewards.max(dim=1).values > 0).float().mean().item(), 4),
         "response_len": round(sum(lengths) / len(lengths), 2),
@@ -329,52 +325,33 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
     With cfg.replay_coef > 0, `replay` (FILE[:WEIGHT] specs, default the world's SFT mixture) is replayed.
 
     join_group=False runs in one process even under torchrun (see `setup_runtime`)."""
-    run_dir = Path(run_dir)
+    run = Run(run_dir)
     cfg = cfg or get_preset(preset).rl
     check_config(cfg)
-    stage_dir = run_dir / "rl"
-    init = Path(init) if init else run_dir / "sft"
-    problems_path = Path(problems_path) if problems_path else run_dir / "world" / "tasks-rl.jsonl"
-    heldout_path = Path(heldout_path) if heldout_path else run_dir / "world" / "eval" / "tasks.jsonl"
-    if (stage_dir / "done.json").exists() and not resume:
-        raise TrainingError(f"{stage_dir} is already complete; remove it or pick another --run")
-    ckpt = latest_checkpoint(stage_dir)
-    if ckpt and not resume:
-        raise TrainingError(f"{stage_dir} has a checkpoint ({ckpt.name}); pass --resume to continue it, or remove the folder")
+    init = Path(init) if init else run.stage("sft")
+    problems_path = Path(problems_path) if problems_path else run.rl_problems
+    heldout_path = Path(heldout_path) if heldout_path else run.eval_problems
     rt = setup_runtime(device, join_group)
     try:
         if rt.distributed:
             raise TrainingError("rl runs in one process; start it without torchrun")
-        tok = Tokenizer.load(run_dir / "tokenizer")
+        tok = Tokenizer.load(run.tokenizer)
         model, _ = load_model(init, rt.device)
         problems, prompts, too_long = training_problems(tok, problems_path, model.config.max_seq_len)
         heldout = read_problems(heldout_path)[: cfg.eval_problems] if cfg.eval_problems else []
         reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
         model.train()
-        optimizers = build_optimizers(model, TrainConfig(optimizer="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay))
-        replay_loader = None
+        optimizers = build_optimizers(model, "adamw", cfg.lr, weight_decay=cfg.weight_decay)
+        stateful = {}
         if cfg.replay_coef > 0:
-            replay = replay or world_sft_data(run_dir)
-            replay_loader = ConversationLoader(load_mixture(replay, cfg.seed), tok, batch_size=cfg.replay_batch,
-                                               seq_len=model.config.max_seq_len, seed=cfg.seed)
-        step = 0
-        if ckpt:
-            meta = load_training_state(ckpt, model, optimizers)
-            step = meta["step"]
-            if replay_loader is not None:
-                replay_loader.load_state_dict(meta["replay_loader"])
-            tqdm.write(f"rl: resuming from {ckpt} (step {step})")
-            if step >= cfg.steps and (stage_dir / "done.json").exists():
-                return json.loads((stage_dir / "done.json").read_text())
+            replay = replay or [str(path) for path in run.world_sft_data]
+            stateful["replay_loader"] = ConversationLoader(load_mixture(replay, cfg.seed), tok, batch_size=cfg.replay_batch,
+                                                           seq_len=model.config.max_seq_len, seed=cfg.seed)
         print(f"rl: {len(problems):,} problems from {problems_path} ({too_long} longer than the context left out), "
               f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, from {init}"
-              + (f"; replaying {cfg.replay_batch} rows a step of {', '.join(replay)}" if replay_loader else ""))
-        metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=step)
-        info = {"stage": "rl", "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": str(problems_path)}
-        last: dict = {}
-        bar = tqdm(total=cfg.steps, initial=step, desc="rl", dynamic_ncols=True)
-        t_start = time.perf_counter()
-        while step < cfg.steps:
+              + (f"; replaying {cfg.replay_batch} rows a step of {', '.join(replay)}" if stateful else ""))
+
+        def step_fn(step: int) -> dict:
             t0 = time.perf_counter()
             chosen = problems_for_step(len(problems), step, cfg.problems_per_step, cfg.seed)
             step_prompts = [prompts[i] for i in chosen]
@@ -382,29 +359,21 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
                                      seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn)
             sample_s = time.perf_counter() - t0
             batch = policy_batch(tok, step_prompts, rollouts, cfg.normalize_std)
-            replay_rows = next(replay_loader) if replay_loader is not None else None
+            replay_rows = next(stateful["replay_loader"]) if stateful else None
             if batch is None and replay_rows is None:
                 trained = {"loss": 0.0}
             else:
                 trained = update(model, optimizers, batch, cfg, rt, reference, replay_rows)
-            step += 1
-            record = step_record(step, rollouts, trained, sample_s, time.perf_counter() - t0)
-            if heldout and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            record = step_record(rollouts, trained, sample_s, time.perf_counter() - t0)
+            if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
                 record.update(heldout_metrics(model, tok, heldout, cfg))
-            record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
-            metrics.log(**record)
-            last = record
-            bar.set_postfix({"reward": record["reward"], "pass": record["pass_rate"], "len": record["response_len"],
-                             "loss": record["loss"], "s": record["seconds"]}, refresh=False)
-            bar.update(1)
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-                loader_state = {"replay_loader": replay_loader.state_dict()} if replay_loader is not None else {}
-                save_training_state(stage_dir, step, model, optimizers, {"rl_config": asdict(cfg), **loader_state})
-        bar.close()
-        summary = {**last, "seconds": round(time.perf_counter() - t_start, 2), "rl_config": asdict(cfg)}
-        save_model(stage_dir, model, info)
-        atomic_write_json(stage_dir / "done.json", summary)
-        return summary
+            return record
+
+        info = {"stage": "rl", "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": str(problems_path)}
+        return run_steps(run.stage("rl"), model, optimizers, rt, cfg.steps, step_fn, resume=resume,
+                         ckpt_every=cfg.ckpt_every, desc="rl", info=info, stateful=stateful,
+                         meta={"rl_config": asdict(cfg)}, summary={"rl_config": asdict(cfg)},
+                         postfix=("reward", "pass_rate", "response_len", "loss", "seconds"))
     finally:
         teardown_runtime(rt)
 

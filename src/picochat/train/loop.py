@@ -1,9 +1,10 @@
-"""The training loop shared by every stage: device, precision, distributed setup, optimizer, schedule,
-checkpoints, logging.
+"""The training loop every stage goes through: device, precision, distributed setup, optimizers,
+schedule, and `run_steps`, which owns a stage's bookkeeping (refuse a finished stage or a checkpoint
+without --resume, resume, log metrics, checkpoint, write the final model and `done.json`).
 
 Written once, as the lecture says: pretraining and SFT differ only in their data (a loader yielding
-`(inputs, targets)` with `targets == -100` where no loss is taken) and hyperparameters. RL reuses the
-runtime, optimizer, checkpoint and metrics pieces with its own sampling step.
+`(inputs, targets)` with `targets == IGNORE_INDEX` where no loss is taken) and hyperparameters, and
+`train` is their step; RL's step (sample, reward, update) is another function given to `run_steps`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from picochat.checkpoint import latest_checkpoint, load_training_state, save_model, save_training_state, atomic_write_json
+from picochat.checkpoint import latest_checkpoint, load_training_state, save_model, save_training_state
 from picochat.config import TrainConfig
-from picochat.model import Transformer
+from picochat.io import atomic_write_json
+from picochat.model import IGNORE_INDEX, Transformer
 from picochat.train.muon import Muon
 
 
@@ -84,8 +86,10 @@ def autocast(rt: Runtime, dtype: str):
     return contextlib.nullcontext()
 
 
-def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for the hidden 2-D matrices and AdamW for embeddings, head and norms."""
+def build_optimizers(model: Transformer, kind: str, lr: float, muon_lr: float = 0.02,
+                     weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+    """kind "adamw": AdamW for everything; "muon": Muon for the hidden 2-D matrices and AdamW for
+    embeddings, head and norms."""
     hidden, other = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -93,14 +97,14 @@ def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.O
         is_hidden_matrix = p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
         (hidden if is_hidden_matrix else other).append(p)
     fused = {"fused": True}  # one kernel per step instead of one per parameter; CPU and CUDA
-    if cfg.optimizer == "adamw":
-        groups = [{"params": hidden, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-        return [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, **fused)]
-    if cfg.optimizer == "muon":
-        muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95)
-        adamw = torch.optim.AdamW(other, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)
+    if kind == "adamw":
+        groups = [{"params": hidden, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+        return [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **fused)]
+    if kind == "muon":
+        muon = Muon(hidden, lr=muon_lr, weight_decay=weight_decay, momentum=0.95)
+        adamw = torch.optim.AdamW(other, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)
         return [muon, adamw]
-    raise ValueError(f"optimizer must be adamw or muon, not {cfg.optimizer!r}")
+    raise ValueError(f"optimizer must be adamw or muon, not {kind!r}")
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -163,7 +167,7 @@ def evaluate_loss(model: Transformer, batches: Iterator, rt: Runtime, dtype: str
     """Mean loss (nats per token) over the batches, and bits per byte when token byte lengths are given.
 
     Bits per byte = total loss in bits / total UTF-8 bytes of the predicted tokens, counting only
-    tokens with bytes (special tokens and -100 targets are excluded), so it compares across tokenizers.
+    tokens with bytes (special tokens and IGNORE_INDEX targets are excluded), so it compares across tokenizers.
     """
     model.eval()
     nats = tokens = 0.0
@@ -172,8 +176,8 @@ def evaluate_loss(model: Transformer, batches: Iterator, rt: Runtime, dtype: str
         x, y = x.to(rt.device), y.to(rt.device)
         with autocast(rt, dtype):
             logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none")
-        valid = y.flatten() != -100
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        valid = y.flatten() != IGNORE_INDEX
         nats += loss[valid].sum().item()
         tokens += valid.sum().item()
         if token_bytes is not None:
@@ -189,6 +193,67 @@ def evaluate_loss(model: Transformer, batches: Iterator, rt: Runtime, dtype: str
     if token_bytes is not None and n_bytes:
         out["val_bpb"] = bpb_nats / (math.log(2) * n_bytes)
     return out
+
+
+def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime, steps: int,
+              step_fn: Callable[[int], dict], *, resume: bool, ckpt_every: int, desc: str, info: dict | None = None,
+              stateful: dict | None = None, meta: dict | None = None, summary: dict | None = None,
+              postfix: Sequence[str] = ()) -> dict:
+    """Run `step_fn(step)` for steps 0 .. steps-1 as a stage writing `stage_dir`; returns the summary.
+
+    `step_fn` does one optimizer step and returns its metrics record. The loop refuses a finished
+    stage, or a checkpoint, without `resume`; resumes weights, optimizers, RNG states and every
+    `stateful` object (state_dict / load_state_dict, e.g. a data loader) from the latest checkpoint;
+    logs each record with its step and elapsed time to `metrics.jsonl`; checkpoints every
+    `ckpt_every` steps and at the end (with `meta` in its meta.json); and writes the model and
+    `done.json` (the last record, the seconds and `summary`). Under DDP only rank 0 writes.
+    """
+    stage_dir = Path(stage_dir)
+    done = stage_dir / "done.json"
+    if done.exists() and not resume:
+        raise TrainingError(f"{stage_dir} is already complete; remove it or pick another --run")
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt and not resume:
+        raise TrainingError(f"{stage_dir} has a checkpoint ({ckpt.name}); pass --resume to continue it, or remove the folder")
+    stateful = stateful or {}
+    step = 0
+    if ckpt:
+        saved = load_training_state(ckpt, model, optimizers)
+        for name, obj in stateful.items():
+            obj.load_state_dict(saved[name])
+        step = saved["step"]
+        if rt.is_main:
+            tqdm.write(f"{desc}: resuming from {ckpt} (step {step})")
+    if step >= steps and done.exists():
+        return json.loads(done.read_text())
+
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=step, enabled=rt.is_main)
+    last: dict = {}
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while step < steps:
+        record = {"step": step + 1, **step_fn(step)}
+        step += 1
+        record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+        metrics.log(**record)
+        last = record
+        bar.set_postfix({k: record[k] for k in postfix if k in record}, refresh=False)
+        bar.update(1)
+        if (ckpt_every and step % ckpt_every == 0) or step == steps:
+            if rt.is_main:
+                state = {name: obj.state_dict() for name, obj in stateful.items()}
+                save_training_state(stage_dir, step, model, optimizers, {**state, **(meta or {})})
+            if rt.distributed:
+                dist.barrier()
+    bar.close()
+
+    result = {**last, "seconds": round(time.perf_counter() - t_start, 2), **(summary or {})}
+    if rt.is_main:
+        save_model(stage_dir, model, info)
+        atomic_write_json(done, result)
+    if rt.distributed:
+        dist.barrier()
+    return result
 
 
 def train(
@@ -209,43 +274,16 @@ def train(
     exactly the batches an uninterrupted one would. `evaluate(model)` returns metrics to log every
     `eval_every` steps and at the end. Returns the final metrics.
     """
-    stage_dir = Path(stage_dir)
-    if (stage_dir / "done.json").exists() and not resume:
-        raise TrainingError(f"{stage_dir} is already complete; remove it or pick another --run")
-    ckpt = latest_checkpoint(stage_dir)
-    if ckpt and not resume:
-        raise TrainingError(f"{stage_dir} has a checkpoint ({ckpt.name}); pass --resume to continue it, or remove the folder")
-
     model.to(rt.device).train()
-    optimizers = build_optimizers(model, cfg)
-    step = 0
-    if ckpt:
-        meta = load_training_state(ckpt, model, optimizers)
-        loader.load_state_dict(meta["loader"])
-        step = meta["step"]
-        if rt.is_main:
-            tqdm.write(f"{desc}: resuming from {ckpt} (step {step})")
-    if step >= cfg.max_steps and (stage_dir / "done.json").exists():
-        return json.loads((stage_dir / "done.json").read_text())
-
+    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.muon_lr, cfg.weight_decay)
     train_model = torch.compile(model) if cfg.compile else model
     if rt.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=step, enabled=rt.is_main)
     peak = measured_peak_flops(rt.device)
     flops_per_token = model.flops_per_token(cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
 
-    def checkpoint(at_step: int) -> None:
-        if rt.is_main:
-            save_training_state(stage_dir, at_step, model, optimizers, {"loader": loader.state_dict(), "train_config": asdict(cfg)})
-        if rt.distributed:
-            dist.barrier()
-
-    last: dict = {}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True)
-    t_start = time.perf_counter()
-    while step < cfg.max_steps:
+    def step_fn(step: int) -> dict:
         t0 = time.perf_counter()
         set_lr(optimizers, lr_multiplier(step, cfg))
         loss_sum = 0.0
@@ -262,31 +300,22 @@ def train(
             opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        step += 1
-
         if rt.distributed:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
-            raise TrainingError(f"{desc}: loss became {loss_value} at step {step}; lower the learning rate")
+            raise TrainingError(f"{desc}: loss became {loss_value} at step {step + 1}; lower the learning rate")
         dt = time.perf_counter() - t0
-        record = {"step": step, "loss": round(loss_value, 5), "lr_mult": round(lr_multiplier(step - 1, cfg), 5), "grad_norm": round(float(grad_norm), 4), "tokens": step * tokens_per_step, "tok_per_s": round(tokens_per_step / dt), "elapsed_s": round(time.perf_counter() - t_start, 2)}
+        record = {"loss": round(loss_value, 5), "lr_mult": round(lr_multiplier(step, cfg), 5),
+                  "grad_norm": round(float(grad_norm), 4), "tokens": (step + 1) * tokens_per_step,
+                  "tok_per_s": round(tokens_per_step / dt)}
         if peak:
             record["mfu"] = round(flops_per_token * tokens_per_step / dt / (peak * rt.world_size), 4)
-        if evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+        if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
             record.update(evaluate(model))
-        metrics.log(**record)
-        last = record
-        bar.set_postfix({k: record[k] for k in ("loss", "tok_per_s", "mfu", "val_bpb") if k in record}, refresh=False)
-        bar.update(1)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
-            checkpoint(step)
-    bar.close()
+        return record
 
-    summary = {**last, "seconds": round(time.perf_counter() - t_start, 2), "params": model.num_params(), "flops": flops_per_token * step * tokens_per_step}
-    if rt.is_main:
-        save_model(stage_dir, model, info)
-        atomic_write_json(stage_dir / "done.json", summary)
-    if rt.distributed:
-        dist.barrier()
-    return summary
+    return run_steps(stage_dir, model, optimizers, rt, cfg.max_steps, step_fn, resume=resume, ckpt_every=cfg.ckpt_every,
+                     desc=desc, info=info, stateful={"loader": loader}, meta={"train_config": asdict(cfg)},
+                     summary={"params": model.num_params(), "flops": flops_per_token * cfg.max_steps * tokens_per_step},
+                     postfix=("loss", "tok_per_s", "mfu", "val_bpb"))

@@ -1,0 +1,113 @@
+"""The run folder: where every stage reads and writes, one name per stage, and loading a stage.
+
+    runs/<name>/
+      world/            the synthetic world's files (documents, SFT data, problems, evaluation sets)
+      tokenizer/        tokenizer.json
+      shards/           token shards and manifest.json
+      base/ sft/ rl/    one folder per training stage, laid out as `picochat.checkpoint` says;
+                        `base` is pretraining's output, the base model
+      speedrun.json     the inputs the speedrun was started with; timings.json: seconds per stage
+      report.md, report.json, *.png   the report card
+
+`Run(path)` names each of these; nothing else in the package writes a path literal into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from picochat.checkpoint import CheckpointError, load_model
+from picochat.model import Transformer
+from picochat.tokenizer import Tokenizer
+
+STAGES = ("base", "sft", "rl")  # the training stages, in pipeline order; each is a folder of the run
+
+# The world's SFT data: its conversations, its worked word problems, and the first shard of its
+# pretraining documents, replayed so that SFT does not overwrite what pretraining stored.
+WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl", "docs/train-00000.jsonl")
+
+
+@dataclass(frozen=True)
+class Run:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def stage(self, name: str) -> Path:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGES)}")
+        return self.root / name
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def world(self) -> Path:
+        return self.root / "world"
+
+    @property
+    def world_docs(self) -> Path:
+        return self.world / "docs"
+
+    @property
+    def world_val_docs(self) -> Path:
+        return self.world / "docs-val.jsonl"
+
+    @property
+    def world_sft_data(self) -> list[Path]:
+        return [self.world / name for name in WORLD_SFT_FILES]
+
+    @property
+    def rl_problems(self) -> Path:
+        return self.world / "tasks-rl.jsonl"
+
+    @property
+    def eval_problems(self) -> Path:
+        """Held-out word problems; written last by the world, so its presence marks the world complete."""
+        return self.world / "eval" / "tasks.jsonl"
+
+    @property
+    def eval_questions(self) -> Path:
+        """Questions about held-out facts and about entities that do not exist."""
+        return self.world / "eval" / "qa.jsonl"
+
+    @property
+    def eval_seen_questions(self) -> Path:
+        """As many questions about facts the SFT conversations showed."""
+        return self.world / "eval" / "qa-train.jsonl"
+
+    @property
+    def eval_facts(self) -> Path:
+        return self.world / "eval" / "fact_completion.jsonl"
+
+    @property
+    def inputs(self) -> Path:
+        return self.root / "speedrun.json"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+    def find_stage(self, stage: str | None = None) -> Path:
+        """The folder of `stage`, or of the run's most advanced finished stage (rl > sft > base)."""
+        candidates = [stage] if stage else list(reversed(STAGES))
+        for name in candidates:
+            if (self.stage(name) / "model.json").exists():
+                return self.stage(name)
+        wanted = f"stage {stage!r}" if stage else "any finished stage"
+        raise CheckpointError(f"{self.root}: no model for {wanted} (looked for {', '.join(candidates)}/model.json)")
+
+    def load(self, stage: str | None = None, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, Path]:
+        """(model, the run's tokenizer, the stage's folder) for `stage` or the most advanced one."""
+        stage_dir = self.find_stage(stage)
+        model, _ = load_model(stage_dir, device)
+        return model, Tokenizer.load(self.tokenizer), stage_dir
