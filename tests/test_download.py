@@ -1,4 +1,4 @@
-"""Tests for picochat.data.hub against a local HTTP server on 127.0.0.1 that supports Range requests."""
+"""Tests for picochat.data.download against a local HTTP server on 127.0.0.1 that supports Range requests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat.cli import main as cli_main
-from picochat.data.hub import DATASETS, DownloadError, download_file, download_shards, shard_files
+from picochat.data.download import DATASETS, DownloadError, download_file, download_shards, shard_files
 from picochat.data.sources import iter_documents
 
 FAST = {"attempts": 2, "backoff_s": 0.0, "timeout_s": 10.0}
