@@ -1,7 +1,7 @@
 """Decode speed of picochat's engine against transformers' `generate` on the same exported model.
 
 A model (a run's stage with --run, else a random ~5M-parameter one, the size bench_decode.py uses)
-is exported with `picochat.export`, loaded back with `AutoModelForCausalLM`, and both decode the
+is exported with `picochat.hf`, loaded back with `AutoModelForCausalLM`, and both decode the
 same prompts greedily on the CPU in float32 with a KV cache, picochat with its compiled decode step
 (`generate(compile=True)`; --eager for the plain one). tokens/s is new tokens (all rows) per second,
 prefill included; each figure is the median of --repeats runs after one warm-up (which compiles),
@@ -24,7 +24,7 @@ import transformers
 from bench_decode import add_decode_args, bench_config, decode_with_cache, median_seconds  # benchmarks/ is on sys.path
 
 from picochat.checkpoint import find_stage, load_model, save_model
-from picochat.export import export_hf
+from picochat.hf import export_hf
 from picochat.model import Transformer
 from picochat.tokenizer import Tokenizer
 

@@ -13,8 +13,7 @@ from picochat.chat import CHAT_TEMPLATE, render, render_for_reply
 from picochat.checkpoint import load_model, save_model
 from picochat.cli import main as cli_main
 from picochat.engine import generate
-from picochat.export import ExportError, export_hf
-from picochat.hf_import import HFImportError, import_hf
+from picochat.hf import ExportError, HFImportError, export_hf, import_hf
 from picochat.model import IGNORE_INDEX, ModelConfig, Transformer
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 

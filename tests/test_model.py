@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from picochat.hf import config_to_hf
 from picochat.model import (
     IGNORE_INDEX,
     KVCache,
@@ -14,7 +15,6 @@ from picochat.model import (
     ModelInputError,
     Transformer,
     default_ffn_hidden,
-    qwen3_config_dict,
 )
 
 
@@ -89,7 +89,7 @@ def test_parameter_names_are_qwen3s():
 def test_logits_match_transformers_qwen3(tie):
     transformers = pytest.importorskip("transformers")
     model = tiny_model(seed=1, tie_embeddings=tie, head_dim=16)  # head_dim != d_model / n_head on purpose
-    fields = {k: v for k, v in qwen3_config_dict(model.config).items() if k not in ("architectures", "model_type")}
+    fields = {k: v for k, v in config_to_hf(model.config).items() if k not in ("architectures", "model_type")}
     hf_config = transformers.Qwen3Config(**fields, attn_implementation="eager")
     hf_model = transformers.Qwen3ForCausalLM(hf_config).eval()
     state = model.state_dict()

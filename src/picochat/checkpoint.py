@@ -35,16 +35,21 @@ class CheckpointError(ValueError):
     """A missing or unreadable checkpoint."""
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically: under a temporary name, fsynced, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _save_weights(model: Transformer, path: Path) -> None:
     # Tied embeddings share storage; safetensors refuses shared tensors, so the tie is stored in the config.
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_safetensors(path, state)
 
 
 def _load_weights(model: Transformer, path: Path) -> None:

@@ -13,7 +13,8 @@ import importlib
 import os
 import sys
 
-# name -> (module, one-line help). The order is the order of the pipeline.
+# name -> (module, or module:function registering the command instead of register_cli; one-line help).
+# The order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("picochat.data.world", "generate the embedded synthetic world (documents, eval sets)"),
     "download": ("picochat.data.download", "download FineWeb-edu parquet shards from the Hugging Face Hub"),
@@ -27,8 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("picochat.evaluate", "evaluate a checkpoint (facts, I-don't-know, arithmetic, pass@k)"),
     "speedrun": ("picochat.speedrun", "run every stage end to end and write a report card"),
     "serve": ("picochat.serve.app", "OpenAI-compatible API and web chat"),
-    "export": ("picochat.export", "export a checkpoint to the Hugging Face format"),
-    "import": ("picochat.hf_import", "import a Hugging Face Qwen3/Llama checkpoint as a run"),
+    "export": ("picochat.hf:register_export_cli", "export a checkpoint to the Hugging Face format"),
+    "import": ("picochat.hf:register_import_cli", "import a Hugging Face Qwen3/Llama checkpoint as a run"),
 }
 
 
@@ -39,10 +40,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (target, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:
-            importlib.import_module(module).register_cli(p)
+            module, _, register = target.partition(":")
+            getattr(importlib.import_module(module), register or "register_cli")(p)
     return parser
 
 

@@ -103,30 +103,6 @@ class ModelConfig:
             raise ModelConfigError(f"incomplete ModelConfig {data}: {err}") from None
 
 
-def qwen3_config_dict(config: ModelConfig) -> dict:
-    """The Hugging Face `Qwen3Config` fields (config.json) describing the same network."""
-    return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "intermediate_size": config.ffn_hidden,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "use_sliding_window": False,
-    }
-
-
 class RMSNorm(nn.Module):
     """Normalizes in float32, casts back, then scales by the weight (as Qwen3RMSNorm does)."""
 

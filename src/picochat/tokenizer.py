@@ -64,9 +64,11 @@ class Tokenizer:
     """A trained BPE tokenizer: encode, decode, inspect; loaded from / saved to `tokenizer.json`."""
 
     def __init__(self, hf: HFTokenizer):
-        for i, token in enumerate(SPECIAL_TOKENS):
-            if hf.token_to_id(token) != i:
-                raise ValueError(f"tokenizer: special token {token!r} must have id {i}, has {hf.token_to_id(token)}")
+        misplaced = [f"{token} at {hf.token_to_id(token)}" for i, token in enumerate(SPECIAL_TOKENS)
+                     if hf.token_to_id(token) != i]
+        if misplaced:
+            raise ValueError(f"picochat's chat protocol needs its special tokens at ids 0..{len(SPECIAL_TOKENS) - 1} "
+                             f"({', '.join(SPECIAL_TOKENS)}); this tokenizer has {'; '.join(misplaced)} (None = absent)")
         self._special = hf
         # A second instance that treats special-token strings as ordinary text.
         self._plain = HFTokenizer.from_str(hf.to_str())
