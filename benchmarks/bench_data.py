@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from picochat.data.shards import ShardLoader, read_manifest
+from picochat.data.loader import ShardLoader
+from picochat.data.shards import read_manifest
 from picochat.data.sources import iter_documents
 from picochat.tokenizer import Tokenizer
 

@@ -23,7 +23,8 @@ import torch
 import transformers
 from bench_decode import add_decode_args, bench_config, decode_with_cache, median_seconds  # benchmarks/ is on sys.path
 
-from picochat.checkpoint import find_stage, load_model, save_model
+from picochat.checkpoint import load_model, save_model
+from picochat.run import Run
 from picochat.hf import export_hf
 from picochat.model import Transformer
 from picochat.tokenizer import Tokenizer
@@ -60,7 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else random_run(Path(tmp) / "run", args.prompt_len + args.new_tokens)
         export_dir = export_hf(run, Path(tmp) / "export", args.stage)
-        model, _ = load_model(find_stage(run, args.stage))
+        model, _ = load_model(Run(run).find_stage(args.stage))
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(export_dir).eval()
     hf_model.generation_config.eos_token_id = None  # decode the full length, as picochat does without stop ids
 

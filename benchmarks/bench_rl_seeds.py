@@ -21,6 +21,8 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
+
 from picochat.config import RLConfig, add_dataclass_args, apply_overrides, get_preset
 from picochat.evaluate import evaluate_stage
 from picochat.report import cpu_model
@@ -84,8 +86,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core); 1 keeps a sweep steady on a shared machine")
     add_dataclass_args(parser, RLConfig)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset).rl, args)
     out = args.out or args.run.with_name(args.run.name + "-rl-seeds")
     sft_eval = args.run / "sft" / "eval.json"
@@ -94,10 +100,10 @@ def main() -> None:
     sft = json.loads(sft_eval.read_text())
     per_seed = {seed: rl_figures(args.run, out, seed, cfg, args.preset, args.device) for seed in args.seeds}
     rows = summarize(sft, per_seed)
-    print(f"\nRL over seeds {args.seeds} from {args.run / 'sft'} on {cpu_model()}; "
+    print(f"\nRL over seeds {args.seeds} from {args.run / 'sft'} on {cpu_model()}, {torch.get_num_threads()} threads; "
           f"lr {cfg.lr}, steps {cfg.steps}, replay_coef {cfg.replay_coef}\n")
     print_table(rows, args.seeds)
-    (out / "seeds.json").write_text(json.dumps({"cpu": cpu_model(), "rl_config": dataclasses.asdict(cfg),
+    (out / "seeds.json").write_text(json.dumps({"cpu": cpu_model(), "threads": torch.get_num_threads(), "rl_config": dataclasses.asdict(cfg),
                                                 "rows": rows}, indent=2))
 
 

@@ -9,12 +9,12 @@ import torch
 
 from picochat.chat import ConversationError, parse, render
 from picochat.data.conversations import (
-    ConversationLoader,
     from_alpaca,
     mix,
     read_conversations,
     trim_to_last_reply,
 )
+from picochat.data.loader import ConversationLoader
 
 from conftest import shared_data
 

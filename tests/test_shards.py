@@ -16,7 +16,8 @@ import torch
 from conftest import shared_data
 from picochat.cli import main as cli_main
 from picochat.data import shards
-from picochat.data.shards import ShardError, ShardLoader, iter_val_batches, prepare
+from picochat.data.loader import ShardLoader, iter_val_batches
+from picochat.data.shards import ShardError, prepare
 from picochat.tokenizer import Tokenizer
 
 WORDS = "the river Tam flows past Oskel where 12,345 people live; Mira bought 3 apples 🍎 Ünïcödé 日本語".split()
@@ -302,25 +303,25 @@ def test_batches_are_shifted_windows_of_the_stream(prepared):
     assert loader.n_sequences == (len(stream) - 1) // 48
     start_of_window = {stream[s : s + 49].tobytes(): s for s in range(0, loader.n_sequences * 48, 48)}
     starts = []
-    for _ in range(loader.steps_per_epoch):
+    for _ in range(loader.steps_in_epoch(0)):
         x, y = next(loader)
         assert x.shape == y.shape == (4, 48) and x.dtype == y.dtype == torch.int64
         assert x.is_contiguous() and y.is_contiguous()
         assert torch.equal(x[:, 1:], y[:, :-1])
         starts += [start_of_window[row.tobytes()] for row in torch.cat([x, y[:, -1:]], dim=1).numpy()]
     # one epoch visits distinct sequences: all but the remainder after the last full batch
-    assert len(set(starts)) == len(starts) == loader.steps_per_epoch * 4 > loader.n_sequences - 4
+    assert len(set(starts)) == len(starts) == loader.steps_in_epoch(0) * 4 > loader.n_sequences - 4
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["step"] == 0
 
 
 def test_loader_is_deterministic_per_seed_and_epoch(prepared):
     out, _ = prepared
     a, b, c = (ShardLoader(out, batch_size=3, seq_len=32, seed=s) for s in (0, 0, 1))
-    first_epoch_a = [next(a)[0] for _ in range(a.steps_per_epoch)]
-    first_epoch_b = [next(b)[0] for _ in range(b.steps_per_epoch)]
+    first_epoch_a = [next(a)[0] for _ in range(a.steps_in_epoch(0))]
+    first_epoch_b = [next(b)[0] for _ in range(b.steps_in_epoch(0))]
     assert all(torch.equal(p, q) for p, q in zip(first_epoch_a, first_epoch_b))
     assert not torch.equal(first_epoch_a[0], next(c)[0])
-    second_epoch_a = [next(a)[0] for _ in range(a.steps_per_epoch)]
+    second_epoch_a = [next(a)[0] for _ in range(a.steps_in_epoch(0))]
     assert not all(torch.equal(p, q) for p, q in zip(first_epoch_a, second_epoch_a))
     assert a.epoch == 2
 
@@ -328,7 +329,7 @@ def test_loader_is_deterministic_per_seed_and_epoch(prepared):
 def test_resume_from_state_dict_gives_the_same_next_batches(prepared):
     out, _ = prepared
     loader = ShardLoader(out, batch_size=4, seq_len=40, seed=3)
-    for _ in range(loader.steps_per_epoch - 2):
+    for _ in range(loader.steps_in_epoch(0) - 2):
         next(loader)
     state = loader.state_dict()
     assert all(isinstance(v, int) for v in state.values())
@@ -343,8 +344,8 @@ def test_ranks_read_disjoint_parts_of_the_single_rank_batch(prepared):
     out, _ = prepared
     single = ShardLoader(out, batch_size=6, seq_len=24, seed=5)
     ranks = [ShardLoader(out, batch_size=2, seq_len=24, seed=5, rank=r, world_size=3) for r in range(3)]
-    assert single.steps_per_epoch == ranks[0].steps_per_epoch
-    for _ in range(single.steps_per_epoch + 2):
+    assert single.steps_in_epoch(0) == ranks[0].steps_in_epoch(0)
+    for _ in range(single.steps_in_epoch(0) + 2):
         x, y = next(single)
         parts = [next(r) for r in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)

@@ -30,21 +30,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from picochat.tokenizer import SPECIAL_TOKENS
-
-EOT, IM_START, IM_SEP, IM_END, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END = (
-    SPECIAL_TOKENS.index(t)
-    for t in (
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_sep|>",
-        "<|im_end|>",
-        "<|tool_call|>",
-        "<|/tool_call|>",
-        "<|tool_result|>",
-        "<|/tool_result|>",
-    )
-)
+from picochat.tokenizer import (SPECIAL_TOKENS, EOT_ID as EOT, IM_END_ID as IM_END, IM_SEP_ID as IM_SEP, IM_START_ID as IM_START,
+                                TOOL_CALL_END_ID as TOOL_CALL_END, TOOL_CALL_ID as TOOL_CALL,
+                                TOOL_RESULT_END_ID as TOOL_RESULT_END, TOOL_RESULT_ID as TOOL_RESULT)
 ROLES = ("system", "user", "assistant", "tool")
 # Roles written in a `<|im_start|>role<|im_sep|>` header (tool results are inline in the assistant turn).
 HEADER_ROLES = ("system", "user", "assistant")

@@ -28,9 +28,6 @@ from safetensors.torch import load_file, save_file
 from picochat.io import atomic_write_bytes, atomic_write_json
 from picochat.model import ModelConfig, Transformer
 
-STAGES = ("base", "sft", "rl")
-
-
 class CheckpointError(ValueError):
     """A missing or unreadable checkpoint."""
 
@@ -82,17 +79,6 @@ def load_model(stage_dir: Path, device: str | torch.device = "cpu") -> tuple[Tra
     model = Transformer(ModelConfig.from_dict(meta["model"]))
     _load_weights(model, stage_dir / "model.safetensors")
     return model.to(device).eval(), meta
-
-
-def find_stage(run_dir: Path, stage: str | None = None) -> Path:
-    """The folder of `stage` in a run, or of its most advanced finished stage (rl > sft > base)."""
-    run_dir = Path(run_dir)
-    candidates = [stage] if stage else list(reversed(STAGES))
-    for name in candidates:
-        if (run_dir / name / "model.json").exists():
-            return run_dir / name
-    wanted = f"stage {stage!r}" if stage else "any finished stage"
-    raise CheckpointError(f"{run_dir}: no model for {wanted} (looked for {', '.join(candidates)}/model.json)")
 
 
 # --- resumable training state ---------------------------------------------------------------------

@@ -40,7 +40,6 @@ approximated. Two refusals are by design:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -50,9 +49,11 @@ import torch
 from safetensors import safe_open
 
 from picochat.chat import CHAT_TEMPLATE
-from picochat.checkpoint import STAGES, find_stage, load_model, save_model, write_safetensors
+from picochat.checkpoint import load_model, save_model, write_safetensors
 from picochat.io import atomic_write_bytes, atomic_write_json
+from picochat.io import read_json as read_json_file
 from picochat.model import ModelConfig, ModelConfigError, Transformer
+from picochat.run import STAGES, Run
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, read_tokenizer_file
 
 ARCHITECTURE, MODEL_TYPE = "Qwen3ForCausalLM", "qwen3"
@@ -224,14 +225,15 @@ def export_hf(run_dir: Path, out_dir: Path, stage: str | None = None, dtype: str
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
-    stage_dir = find_stage(run_dir, stage)
+    run = Run(run_dir)
+    stage_dir = run.find_stage(stage)
     model, meta = load_model(stage_dir)
-    tok = Tokenizer.load(run_dir / "tokenizer")
+    tok = Tokenizer.load(run.tokenizer)
     trained_with = meta.get("tokenizer")
     if trained_with and trained_with != tok.fingerprint:
         raise ExportError(
             f"{stage_dir / 'model.json'}: the model was trained with tokenizer {trained_with[:12]}, "
-            f"but {run_dir / 'tokenizer'} holds {tok.fingerprint[:12]}"
+            f"but {run.tokenizer} holds {tok.fingerprint[:12]}"
         )
     if tok.vocab_size > model.config.vocab_size:
         raise ExportError(f"{run_dir / 'tokenizer'}: {tok.vocab_size} tokens, more than the "
@@ -274,10 +276,7 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
 def read_json(path: Path) -> dict:
     if not path.exists():
         raise HFImportError(f"{path}: missing; is {path.parent} a Hugging Face model folder?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise HFImportError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    data = read_json_file(path, HFImportError)
     if not isinstance(data, dict):
         raise HFImportError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -357,7 +356,7 @@ def import_hf(hf_dir: Path, run_dir: Path, stage: str = "sft", force: bool = Fal
     if tok.vocab_size > config.vocab_size:
         raise HFImportError(f"{hf_dir / 'tokenizer.json'}: {tok.vocab_size} tokens, more than the model's "
                             f"{config.vocab_size} embeddings (config.json vocab_size)")
-    tok_path, stage_dir = run_dir / "tokenizer" / "tokenizer.json", run_dir / stage
+    tok_path, stage_dir = Run(run_dir).tokenizer / "tokenizer.json", Run(run_dir).stage(stage)
     if not force:
         if tok_path.exists() and Tokenizer.load(tok_path).fingerprint != tok.fingerprint:
             raise HFImportError(f"{tok_path}: the run already has a different tokenizer; import into a new run or pass --force")

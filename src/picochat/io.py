@@ -74,4 +74,4 @@ def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise error(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None

@@ -39,6 +39,9 @@ SPECIAL_TOKENS = [
     "<|/tool_result|>",
     "<|pad|>",  # padding, never trained on
 ]
+# Their ids, fixed by design: every picochat tokenizer reserves ids 0..8 in this order.
+EOT_ID, IM_START_ID, IM_SEP_ID, IM_END_ID, TOOL_CALL_ID, TOOL_CALL_END_ID, TOOL_RESULT_ID, TOOL_RESULT_END_ID, PAD_ID = \
+    range(len(SPECIAL_TOKENS))
 
 # GPT-4's (cl100k) pre-tokenization pattern (words, numbers of up to 3 digits, punctuation runs,
 # spaces) with one change: a number keeps the space before it, " 12" rather than " " + "12". Copying a
@@ -74,8 +77,8 @@ class Tokenizer:
         self._plain = HFTokenizer.from_str(hf.to_str())
         self._plain.encode_special_tokens = True
         self.vocab_size = hf.get_vocab_size()
-        self.eot_id, self.im_start_id, self.im_sep_id, self.im_end_id = 0, 1, 2, 3
-        self.pad_id = SPECIAL_TOKENS.index("<|pad|>")
+        self.eot_id, self.im_start_id, self.im_sep_id, self.im_end_id = EOT_ID, IM_START_ID, IM_SEP_ID, IM_END_ID
+        self.pad_id = PAD_ID
         self.fingerprint = hashlib.sha256(hf.to_str().encode()).hexdigest()
 
     # --- construction -------------------------------------------------------------------------

@@ -25,14 +25,12 @@ conversation back to its last complete assistant reply, and one with no reply at
 
 from __future__ import annotations
 
-import bisect
 import gzip
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from picochat.chat import ConversationError, render_batch, validate
@@ -49,7 +47,6 @@ SHAREGPT_ROLES = {
     "bing": "assistant",
     "model": "assistant",
 }
-IGNORE_INDEX = -100  # the target where no loss is taken (PyTorch cross_entropy's default ignore_index)
 # Packing looks at this many conversations at a time (in the epoch's shuffled order) to fill rows.
 PACK_WINDOW = 1024
 RENDER_CHUNK = 512
@@ -241,135 +238,12 @@ def load_mixture(specs: list[str], seed: int) -> list[dict]:
     return mix(weighted, n=sum(len(items) for items, _ in weighted), seed=seed)
 
 
-# --- the SFT loader -----------------------------------------------------------------------------------
-def _pack_rows(indices: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: each conversation goes into the fullest row that still has room for it."""
-    rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # sorted (space left, row number)
-    for i in sorted(indices.tolist(), key=lambda i: -lengths[i]):
-        k = bisect.bisect_left(room, (int(lengths[i]), -1))
-        if k == len(room):
-            rows.append([i])
-            space, row = capacity, len(rows) - 1
-        else:
-            space, row = room.pop(k)
-            rows[row].append(i)
-        if space - lengths[i] > 0:
-            bisect.insort(room, (int(space - lengths[i]), row))
-    return rows
-
-
-class ConversationLoader:
-    """SFT batches `(inputs, targets)`: int64 tensors of shape (batch_size, seq_len), like `ShardLoader`.
-
-    Items are conversations (messages, or `{"messages": [...]}`) or documents `{"text": str}`, which
-    are trained on every token, as in pretraining.
-
-    Rows. Each conversation is rendered (`picochat.chat`) and placed whole in a row of seq_len + 1
-    tokens; inputs are a row's first seq_len tokens, targets its last seq_len, with -100 wherever
-    the target token is not trained (not the assistant's, or padding). With `pack=True` several
-    conversations share a row (best-fit over windows of the epoch's shuffled order), each starting
-    with `<|endoftext|>` as documents do in pretraining; with `pack=False` each row holds one. The
-    rest of a row is `<|pad|>`. A conversation never continues into the next row.
-
-    Too long. A conversation over seq_len + 1 tokens is cut to its first seq_len + 1 tokens
-    (`too_long="truncate"`, counted in stats["truncated"]; dropped if nothing trainable is left)
-    or dropped (`too_long="drop"`, counted in stats["dropped_too_long"]).
-
-    Epochs and ranks. Each epoch shuffles and packs the rows anew from (seed, epoch), then takes
-    global batches of world_size * batch_size rows; rows left after the last full global batch are
-    skipped that epoch. Rank r gets rows [r * batch_size, (r + 1) * batch_size) of each global batch:
-    every rank must be given the same conversations, and N ranks with batch B together read what one
-    rank with batch N * B reads, disjointly. It loops forever; `state_dict()` is the same on every
-    rank and resumes it exactly.
-    """
-
-    def __init__(self, conversations: Sequence, tokenizer, batch_size: int = 8, seq_len: int = 512, *,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, pack: bool = True,
-                 too_long: str = "truncate", show_progress: bool = False):
-        if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size, seq_len >= 1 and 0 <= rank < world_size, got {batch_size}, {seq_len}, rank {rank} of {world_size}")
-        if too_long not in ("truncate", "drop"):
-            raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
-        self.batch_size, self.seq_len, self.rank, self.world_size, self.seed = batch_size, seq_len, rank, world_size, seed
-        self.pack, self.pad_id = pack, tokenizer.pad_id
-        self.global_batch_size = batch_size * world_size
-        self._tokens, self._trained, self._starts, self._lengths, self.stats = _render_all(
-            conversations, tokenizer, seq_len + 1, too_long, show_progress)
-        if len(self._lengths) == 0:
-            raise ValueError(f"no conversation to train on ({self.stats})")
-        self.epoch = self.step = 0
-        self._plan_epoch, self._plan = None, []
-        self.stats["rows_first_epoch"] = len(self._rows(0))
-        if self.stats["rows_first_epoch"] < self.global_batch_size:
-            raise ValueError(f"{self.stats['rows_first_epoch']} rows of {seq_len}+1 tokens are too few for one batch of "
-                             f"{world_size} x {batch_size} rows; use more conversations or a smaller batch")
-
-    def _rows(self, epoch: int) -> list[list[int]]:
-        """The epoch's rows (lists of conversation indices), cached for the current epoch."""
-        if self._plan_epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(len(self._lengths))
-            if self.pack:
-                rows = [row for k in range(0, len(order), PACK_WINDOW)
-                        for row in _pack_rows(order[k : k + PACK_WINDOW], self._lengths, self.seq_len + 1)]
-                rows = [rows[i] for i in rng.permutation(len(rows))]
-            else:
-                rows = [[int(i)] for i in order]
-            self._plan_epoch, self._plan = epoch, rows
-        return self._plan
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        return len(self._rows(epoch)) // self.global_batch_size
-
-    def __iter__(self) -> "ConversationLoader":
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.step * self.global_batch_size + self.rank * self.batch_size
-        batch = self._batch(self._rows(self.epoch)[first : first + self.batch_size])
-        self.step += 1
-        if self.step == self.steps_in_epoch(self.epoch):
-            self.epoch, self.step = self.epoch + 1, 0
-        return batch
-
-    def _batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = np.full((len(rows), self.seq_len + 1), self.pad_id, dtype=np.int64)
-        trained = np.zeros((len(rows), self.seq_len + 1), dtype=bool)
-        for r, row in enumerate(rows):
-            at = 0
-            for i in row:
-                start, length = self._starts[i], self._lengths[i]
-                tokens[r, at : at + length] = self._tokens[start : start + length]
-                trained[r, at : at + length] = self._trained[start : start + length]
-                at += length
-        targets = np.where(trained[:, 1:], tokens[:, 1:], IGNORE_INDEX)
-        return torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(targets)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "pack": int(self.pack),
-                "conversations": len(self._lengths), "tokens": len(self._tokens)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue where `state` left off; the data, seed, seq_len, packing and global batch must match."""
-        mine = self.state_dict()
-        differs = [k for k in ("seed", "seq_len", "global_batch_size", "pack", "conversations", "tokens") if state.get(k) != mine[k]]
-        if differs:
-            raise ValueError("cannot resume the conversation loader: " + ", ".join(f"{k} was {state.get(k)}, is {mine[k]}" for k in differs))
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if epoch < 0 or not 0 <= step < self.steps_in_epoch(epoch):
-            raise ValueError(f"cannot resume the conversation loader: step {step} of epoch {epoch} is outside that epoch "
-                             f"of {self.steps_in_epoch(epoch)} steps")
-        self.epoch, self.step = epoch, step
-
-
-def _render_all(conversations: Sequence, tokenizer, capacity: int, too_long: str, show_progress: bool):
+def render_all(conversations: Sequence, tokenizer, capacity: int, too_long: str, show_progress: bool):
     """Render the trainable conversations (and documents) into flat token / trained arrays, with counts
     of what was cut."""
     stats = {"conversations": len(conversations), "documents": 0, "used": 0, "trimmed_to_last_reply": 0,
              "skipped_no_reply": 0, "truncated": 0, "dropped_too_long": 0, "trained_tokens": 0}
-    bos = tokenizer.special_id("<|endoftext|>")
+    bos = tokenizer.eot_id
     tokens, trained, lengths = [], [], []
     bar = tqdm(total=len(conversations), desc="render conversations", unit="conv", disable=not show_progress)
     for first in range(0, len(conversations), RENDER_CHUNK):

@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from picochat.data.sources import iter_documents, list_source_files
@@ -380,153 +379,17 @@ def read_manifest(shards_dir: str | Path) -> dict:
 
 def bytes_per_token(shards_dir: str | Path, split: str = "val") -> float:
     """UTF-8 bytes of text per token of text (separators excluded): bits per byte = loss / ln 2 / this."""
-    summary = _split_summary(read_manifest(shards_dir), shards_dir, split)
+    summary = split_summary(read_manifest(shards_dir), shards_dir, split)
     return summary["text_bytes"] / summary["text_tokens"]
 
 
-def _split_summary(manifest: dict, shards_dir, split: str) -> dict:
+def split_summary(manifest: dict, shards_dir, split: str) -> dict:
     if split not in manifest["splits"]:
         raise ShardError(
             f"{Path(shards_dir) / MANIFEST}: no {split!r} split (has {sorted(manifest['splits'])}); "
             + ("prepare with --val-docs N or --val-input PATHS" if split == "val" else "")
         )
     return manifest["splits"][split]
-
-
-class _TokenStream:
-    """The shards of one split, memory-mapped and read as one concatenated token array."""
-
-    def __init__(self, shards_dir, split: str, expect_fingerprint: str | None):
-        shards_dir = Path(shards_dir)
-        manifest = read_manifest(shards_dir)
-        if expect_fingerprint is not None and manifest["tokenizer_fingerprint"] != expect_fingerprint:
-            raise ShardError(
-                f"{shards_dir / MANIFEST}: tokenizer mismatch: shards were made with tokenizer "
-                f"{manifest['tokenizer_fingerprint'][:12]}, this run uses {expect_fingerprint[:12]}; "
-                "prepare the shards again with this tokenizer"
-            )
-        summary = _split_summary(manifest, shards_dir, split)
-        dtype = np.dtype(manifest["dtype"])
-        self.maps = []
-        for shard in summary["shards"]:
-            path = shards_dir / shard["file"]
-            size = path.stat().st_size if path.is_file() else None
-            if size != shard["tokens"] * dtype.itemsize:
-                raise ShardError(f"{path}: expected {shard['tokens'] * dtype.itemsize} bytes "
-                                 f"({shard['tokens']} {dtype.name} tokens), found {'no file' if size is None else size}")
-            self.maps.append(np.memmap(path, dtype=dtype, mode="r"))
-        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
-        self.n_tokens = int(self.starts[-1])
-
-    def read(self, start: int, length: int, out: np.ndarray) -> None:
-        """Copy tokens [start, start + length) of the stream into `out`."""
-        k = int(np.searchsorted(self.starts, start, side="right")) - 1
-        done = 0
-        while done < length:
-            offset = start + done - int(self.starts[k])
-            piece = self.maps[k][offset : offset + length - done]
-            out[done : done + len(piece)] = piece
-            done += len(piece)
-            k += 1
-
-
-def _batch_tensors(stream: _TokenStream, sequence_ids, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.empty((len(sequence_ids), seq_len + 1), dtype=np.int64)
-    for row, i in zip(rows, sequence_ids):
-        stream.read(int(i) * seq_len, seq_len + 1, row)
-    return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
-
-
-def _check_batch(stream, split, batch_size, seq_len, rank, world_size, shards_dir) -> int:
-    """The number of sequences in the stream; errors when not even one global batch fits."""
-    if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need batch_size, seq_len >= 1 and 0 <= rank < world_size, got "
-                         f"{batch_size}, {seq_len}, rank {rank} of {world_size}")
-    n_sequences = (stream.n_tokens - 1) // seq_len
-    if n_sequences < batch_size * world_size:
-        raise ShardError(
-            f"{shards_dir}: the {split} split has {stream.n_tokens} tokens, too few for one batch of "
-            f"{world_size} x {batch_size} sequences of {seq_len}+1 tokens "
-            f"({batch_size * world_size * seq_len + 1} needed); use more data or a smaller batch"
-        )
-    return n_sequences
-
-
-class ShardLoader:
-    """Training batches `(inputs, targets)`: int64 tensors of shape (batch_size, seq_len).
-
-    Layout. The split's shards form one token stream of N tokens, cut into S = (N - 1) // seq_len
-    sequences: sequence i is tokens [i*T, i*T + T + 1), inputs its first T tokens and targets its
-    last T (the next token at each position). Each epoch visits the sequences in a fresh random order
-    (a permutation seeded by (seed, epoch)), taking global batches of world_size * batch_size
-    sequences; the sequences left over after the last full global batch are skipped that epoch.
-    Rank r gets rows [r * batch_size, (r + 1) * batch_size) of each global batch, so N ranks with
-    batch B together read exactly what one rank with batch N * B reads, in rank order, disjointly.
-    The loader loops over epochs forever; `state_dict()` (epoch, step) resumes it exactly.
-    """
-
-    def __init__(self, shards_dir, split: str = "train", *, batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, expect_fingerprint: str | None = None):
-        self.stream = _TokenStream(shards_dir, split, expect_fingerprint)
-        self.n_sequences = _check_batch(self.stream, split, batch_size, seq_len, rank, world_size, shards_dir)
-        self.batch_size, self.seq_len, self.rank, self.world_size, self.seed = batch_size, seq_len, rank, world_size, seed
-        self.global_batch_size = batch_size * world_size
-        self.steps_per_epoch = self.n_sequences // self.global_batch_size
-        self.epoch = self.step = 0
-        self._order_epoch, self._order = None, None
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            ids = np.arange(self.n_sequences, dtype=np.uint32 if self.n_sequences < 2**32 else np.uint64)
-            np.random.default_rng([self.seed, self.epoch]).shuffle(ids)
-            self._order_epoch, self._order = self.epoch, ids
-        return self._order
-
-    def __iter__(self) -> "ShardLoader":
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.step * self.global_batch_size + self.rank * self.batch_size
-        batch = _batch_tensors(self.stream, self._epoch_order()[first : first + self.batch_size], self.seq_len)
-        self.step += 1
-        if self.step == self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size, "tokens": self.stream.n_tokens}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue where `state` left off; the data, seed, seq_len and global batch must match it."""
-        mine = self.state_dict()
-        differs = [k for k in ("seed", "seq_len", "global_batch_size", "tokens") if state.get(k) != mine[k]]
-        if differs:
-            raise ShardError("cannot resume the data loader: " + ", ".join(
-                f"{k} was {state.get(k)}, is {mine[k]}" for k in differs))
-        if not 0 <= state["step"] < self.steps_per_epoch or state["epoch"] < 0:
-            raise ShardError(f"cannot resume the data loader: step {state['step']} of epoch {state['epoch']} "
-                             f"is outside an epoch of {self.steps_per_epoch} steps")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-
-
-def iter_val_batches(shards_dir, batch_size: int, seq_len: int, max_batches: int | None = None, *,
-                     split: str = "val", rank: int = 0, world_size: int = 1,
-                     expect_fingerprint: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Evaluation batches over `split` in stream order, the same every time.
-
-    Same layout as `ShardLoader` without shuffling: global batch g holds sequences
-    [g * W * B, (g + 1) * W * B), rank r its rows [r * B, (r + 1) * B). Stops after `max_batches`
-    global batches or at the last full one.
-    """
-    stream = _TokenStream(shards_dir, split, expect_fingerprint)
-    n_sequences = _check_batch(stream, split, batch_size, seq_len, rank, world_size, shards_dir)
-    n_batches = n_sequences // (batch_size * world_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    for g in range(n_batches):
-        first = (g * world_size + rank) * batch_size
-        yield _batch_tensors(stream, range(first, first + batch_size), seq_len)
 
 
 # --- CLI ------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.chat import ConversationError, render, render_for_reply, to_text
-from picochat.checkpoint import find_stage, load_model
+from picochat.checkpoint import load_model
+from picochat.run import STAGES, Run
 from picochat.serve.batcher import Batcher, Overloaded
 from picochat.serve.completions import (
     chat_generation,
@@ -212,18 +213,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 # --- command line ---------------------------------------------------------------------------------
 def load_models(run: Path, stage: str | None, device: str) -> tuple[Tokenizer, dict, Path]:
     """The run's tokenizer and the models to serve: the chat stage first, then the base model."""
-    stage_dir = find_stage(run, stage)
-    chat_model, _ = load_model(stage_dir, device)
+    chat_model, tokenizer, stage_dir = Run(run).load(stage, device)
     name = run.resolve().name
     models = {f"{name}-{stage_dir.name}": chat_model}
-    if stage_dir.name != "base" and (run / "base" / "model.json").exists():
-        models[f"{name}-base"] = load_model(run / "base", device)[0]
-    return Tokenizer.load(run / "tokenizer"), models, stage_dir
+    if stage_dir.name != "base" and (Run(run).stage("base") / "model.json").exists():
+        models[f"{name}-base"] = load_model(Run(run).stage("base"), device)[0]
+    return tokenizer, models, stage_dir
 
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (e.g. runs/demo)")
-    parser.add_argument("--stage", default=None, choices=["base", "sft", "rl"],
+    parser.add_argument("--stage", default=None, choices=STAGES,
                         help="the chat model's stage (default: the most advanced finished one); the base model is "
                              "served as well, for /v1/completions, when the run has one")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from picochat.config import TrainConfig, add_common_args, add_dataclass_args, apply_overrides, get_preset
-from picochat.data.shards import ShardLoader, iter_val_batches, read_manifest
+from picochat.data.loader import ShardLoader, iter_val_batches
+from picochat.data.shards import read_manifest
 from picochat.model import ModelConfig, Transformer
 from picochat.run import Run
 from picochat.tokenizer import Tokenizer, token_byte_lengths

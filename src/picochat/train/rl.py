@@ -41,14 +41,15 @@ import torch.nn.functional as F
 from picochat.chat import render_for_reply
 from picochat.checkpoint import load_model
 from picochat.config import RLConfig, add_common_args, add_dataclass_args, apply_overrides, get_preset
-from picochat.data.conversations import ConversationLoader, load_mixture
+from picochat.data.conversations import load_mixture
+from picochat.data.loader import ConversationLoader
 from picochat.data.tasks import read_gsm8k, reward
 from picochat.engine import FINISH_STOP, Completion, generate
 from picochat.evaluate import problem_metrics
 from picochat.io import iter_jsonl
 from picochat.model import Transformer
 from picochat.run import Run
-from picochat.tokenizer import Tokenizer
+from picochat.tokenizer import TOOL_RESULT_END_ID, TOOL_RESULT_ID, Tokenizer
 from picochat.train.loop import Runtime, TrainingError, autocast, build_optimizers, run_steps, setup_runtime, teardown_runtime
 
 RewardFn = Callable[[str, dict], float]
@@ -224,9 +225,9 @@ def sample_groups(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence
 def policy_batch(tok: Tokenizer, prompts: Sequence[Sequence[int]], rollouts: Rollouts, normalize_std: bool) -> PolicyBatch | None:
     """The training sequences of the groups with any non-zero advantage, shortest first; None when
     there are none. Sorted by length, the rows of a micro-batch are alike and little of it is padding
-    (the update of a cpu-preset step took 1.8 s instead of 2.8 s)."""
+    (BENCHMARKS.md: the cpu preset's update is a third faster)."""
     advantages = group_advantages(rollouts.rewards, normalize_std)
-    tool_ids = (tok.special_id("<|tool_result|>"), tok.special_id("<|/tool_result|>"))
+    tool_ids = (TOOL_RESULT_ID, TOOL_RESULT_END_ID)
     rows = []
     for prompt, group, group_adv in zip(prompts, rollouts.completions, advantages):
         if not group_adv.any():

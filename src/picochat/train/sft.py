@@ -21,7 +21,8 @@ from pathlib import Path
 
 from picochat.checkpoint import load_model
 from picochat.config import TrainConfig, add_common_args, add_dataclass_args, apply_overrides, get_preset
-from picochat.data.conversations import ConversationLoader, load_mixture
+from picochat.data.conversations import load_mixture
+from picochat.data.loader import ConversationLoader
 from picochat.run import Run
 from picochat.tokenizer import Tokenizer
 from picochat.train.loop import setup_runtime, teardown_runtime, train
