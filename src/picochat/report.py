@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from picochat.checkpoint import STAGES, atomic_write_bytes, atomic_write_json
+from picochat.world.knowledge import load_world
 
 METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "seen_fact_qa", "known_fact_idk",
            "unknown_idk", "pass@1", "pass@k"]
@@ -118,7 +119,6 @@ def _plot_curves(run: Path) -> list[str]:
 def _side_by_side(run: Path) -> list[dict]:
     """The same prompts to every stage: the base model gets them as a document, the others as a chat."""
     from picochat.checkpoint import load_model
-    from picochat.data.world import load_world
     from picochat.evaluate import chat_replies, complete, read_jsonl
     from picochat.tokenizer import Tokenizer
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from picochat.config import get_preset
 from picochat.io import atomic_write_json
+from picochat.world import generate
 
 ALL_RANKS = ("pretrain", "sft")  # the DDP stages: every torchrun process trains
 FAILED = "speedrun-failed.json"  # rank 0's note that a stage failed, for the waiting ranks
@@ -51,14 +52,7 @@ class SpeedrunError(RuntimeError):
 
 
 def _world(run: Path, preset) -> None:
-    from picochat.data.tasks import write_tasks
-    from picochat.data.world import write_world
-    from picochat.data.world_chat import write_chat
-
-    world = run / "world"
-    write_world(world, size_mb=preset.world_mb, seed=0, shard_mb=max(1.0, preset.world_mb / 4), scale=preset.world_scale)
-    write_chat(world, 6000, seed=0)
-    write_tasks(world, n_sft=2000, n_rl=2000, n_eval=500, seed=0)  # eval/tasks.jsonl last: it marks the stage done
+    generate(run / "world", preset.world_mb, preset.world_scale, seed=0, shard_mb=max(1.0, preset.world_mb / 4))
 
 
 def _tokenizer(run: Path, preset, docs: Path | None) -> None:
