@@ -1,4 +1,4 @@
-"""Tests for picochat.data.tasks: answer extraction, rewards, GSM8K."""
+"""Tests for picochat.data.tasks: problem files (picochat and GSM8K), answer extraction, rewards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import shared_data
-from picochat.data.tasks import TaskDataError, extract_answer, read_gsm8k
+from picochat.data.tasks import ProblemFileError, extract_answer, read_gsm8k, read_problems
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -62,7 +62,7 @@ def test_read_gsm8k_malformed_rows_name_file_and_line(tmp_path, bad_line, messag
     good = json.dumps({"question": "What is 2+2?", "answer": "2+2=<<2+2=4>>4\n#### 4"})
     path = tmp_path / "gsm.jsonl"
     path.write_text(good + "\n\n" + bad_line + "\n")
-    with pytest.raises(TaskDataError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
+    with pytest.raises(ProblemFileError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
         read_gsm8k(path)
 
 
@@ -75,3 +75,20 @@ def test_read_gsm8k_small_file(tmp_path):
     assert first == {"prompt": "A has 2 and gets 3. How many?", "answer": 10, "level": 2,
                      "solution": "2+3=5\nSo 5 * 2 = 10\nAnswer: 10"}
     assert second["answer"] == 1235 and second["level"] == 1
+
+
+def test_read_problems_reads_picochat_and_gsm8k_rows_and_names_bad_lines(tmp_path):
+    world = tmp_path / "tasks.jsonl"
+    world.write_text(json.dumps({"prompt": "2 + 3?", "answer": 5, "level": 1}) + "\n\n" + json.dumps({"prompt": "x", "answer": 1}) + "\n")
+    assert [p["answer"] for p in read_problems(world)] == [5, 1]
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text(json.dumps({"question": "Ann has 2 cats and 3 dogs. How many pets?", "answer": "2+3=<<2+3=5>>5\n#### 5"}) + "\n")
+    assert read_problems(gsm8k)[0]["answer"] == 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok", "answer": 1}) + "\n" + json.dumps({"prompt": "no", "answer": "1"}) + "\n")
+    with pytest.raises(ProblemFileError, match=r"bad.jsonl:2: .*integer \"answer\""):
+        read_problems(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(ProblemFileError, match=r"broken.jsonl:1: not valid JSON"):
+        read_problems(broken)

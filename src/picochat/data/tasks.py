@@ -1,10 +1,10 @@
-"""Verifiable problems: answer extraction, rewards, and reading GSM8K.
+"""Verifiable problems: reading problem files (picochat's and GSM8K's), answer extraction, rewards.
 
 A problem is a dict `{"prompt": str, "answer": int, "level": int, "solution": str}`; its solution,
 which SFT teaches, is worked steps, one a line, then a final line `Answer: <integer>`. The level is
-the number of arithmetic steps. `extract_answer` reads the last `Answer:` (or GSM8K `####`) line
-and `reward` compares it with the problem's answer. `read_gsm8k` reads GSM8K's JSONL into the same
-problem form.
+the number of arithmetic steps. `read_problems` reads a JSONL file of problems, in this form or
+GSM8K's (`read_gsm8k` converts those). `extract_answer` reads the last `Answer:` (or GSM8K `####`)
+line and `reward` compares it with the problem's answer.
 """
 
 from __future__ import annotations
@@ -15,8 +15,28 @@ from pathlib import Path
 from picochat.io import iter_jsonl
 
 
-class TaskDataError(ValueError):
-    """A malformed task file: names the file, the line and what was expected."""
+class ProblemFileError(ValueError):
+    """A malformed problem file: names the file, the line and what was expected."""
+
+
+def read_problems(path: str | Path) -> list[dict]:
+    """Problems from JSONL: picochat's rows `{"prompt", "answer": int, ...}`, or GSM8K rows
+    `{"question", "answer": "... #### N"}` (recognised by their first row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such problem file")
+    problems = []
+    for where, row in iter_jsonl(path, ProblemFileError):
+        if not problems and isinstance(row, dict) and "question" in row and "prompt" not in row:
+            return read_gsm8k(path)
+        answer = row.get("answer") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() \
+                or isinstance(answer, bool) or not isinstance(answer, int):
+            raise ProblemFileError(f'{where}: expected an object with a non-empty string "prompt" and an integer "answer"')
+        problems.append(row)
+    if not problems:
+        raise ProblemFileError(f"{path}: no problems in the file")
+    return problems
 
 
 # --- answers and rewards --------------------------------------------------------------------------
@@ -55,16 +75,16 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 def read_gsm8k(path: str | Path) -> list[dict]:
     """GSM8K JSONL (`{"question", "answer"}`, the answer's worked solution ending in `#### N`) as
     problems. Calculator annotations `<<48/2=24>>` are removed; the level is the number of them
-    (the solution's arithmetic steps, at least 1). A malformed row raises TaskDataError naming the
+    (the solution's arithmetic steps, at least 1). A malformed row raises ProblemFileError naming the
     file and line."""
     problems = []
-    for where, row in iter_jsonl(path, TaskDataError):
+    for where, row in iter_jsonl(path, ProblemFileError):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-            raise TaskDataError(f"{where}: expected an object with string fields \"question\" and \"answer\"")
+            raise ProblemFileError(f"{where}: expected an object with string fields \"question\" and \"answer\"")
         working, marker, final = row["answer"].rpartition("####")
         final = final.strip().replace(",", "")
         if not marker or not re.fullmatch(r"-?\d+", final):
-            raise TaskDataError(f"{where}: the answer must end with '#### <integer>', got {row['answer'][-40:]!r}")
+            raise ProblemFileError(f"{where}: the answer must end with '#### <integer>', got {row['answer'][-40:]!r}")
         steps = max(1, len(_CALCULATOR.findall(working)))
         solution = _CALCULATOR.sub("", working).strip()
         problems.append({"prompt": row["question"].strip(), "answer": int(final), "level": steps,
