@@ -41,11 +41,9 @@ class Relation:
 # Sentence frames shared by every relation. Documents state each relation in F0, F1 and two of
 # F2..F5; the other two are held out for that relation only. A held-out frame is then a phrasing the
 # model has met with other relations but never with this one (a compositional split), which a
-# small model can learn to generalise to; a wholly unseen sentence shape mostly it cannot. Measured
-# with a 0.7M-parameter model pretrained on 1.8M tokens of a scale-0.25 world: 84% greedy fact
-# completion on held-out phrasings made this way (frames, and one new opening clause before a known
-# ending per relation), against 32% for held-out phrasings that were new sentence shapes. Half the
-# frames name the subject before the relation, half after, and each relation keeps one of each.
+# small model can learn to generalise to; a wholly unseen sentence shape mostly it cannot
+# (BENCHMARKS.md). Half the frames name the subject before the relation, half after, and each
+# relation keeps one of each.
 FRAMES = (
     "The {n} of {S} is {v}.",
     "{S}'s {n} is {v}.",
@@ -60,8 +58,7 @@ SHARED_FRAMES = 2  # F0 and F1 are never held out
 def _with_frames(index: int, rel: Relation) -> Relation:
     """Add the frames to a relation's templates, holding out two of F2..F5 (which two rotates).
     F0 ("The capital of Varnia is Oskel.") becomes the canonical first template: a tiny model
-    recalls a fact more often when the subject comes right before the answer (in one probe run,
-    "The favourite colour of Tamrin is" 100% against "Tamrin's favourite colour is" 12%)."""
+    recalls a fact more often when the subject comes right before the answer (BENCHMARKS.md)."""
     subject = "the {s}" if rel.kind in ("animal", "object") else "{s}"
     framed = [f.replace("{n}", rel.noun).replace("{S}", subject).replace("{v}", rel.value) for f in FRAMES]
     rotating = len(FRAMES) - SHARED_FRAMES

@@ -11,11 +11,10 @@ line `Answer: <integer>`:
 The level is the number of arithmetic steps (1 to 3). Every step stays inside a small table a
 tiny model can memorise from pretraining, where a number up to 999 is one token and a sum is a
 lookup, not a procedure: products and quotients of one-digit numbers, sums and differences of
-numbers up to 12, a product less a one-digit number, a bill less a price. (With addends up to 30
-the cpu model got 2-11% of its sums right against 72-84% of its products: nothing for RL to
-sharpen.) So SFT teaches the steps and RL still has room to get more of them right. People and
-towns come from the world; prices and counts are stated in each problem, so every problem is
-self-contained and checkable.
+numbers up to 12, a product less a one-digit number, a bill less a price: with larger addends the
+model never learnt its sums, which left RL nothing to sharpen (BENCHMARKS.md). So SFT teaches the
+steps and RL still has room to get more of them right. People and towns come from the world; prices
+and counts are stated in each problem, so every problem is self-contained and checkable.
 
 The held-out split is decided by a hash of the prompt (`split_of`): about 20% of all possible
 problems are "test", the rest "train", whatever the seed, so no evaluation problem can ever be
