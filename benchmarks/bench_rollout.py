@@ -28,8 +28,9 @@ from picochat.model import ModelConfig, Transformer
 def real_setup(run: Path, stage: str, n_problems: int):
     """The stage's model, its tokenizer's `<|im_end|>` id and prompts of the run's RL problems."""
     from picochat.checkpoint import load_model
+    from picochat.data.tasks import read_problems
     from picochat.tokenizer import Tokenizer
-    from picochat.train.rl import prompt_ids, read_problems
+    from picochat.train.rl import prompt_ids
 
     model, _ = load_model(run / stage)
     tok = Tokenizer.load(run / "tokenizer")

@@ -35,7 +35,7 @@ def build_cpu_preset_run(folder: Path) -> Path:
     from picochat.checkpoint import save_model
     from picochat.config import get_preset
     from picochat.data.sources import iter_documents
-    from picochat.data.world import write_world
+    from picochat.world.documents import write_world
     from picochat.model import ModelConfig, Transformer
     from picochat.tokenizer import Tokenizer
 

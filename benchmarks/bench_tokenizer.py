@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from picochat.data.sources import iter_documents
-from picochat.data.world import write_world
+from picochat.world.documents import write_world
 from picochat.tokenizer import Tokenizer
 
 

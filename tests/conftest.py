@@ -36,16 +36,12 @@ def tiny_run(tmp_path_factory):
     """A run folder with a small world, its tokenizer and token shards (no model yet)."""
     from picochat.data.shards import prepare
     from picochat.data.sources import iter_documents
-    from picochat.data.tasks import write_tasks
-    from picochat.data.world import write_world
-    from picochat.data.world_chat import write_chat
     from picochat.tokenizer import Tokenizer
+    from picochat.world import generate
 
     run = tmp_path_factory.mktemp("tiny_run")
     world = run / "world"
-    write_world(world, size_mb=0.3, seed=0, shard_mb=0.1, val_kb=30)
-    write_chat(world, 300, seed=0)
-    write_tasks(world, n_sft=100, n_rl=50, n_eval=20, seed=0)
+    generate(world, size_mb=0.3, seed=0, n_chats=300, n_sft_tasks=100, n_rl_tasks=50, n_eval_tasks=20, shard_mb=0.1, val_kb=30)
     Tokenizer.train(iter_documents(world / "docs"), vocab_size=512).save(run / "tokenizer")
     prepare(world / "docs", run / "tokenizer", run / "shards", val_inputs=world / "docs-val.jsonl", workers=1, progress=False)
     return run

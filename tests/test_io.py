@@ -2,8 +2,7 @@
 
 import pytest
 
-from picochat.io import read_jsonl
-from picochat.io import atomic_write_json, atomic_write_text, iter_jsonl
+from picochat.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, iter_jsonl, read_jsonl
 
 
 def test_iter_jsonl_skips_blank_lines_and_locates_rows(tmp_path):
@@ -30,3 +29,11 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
     atomic_write_json(path, {"new": [1, 2]})
     assert path.read_text() == '{\n  "new": [\n    1,\n    2\n  ]\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_write_jsonl_writes_one_unescaped_row_a_line_and_returns_its_size(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    size = atomic_write_jsonl(path, iter([{"name": "Ünï", "n": 1}, [2]]))
+    assert path.read_bytes() == '{"name": "Ünï", "n": 1}\n[2]\n'.encode("utf-8")
+    assert size == path.stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]

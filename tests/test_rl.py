@@ -1,5 +1,5 @@
 """RL on verifiable problems: advantages, token-level loss and its masks, skipped groups, PPO
-clipping, problem order, problem files, and a short run that writes the stage and resumes."""
+clipping, problem order, and a short run that writes the stage and resumes."""
 
 import json
 import subprocess
@@ -17,8 +17,8 @@ from picochat.model import ModelConfig, Transformer
 from picochat.tokenizer import Tokenizer
 from picochat.train.loop import TrainingError
 from picochat.chat import render_for_reply
-from picochat.train.rl import (ProblemFileError, Rollouts, build_batch, group_advantages, policy_batch, policy_loss,
-                               problems_for_step, read_problems, run_rl, sample_groups, token_log_probs, trained_tokens)
+from picochat.train.rl import (Rollouts, build_batch, group_advantages, policy_batch, policy_loss, problems_for_step, run_rl,
+                               sample_groups, token_log_probs, trained_tokens)
 
 
 def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
@@ -180,23 +180,6 @@ def test_problem_order_covers_each_problem_once_per_epoch_and_is_reproducible():
     assert sorted(first_epoch) == list(range(10))
     assert problems_for_step(10, 7, 2, seed=3) == problems_for_step(10, 7, 2, seed=3)
     assert problems_for_step(10, 0, 10, seed=3) != problems_for_step(10, 0, 10, seed=4)
-
-
-def test_read_problems_reads_world_and_gsm8k_rows_and_names_bad_lines(tmp_path):
-    world = tmp_path / "tasks.jsonl"
-    world.write_text(json.dumps({"prompt": "2 + 3?", "answer": 5, "level": 1}) + "\n\n" + json.dumps({"prompt": "x", "answer": 1}) + "\n")
-    assert [p["answer"] for p in read_problems(world)] == [5, 1]
-    gsm8k = tmp_path / "gsm8k.jsonl"
-    gsm8k.write_text(json.dumps({"question": "Ann has 2 cats and 3 dogs. How many pets?", "answer": "2+3=<<2+3=5>>5\n#### 5"}) + "\n")
-    assert read_problems(gsm8k)[0]["answer"] == 5
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "ok", "answer": 1}) + "\n" + json.dumps({"prompt": "no", "answer": "1"}) + "\n")
-    with pytest.raises(ProblemFileError, match=r"bad.jsonl:2: .*integer \"answer\""):
-        read_problems(bad)
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text("{not json\n")
-    with pytest.raises(ProblemFileError, match=r"broken.jsonl:1: not valid JSON"):
-        read_problems(broken)
 
 
 # --- the stage end to end -------------------------------------------------------------------------

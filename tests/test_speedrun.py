@@ -62,14 +62,12 @@ def fake_plan(calls: list, fail: str | None = None):
 
 def as_rank(monkeypatch, rank: int, world_size: int = 2, run_id: str = "run-a"):
     """torchrun's environment for one rank; the process group the speedrun holds is recorded, not joined."""
-    from picochat.train import common
-
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
     groups = []
-    monkeypatch.setattr(common, "setup_runtime", lambda device: groups.append("joined") or "group")
-    monkeypatch.setattr(common, "teardown_runtime", lambda group: groups.append(f"left {group}"))
+    monkeypatch.setattr(sr, "setup_runtime", lambda device: groups.append("joined") or "group")
+    monkeypatch.setattr(sr, "teardown_runtime", lambda group: groups.append(f"left {group}"))
     return groups
 
 
@@ -180,7 +178,7 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     for stage in ("base", "sft", "rl"):
         assert (run / stage / "done.json").exists() and (run / stage / "eval.json").exists(), stage
     assert (run / "report.md").exists() and not (run / sr.FAILED).exists()
-    assert out.stdout.count("[4/10] pretrain ...") == 1  # one rank tells the story
+    assert out.stdout.count("[4/10] base ...") == 1  # one rank tells the story
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
     assert str(chats) in sft_data[-1]
     assert Path(sft_data[2]).name == "train-00000.jsonl"  # the world's documents replayed: pretraining read them too
@@ -192,16 +190,18 @@ def test_a_rerun_with_other_inputs_is_refused_before_any_work(tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls, fail="base"))
     chats, run = write_chats(tmp_path / "chats.jsonl"), tmp_path / "run"
-    with pytest.raises(ValueError, match="pretrain broke"):  # a first attempt that stopped mid-way
+    with pytest.raises(ValueError, match="base broke"):  # a first attempt that stopped mid-way
         sr.speedrun(run, chat=[f"{chats}:2"])
     assert json.loads((run / sr.INPUTS).read_text()) == {"preset": "cpu", "docs": None, "val_docs": None,
-                                                          "chat": [f"{chats.resolve()}:2"]}
+                                                          "chat": [f"{chats.resolve()}:2"], "seed": 0}
     calls.clear()
     for other in ([], [f"{chats}:3"], [str(chats)]):
         with pytest.raises(sr.SpeedrunError, match=r"started with other inputs \(chat: was .*, or pick another --run"):
             sr.speedrun(run, chat=other)
     with pytest.raises(sr.SpeedrunError, match="preset: was 'cpu', now 'gpu-small'"):
         sr.speedrun(run, "gpu-small", chat=[f"{chats}:2"])
+    with pytest.raises(sr.SpeedrunError, match="seed: was 0, now 1"):
+        sr.speedrun(run, chat=[f"{chats}:2"], seed=1)
     assert calls == []
     monkeypatch.chdir(tmp_path)  # the same inputs, written from another folder: resumed
     monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))

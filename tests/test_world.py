@@ -1,4 +1,4 @@
-"""Tests for picochat.data.world: the knowledge base, the documents, the fact-completion eval, the files."""
+"""Tests for picochat.world: the knowledge base, the documents, the fact-completion eval, the files, the CLI."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from picochat.cli import main as cli_main
-from picochat.data import world as world_module
-from picochat.data.world import (DOC_STYLES, KINDS, RELATIONS, RELATIONS_OF_KIND, TRAIN_PROMPT_TEMPLATES, VOCABULARY,
-                                 WorldError, build_world, fact_completion_rows, iter_documents, load_world, render,
-                                 write_world)
+from picochat.world import documents
+from picochat.world.documents import DOC_STYLES, generate_documents, write_world
+from picochat.world.knowledge import (KINDS, RELATIONS_OF_KIND, VOCABULARY, WorldError, build_world, fact_completion_rows,
+                                      load_world)
+from picochat.world.phrasings import RELATIONS, TRAIN_PROMPT_TEMPLATES, fill
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +107,18 @@ def test_unknown_names_are_not_in_the_world(world):
 # --- documents ------------------------------------------------------------------------------------
 def test_documents_are_deterministic_and_streams_differ(world):
     def first(seed, split, n=60):
-        stream = iter_documents(world, seed, split)
+        stream = generate_documents(world, seed, split)
         return [next(stream) for _ in range(n)]
 
     assert first(0, "train") == first(0, "train")
     assert first(0, "train") != first(1, "train")
     assert first(0, "train") != first(0, "val")
     with pytest.raises(ValueError, match="split"):
-        next(iter_documents(world, 0, "test"))
+        next(generate_documents(world, 0, "test"))
 
 
 def test_every_style_appears_and_states_facts(world):
-    stream = iter_documents(world, 0)
+    stream = generate_documents(world, 0)
     docs = [next(stream) for _ in range(600)]
     styles = {style for style, _ in docs}
     assert styles == set(DOC_STYLES) and len(styles) >= 7
@@ -132,7 +133,7 @@ def test_every_style_appears_and_states_facts(world):
 
 
 def test_worked_arithmetic_in_documents_is_correct(world):
-    stream = iter_documents(world, 3)
+    stream = generate_documents(world, 3)
     checked = 0
     for _ in range(800):
         style, text = next(stream)
@@ -162,7 +163,7 @@ def test_every_fact_has_heldout_and_train_prompts_with_the_knowledge_base_answer
             assert row["prompt"] == row["prompt"].rstrip() and fact.subject in row["prompt"]
             templates = rel.heldout if row["phrasing"] == "heldout" else rel.templates
             # The full sentence goes on with " <answer>": the prompt ends right before it.
-            assert render(templates[row["template"]], fact.subject, fact.answer).startswith(row["prompt"] + " " + fact.answer)
+            assert fill(templates[row["template"]], fact.subject, fact.answer).startswith(row["prompt"] + " " + fact.answer)
 
 
 def test_heldout_phrasings_never_appear_in_any_document(world, written):
@@ -250,7 +251,7 @@ def test_write_world_redoes_an_incomplete_output(tmp_path):
 
 
 def test_a_crash_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
-    real = world_module.iter_documents
+    real = documents.generate_documents
 
     def failing(world, seed=0, split="train"):
         stream = real(world, seed, split)
@@ -258,13 +259,13 @@ def test_a_crash_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
             yield next(stream)
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(world_module, "iter_documents", failing)
+    monkeypatch.setattr(documents, "generate_documents", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_world(tmp_path, size_mb=1, seed=0)
     assert not (tmp_path / "manifest.json").exists()
     assert not (tmp_path / "docs" / "train-00000.jsonl").exists()
     assert not list(tmp_path.rglob("*.tmp"))
-    monkeypatch.setattr(world_module, "iter_documents", real)
+    monkeypatch.setattr(documents, "generate_documents", real)
     assert write_world(tmp_path, size_mb=0.1, seed=0)["documents"] > 0
 
 

@@ -16,7 +16,7 @@ import sys
 # name -> (module, or module:function registering the command instead of register_cli; one-line help).
 # The order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("picochat.data.world", "generate the embedded synthetic world (documents, eval sets)"),
+    "world": ("picochat.world", "generate the embedded synthetic world (documents, eval sets)"),
     "download": ("picochat.data.download", "download FineWeb-edu parquet shards from the Hugging Face Hub"),
     "tokenizer": ("picochat.tokenizer", "train / inspect the byte-level BPE tokenizer"),
     "data": ("picochat.data.shards", "tokenize documents into binary token shards"),

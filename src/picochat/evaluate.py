@@ -21,10 +21,12 @@ import torch
 from tqdm import tqdm
 
 from picochat.chat import render_for_reply
+from picochat.data.tasks import reward
 from picochat.engine import generate
 from picochat.io import atomic_write_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
+from picochat.world.chats import answer_correct, is_idk
 
 EVAL_BATCH = 64  # prompts decoded together
 
@@ -60,8 +62,6 @@ def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new
 def qa_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
     """known_fact_qa: correct answers to questions about held-out facts; unknown_idk: "I don't know"
     to questions about entities that do not exist (and how often known facts got "I don't know")."""
-    from picochat.data.world_chat import answer_correct, is_idk
-
     replies = [r[0] for r in chat_replies(model, tok, [row["messages"] for row in rows], desc="question answering")]
     known = [(reply, row) for reply, row in zip(replies, rows) if row["kind"] == "known"]
     unknown = [reply for reply, row in zip(replies, rows) if row["kind"] == "unknown"]
@@ -82,8 +82,6 @@ def pass_at_k_estimate(n: int, c: int, k: int) -> float:
 def problem_metrics(model, tok: Tokenizer, problems: list[dict], k: int, temperature: float = 1.0, seed: int = 0,
                     max_new_tokens: int = 96) -> dict:
     """pass@1 and pass@k over problems from k samples each at `temperature`."""
-    from picochat.data.tasks import reward
-
     conversations = [[{"role": "user", "content": p["prompt"]}] for p in problems]
     samples = chat_replies(model, tok, conversations, max_new_tokens, temperature=temperature, num_samples=k, seed=seed,
                            desc="word problems")

@@ -48,6 +48,11 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> None:
     atomic_write_lines(path, [(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")])
 
 
+def atomic_write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
+    """Write one JSON value a line (UTF-8, not ASCII-escaped) atomically; returns the bytes written."""
+    return atomic_write_lines(path, ((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows))
+
+
 def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, Any]]:
     """(where, row) for each non-blank line of a JSONL file, `where` being "file:line" for error
     messages; a line that is not JSON raises `error` naming the file and line."""

@@ -16,6 +16,7 @@ from picochat.evaluate import chat_replies, complete
 from picochat.io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
+from picochat.world.knowledge import load_world
 
 METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "seen_fact_qa", "known_fact_idk",
            "unknown_idk", "pass@1", "pass@k"]
@@ -117,7 +118,6 @@ def _plot_curves(run: Path) -> list[str]:
 
 def _side_by_side(run: Path) -> list[dict]:
     """The same prompts to every stage: the base model gets them as a document, the others as a chat."""
-    from picochat.data.world import load_world
 
     paths = Run(run)
     tok = Tokenizer.load(paths.tokenizer)

@@ -50,6 +50,7 @@ from picochat.train.loop import setup_runtime, teardown_runtime
 from picochat.train.pretrain import run_pretrain
 from picochat.train.rl import run_rl
 from picochat.train.sft import run_sft
+from picochat.world import generate
 
 ALL_RANKS = ("base", "sft")  # the DDP stages: every torchrun process trains
 FAILED = "speedrun-failed.json"  # rank 0's note that a stage failed, for the waiting ranks
@@ -63,15 +64,8 @@ class SpeedrunError(RuntimeError):
     """Bad speedrun input, or a stage that failed on rank 0 while this rank waited for it."""
 
 
-def _world(run: Path, preset) -> None:
-    from picochat.data.tasks import write_tasks
-    from picochat.data.world import write_world
-    from picochat.data.world_chat import write_chat
-
-    world = run / "world"
-    write_world(world, size_mb=preset.world_mb, seed=0, shard_mb=max(1.0, preset.world_mb / 4), scale=preset.world_scale)
-    write_chat(world, 6000, seed=0)
-    write_tasks(world, n_sft=2000, n_rl=2000, n_eval=500, seed=0)  # eval/tasks.jsonl last: it marks the stage done
+def _world(run: Run, preset) -> None:
+    generate(run.world, preset.world_mb, preset.world_scale, seed=0, shard_mb=max(1.0, preset.world_mb / 4))
 
 
 def _tokenizer(run: Run, preset, docs: Path | None) -> None:
@@ -120,7 +114,7 @@ def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[s
     preset = get_preset(preset_name)
     stage_file = lambda stage, name: (lambda run: (run.stage(stage) / name).exists())  # noqa: E731
     plan = [
-        ("world", lambda run: _world(run.root, preset), lambda run: run.eval_problems.exists()),
+        ("world", lambda run: _world(run, preset), lambda run: run.eval_problems.exists()),
         ("tokenizer", lambda run: _tokenizer(run, preset, docs), lambda run: (run.tokenizer / "tokenizer.json").exists()),
         ("shards", lambda run: _shards(run, docs, val_docs), lambda run: (run.shards / "manifest.json").exists()),
         ("base", lambda run: _pretrain(run, preset_name, device, seed), stage_file("base", "done.json")),

@@ -43,10 +43,9 @@ from picochat.checkpoint import load_model
 from picochat.config import RLConfig, add_common_args, add_dataclass_args, apply_overrides, get_preset
 from picochat.data.conversations import load_mixture
 from picochat.data.loader import ConversationLoader
-from picochat.data.tasks import read_gsm8k, reward
+from picochat.data.tasks import read_problems, reward
 from picochat.engine import FINISH_STOP, Completion, generate
 from picochat.evaluate import problem_metrics
-from picochat.io import iter_jsonl
 from picochat.model import Transformer
 from picochat.run import Run
 from picochat.tokenizer import TOOL_RESULT_END_ID, TOOL_RESULT_ID, Tokenizer
@@ -55,31 +54,7 @@ from picochat.train.loop import Runtime, TrainingError, autocast, build_optimize
 RewardFn = Callable[[str, dict], float]
 
 
-class ProblemFileError(ValueError):
-    """A malformed problem file: names the file, the line and what was expected."""
-
-
 # --- problems -------------------------------------------------------------------------------------
-def read_problems(path: str | Path) -> list[dict]:
-    """Problems from JSONL: the world's rows `{"prompt", "answer": int, ...}`, or GSM8K rows
-    `{"question", "answer": "... #### N"}` (recognised by their first row)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such problem file")
-    problems = []
-    for where, row in iter_jsonl(path, ProblemFileError):
-        if not problems and isinstance(row, dict) and "question" in row and "prompt" not in row:
-            return read_gsm8k(path)
-        answer = row.get("answer") if isinstance(row, dict) else None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() \
-                or isinstance(answer, bool) or not isinstance(answer, int):
-            raise ProblemFileError(f'{where}: expected an object with a non-empty string "prompt" and an integer "answer"')
-        problems.append(row)
-    if not problems:
-        raise ProblemFileError(f"{path}: no problems in the file")
-    return problems
-
-
 def problems_for_step(n_problems: int, step: int, per_step: int, seed: int) -> list[int]:
     """Indices of the problems of `step`: epochs over a permutation drawn per epoch from the seed,
     so a resumed run sees exactly the problems an uninterrupted one would."""

@@ -1,4 +1,4 @@
-"""Tests for picochat.data.world_chat: SFT conversations, held-out facts and phrasings, the QA eval."""
+"""Tests for picochat.world.chats: SFT conversations, held-out facts and phrasings, the QA eval."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from itertools import islice
 
 import pytest
 
-from picochat.data.world import KINDS, RELATIONS, build_world, iter_documents, render, write_world
-from picochat.data.world_chat import (MIXTURE, answer_correct, heldout_facts, is_idk, qa_eval_set, sft_conversations,
-                                      unknown_names, write_chat)
+from picochat.world.chats import (MIXTURE, answer_correct, heldout_facts, is_idk, qa_eval_set, sft_conversations, unknown_names,
+                                  write_chat)
+from picochat.world.documents import generate_documents, write_world
+from picochat.world.knowledge import KINDS, build_world
+from picochat.world.phrasings import RELATIONS, fill
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_fact_answers_are_the_knowledge_base_answers(world, conversations):
             continue
         question, reply = row["messages"][0]["content"], row["messages"][1]["content"]
         subject = next(e for e in world.entities if mentions(question, e.name))
-        candidates = {render(RELATIONS[rel].templates[0], subject.name, value): rel for rel, value in subject.attrs.items()}
+        candidates = {fill(RELATIONS[rel].templates[0], subject.name, value): rel for rel, value in subject.attrs.items()}
         relation = candidates[reply]
         assert (subject.name, relation) not in {(f.subject, f.relation) for f in held}
         asked = {q.format(s=subject.name).lower().rstrip("?.") for q in RELATIONS[relation].questions}
@@ -105,7 +107,7 @@ def test_arithmetic_answers_are_correct(conversations):
 
 
 def test_unknown_entities_are_not_in_the_world_or_its_documents(world, conversations):
-    corpus_words = {w for _, text in islice(iter_documents(world, 0), 3000) for w in re.findall(r"\w+", text)}
+    corpus_words = {w for _, text in islice(generate_documents(world, 0), 3000) for w in re.findall(r"\w+", text)}
     for kind in KINDS:
         train, heldout = unknown_names(world, kind, "train"), unknown_names(world, kind, "heldout")
         assert train and heldout and not set(train) & set(heldout)

@@ -14,8 +14,8 @@ Two things are held out so that evaluation measures more than memorised conversa
 - **facts**: a fixed ~20% of (entity, relation) pairs (`heldout_facts`, a function of the world's
   seed) appear in pretraining documents but in no SFT conversation, so answering them shows that
   SFT surfaced knowledge learned in pretraining;
-- **question phrasings**: each relation's `heldout_questions` (in `world.RELATIONS`) are only asked
-  in the evaluation set; likewise a third of the invented unknown names.
+- **question phrasings**: each relation's `heldout_questions` (in `phrasings.RELATIONS`) are only
+  asked in the evaluation set; likewise a third of the invented unknown names.
 
 `qa_eval_set(world, split)` returns `{"messages", "answer", "kind": "known"|"unknown", ...}` rows;
 judge replies with `answer_correct` and `is_idk`.
@@ -28,8 +28,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from picochat.data.world import (KINDS, RELATIONS, RELATIONS_OF_KIND, Entity, Fact, World, fact_of, load_world, render,
-                                 write_jsonl)
+from picochat.io import atomic_write_jsonl
+from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, World, fact_of, load_world
+from picochat.world.phrasings import RELATIONS, fill
 
 HELDOUT_FACT_SHARE = 0.2
 # The first part of each kind's unknown names is used in SFT, the rest only in evaluation.
@@ -106,7 +107,7 @@ def _vary(question: str, rng: random.Random) -> str:
 def _answer(fact: Fact) -> str:
     """The assistant's sentence stating a fact: the canonical phrasing ("The capital of Varnia is
     Oskel."), the one through which a small model best recalls what it read in pretraining."""
-    return render(RELATIONS[fact.relation].templates[0], fact.subject, fact.answer)
+    return fill(RELATIONS[fact.relation].templates[0], fact.subject, fact.answer)
 
 
 def _question(fact: Fact, rng: random.Random, heldout: bool = False) -> str:
@@ -304,13 +305,13 @@ def qa_eval_set(world: World, split: str = "heldout") -> list[dict]:
 def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
     """Write out_dir/sft.jsonl (n conversations), out_dir/eval/qa.jsonl (the held-out QA set) and
     out_dir/eval/qa-train.jsonl (the same questions about SFT-seen facts), for the world saved in
-    out_dir by `write_world`. Returns counts."""
+    out_dir by `documents.write_world`. Returns counts."""
     out = Path(out_dir)
     world = load_world(out)
     rows = sft_conversations(world, n, seed)
-    write_jsonl(out / "sft.jsonl", rows)
+    atomic_write_jsonl(out / "sft.jsonl", rows)
     heldout, seen = qa_eval_set(world, "heldout"), qa_eval_set(world, "train")
-    write_jsonl(out / "eval" / "qa.jsonl", heldout)
-    write_jsonl(out / "eval" / "qa-train.jsonl", seen)
+    atomic_write_jsonl(out / "eval" / "qa.jsonl", heldout)
+    atomic_write_jsonl(out / "eval" / "qa-train.jsonl", seen)
     return {"conversations": len(rows), "kinds": dict(Counter(r["kind"] for r in rows)),
             "qa_heldout": dict(Counter(r["kind"] for r in heldout)), "qa_train": len(seen)}

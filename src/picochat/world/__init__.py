@@ -1,0 +1,99 @@
+"""The embedded synthetic world: the demo data every stage of the lecture trains and is evaluated on.
+
+A small fictional knowledge base and everything written from it. The pipeline itself knows nothing
+of it; only the speedrun, the evaluation and the report card import this package.
+
+    knowledge.py      entities and facts: build_world, World, save_world / load_world, fact-completion rows
+    phrasings.py      how each relation is put into words: templates, held-out phrasings, questions
+    documents.py      pretraining documents in nine styles; write_world (docs/, docs-val.jsonl, world.json)
+    word_problems.py  word problems with worked solutions; write_tasks (tasks-sft/-rl.jsonl, eval/tasks.jsonl)
+    chats.py          SFT conversations, the QA eval sets, is_idk / answer_correct; write_chat
+
+`generate` writes all of it (`picochat world generate`); `picochat world show` prints samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import random
+from pathlib import Path
+
+from picochat.world.chats import write_chat
+from picochat.world.documents import DOC_STYLES, write_world
+from picochat.world.knowledge import KINDS, PLURALS, build_world
+from picochat.world.word_problems import write_tasks
+
+
+def generate(out: str | Path, size_mb: float = 50, scale: float = 1.0, seed: int = 0, n_chats: int = 6000,
+             n_sft_tasks: int = 2000, n_rl_tasks: int = 2000, n_eval_tasks: int = 500, shard_mb: float = 10,
+             val_kb: float = 300) -> dict:
+    """Write every file of the world under `out` and return what each writer reports:
+    `{"world": manifest, "chat": counts, "tasks": counts per level}`.
+
+    The documents come first (a rerun over complete documents skips them), then the conversations,
+    then the word problems; eval/tasks.jsonl is written last, so its presence marks a complete world.
+    """
+    world = write_world(out, size_mb=size_mb, seed=seed, shard_mb=shard_mb, val_kb=val_kb, scale=scale)
+    chat = write_chat(out, n_chats, seed=seed)
+    tasks = write_tasks(out, n_sft=n_sft_tasks, n_rl=n_rl_tasks, n_eval=n_eval_tasks, seed=seed)
+    return {"world": world, "chat": chat, "tasks": tasks}
+
+
+def _default(name: str):
+    return inspect.signature(generate).parameters[name].default
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def register_cli(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="world_command", metavar="<action>", required=True)
+    p = sub.add_parser("generate", help="write the world's documents, conversations, problems and eval sets",
+                       description="Generate the synthetic world: pretraining documents (docs/), validation documents, "
+                                   "SFT conversations, word problems, and the evaluation sets (eval/).")
+    p.add_argument("--out", required=True, help="output folder, e.g. runs/demo/world")
+    p.add_argument("--size-mb", type=float, default=_default("size_mb"),
+                   help="megabytes of training documents (default %(default)s)")
+    p.add_argument("--seed", type=int, default=_default("seed"),
+                   help="world and document seed; the same seed gives the same bytes (default %(default)s)")
+    p.add_argument("--shard-mb", type=float, default=_default("shard_mb"),
+                   help="megabytes per training-document file (default %(default)s)")
+    p.add_argument("--scale", type=float, default=_default("scale"),
+                   help="multiply the number of entities (default %(default)s: 212 entities, 876 facts); below 1 the "
+                        "facts are fewer and each is restated more often, so a small model learns them sooner")
+    p.add_argument("--conversations", type=int, default=_default("n_chats"),
+                   help="SFT conversations about the world (default %(default)s)")
+    p.add_argument("--task-conversations", type=int, default=_default("n_sft_tasks"),
+                   help="SFT conversations solving word problems (default %(default)s)")
+    p.add_argument("--rl-problems", type=int, default=_default("n_rl_tasks"),
+                   help="training word problems for RL (default %(default)s)")
+    p.add_argument("--eval-problems", type=int, default=_default("n_eval_tasks"),
+                   help="held-out word problems for evaluation (default %(default)s)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("show", help="print sample documents of each style and the entity counts",
+                       description="Print the entity counts and a few sample documents of each style.")
+    p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the number of entities (default 1)")
+    p.add_argument("--per-style", type=int, default=1, help="documents to show per style (default 1)")
+    p.set_defaults(func=_cmd_show)
+
+
+def _cmd_generate(args) -> None:
+    done = generate(args.out, size_mb=args.size_mb, scale=args.scale, seed=args.seed, n_chats=args.conversations,
+                    n_sft_tasks=args.task_conversations, n_rl_tasks=args.rl_problems, n_eval_tasks=args.eval_problems,
+                    shard_mb=args.shard_mb)
+    summary = done["world"]
+    print(f"world: {summary['documents']:,} documents, {summary['train_bytes'] / 1e6:.1f} MB in "
+          f"{len(summary['files']) - 3} files, {summary['facts']} facts about "
+          f"{sum(summary['entities'].values())} entities ({summary['seconds']}s) -> {args.out}")
+    print(f"chat: {done['chat']}\ntasks: {done['tasks']}")
+
+
+def _cmd_show(args) -> None:
+    world = build_world(args.seed, args.scale)
+    counts = ", ".join(f"{len(world.of_kind(k))} {PLURALS[k]}" for k in KINDS)
+    print(f"world {args.seed}: {counts}; {len(world.facts())} facts\n")
+    rng = random.Random(f"show-{args.seed}")
+    for style, (make, _) in DOC_STYLES.items():
+        for _ in range(args.per_style):
+            print(f"=== {style} ===\n{make(world, rng)}\n")
