@@ -156,6 +156,11 @@ def test_other_bad_files(tmp_path):
     ok = write_jsonl(tmp_path / "ok.jsonl", [GOOD])
     with pytest.raises(ConversationError, match=r"ok\.jsonl:1: expected an object with a 'conversations' list"):
         list(read_conversations(ok, format="sharegpt"))
+    whole = gzip.compress((json.dumps(GOOD) + "\n").encode())
+    for name, data in (("cut.jsonl.gz", whole[:-10]), ("plain.jsonl.gz", b"not gzip at all")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConversationError, match=re.escape(name) + ": not a complete gzip file"):
+            list(read_conversations(tmp_path / name))
 
 
 def test_alpaca_null_input_is_no_input():

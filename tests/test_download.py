@@ -33,13 +33,15 @@ class FakeHub:
 
     With `redirect`, /resolve/<name> answers 302 to /cdn/<name> with the Hub's X-Linked-Etag (sha256)
     and X-Linked-Size headers. Behaviour switches: ignore_range, corrupt (flip bytes mid-file),
-    html (send an error page instead), cut_first (the first answer per file stops halfway),
+    html (send an error page instead), endless (no Content-Length, then junk after the file until the
+    client hangs up, up to 64 MB), cut_first (the first answer per file stops halfway),
     fail_first (the first answer per file is this HTTP status), barrier (hold GETs until N are in flight).
     """
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files
-        self.redirect = self.ignore_range = self.corrupt = self.html = self.cut_first = False
+        self.redirect = self.ignore_range = self.corrupt = self.html = self.cut_first = self.endless = False
+        self.endless_sent = 0
         self.fail_first: int | None = None
         self.barrier: threading.Barrier | None = None
         self.requests: list[tuple[str, str | None]] = []
@@ -102,6 +104,16 @@ class FakeHub:
         else:
             h.send_response(200)
             payload = body
+        if self.endless:
+            h.end_headers()
+            h.close_connection = True
+            try:
+                for chunk in [payload] + [bytes(2**20)] * 64:
+                    h.wfile.write(chunk)
+                    self.endless_sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
         h.send_header("Content-Length", str(len(payload)))
         h.end_headers()
         if self.cut_first and first_answer:
@@ -230,6 +242,16 @@ def test_server_errors_are_retried_and_missing_files_are_not(hub, tmp_path):
     with pytest.raises(DownloadError, match="HTTP 404.*--shards"):
         download_file(f"{hub.url}/cdn/shard_09999.parquet", tmp_path / "shard_09999.parquet", **{**FAST, "attempts": 5})
     assert len(hub.gets()) == 3
+
+
+def test_a_body_longer_than_announced_is_cut_off_not_written_to_the_end(hub, tmp_path):
+    hub.redirect, hub.endless = True, True
+    name = "shard_00000.parquet"
+    with pytest.raises(DownloadError, match="more than the .* bytes expected"):
+        download_file(f"{hub.url}/resolve/{name}", tmp_path / name, **FAST)
+    assert not (tmp_path / name).exists()
+    assert_no_leftovers(tmp_path)
+    assert hub.endless_sent < FAST["attempts"] * 16 * 2**20  # the client hung up early, not after 64 MB
 
 
 def test_unreachable_server_gives_a_clear_error(tmp_path):

@@ -295,6 +295,9 @@ def hf_folder(tmp_path, small_tokenizer):
                          str(d / "model.safetensors"), metadata={"format": "pt"}), "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"),
     (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "pickled .bin weights are not read"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: missing"),
+    (lambda d: (d / "model.safetensors").unlink() or (d / "model.safetensors.index.json")
+     .write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": "../../elsewhere.safetensors"}})),
+     r"must name files in .*elsewhere.safetensors"),
 ])
 def test_import_refuses_malformed_folders(break_it, message, hf_folder, tmp_path):
     break_it(hf_folder)

@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from picochat.checkpoint import latest_checkpoint, save_training_state
 from picochat.config import TrainConfig
-from picochat.train.loop import lr_multiplier
+from picochat.model import ModelConfig, Transformer
+from picochat.train.loop import MetricsLog, TrainingError, lr_multiplier
 
 from conftest import TINY_MODEL_FLAGS
 
@@ -144,3 +146,23 @@ def test_every_override_flag_explains_itself_and_applies():
     add_dataclass_args(parser, TrainConfig)
     cfg = apply_overrides(TrainConfig(), parser.parse_args(["--muon-lr", "0.01", "--compile", "--optimizer", "muon"]))
     assert (cfg.muon_lr, cfg.compile, cfg.optimizer, cfg.lr) == (0.01, True, "muon", TrainConfig().lr)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_broken_one_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-append
+    MetricsLog(path, resume_step=2).log(step=3, loss=1.2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
+    with pytest.raises(TrainingError, match=r"metrics.jsonl:2: not valid JSON"):
+        MetricsLog(path, resume_step=2)
+    assert path.read_text() == '{"step": 1}\n{"ste\n{"step": 2}\n'  # nothing lost
+
+
+def test_temporary_checkpoint_folders_left_by_a_kill_are_removed_at_the_next_save(tmp_path):
+    model = Transformer(ModelConfig(vocab_size=32, n_layer=1, d_model=16, n_head=2, n_kv_head=1, max_seq_len=8))
+    left = tmp_path / "checkpoints" / ".step-000004.abc123"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"half")
+    save_training_state(tmp_path, 8, model, [], {})
+    assert not left.exists() and latest_checkpoint(tmp_path).name == "step-000008"

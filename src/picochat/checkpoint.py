@@ -86,6 +86,8 @@ def save_training_state(stage_dir: Path, step: int, model: Transformer, optimize
     """Write checkpoints/step-XXXXXX atomically, point LATEST at it, and keep the newest `keep`."""
     ckpt_root = Path(stage_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    for left_by_a_kill in ckpt_root.glob(".step-*"):
+        shutil.rmtree(left_by_a_kill, ignore_errors=True)
     final = ckpt_root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step:06d}."))
     try:
@@ -96,6 +98,8 @@ def save_training_state(stage_dir: Path, step: int, model: Transformer, optimize
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as f:
+            os.fsync(f.fileno())
         atomic_write_json(tmp / "meta.json", {"step": step, "model": model.config.to_dict(), **extra})
         if final.exists():
             shutil.rmtree(final)

@@ -291,7 +291,11 @@ def weight_files(hf_dir: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFImportError(f"{index}: expected a non-empty 'weight_map' object")
-        return [hf_dir / name for name in sorted(set(weight_map.values()))]
+        files = [hf_dir / name for name in sorted(set(map(str, weight_map.values())))]
+        outside = [str(path) for path in files if path.resolve().parent != hf_dir.resolve()]
+        if outside:
+            raise HFImportError(f"{index}: the weight_map must name files in {hf_dir}, not {', '.join(outside[:3])}")
+        return files
     hint = " (pickled .bin weights are not read: convert them to safetensors)" if any(hf_dir.glob("*.bin")) else ""
     raise HFImportError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{hint}")
 

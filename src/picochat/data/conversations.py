@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -148,6 +149,8 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
                 yield f"{path}:{lineno}", record
     except UnicodeDecodeError as e:
         raise ConversationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ConversationError(f"{path}: not a complete gzip file ({e})") from None
 
 
 def read_conversations(path: str | Path, format: str = "auto") -> Iterator[dict]:

@@ -83,6 +83,7 @@ DEFAULT_DATASET = "fineweb-edu-100b-shuffle"
 
 PARQUET_MAGIC = b"PAR1"
 CHUNK_BYTES = 2**20
+MAX_UNSIZED_BYTES = 8 * 2**30  # a file the server gives no size for is cut off here (shards are at most ~2.2 GB)
 USER_AGENT = "picochat-download/0.1 (python urllib)"
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
@@ -233,6 +234,9 @@ def _copy_body(response, part: Path, offset: int, expected_size: int | None, rep
                 out.write(chunk)
                 received += len(chunk)
                 report(offset + received, expected_size)
+                limit = expected_size if expected_size is not None else MAX_UNSIZED_BYTES
+                if offset + received > limit:
+                    raise _Retry(f"the server sent more than the {limit:,} bytes expected", discard_part=True)
             out.flush()
             os.fsync(out.fileno())
     except (http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError) as e:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from picochat.checkpoint import latest_checkpoint, load_training_state, save_model, save_training_state
 from picochat.config import TrainConfig
-from picochat.io import atomic_write_json
+from picochat.io import atomic_write_json, atomic_write_text
 from picochat.model import IGNORE_INDEX, Transformer
 from picochat.train.muon import Muon
 
@@ -144,7 +144,8 @@ def measured_peak_flops(device: torch.device) -> float | None:
 
 
 class MetricsLog:
-    """Append-only metrics JSONL; on resume, lines past the resumed step are dropped first."""
+    """Append-only metrics JSONL; on resume, lines past the resumed step are dropped first, and so is
+    a torn last line (a kill mid-append); a broken line before it is an error naming the file and line."""
 
     def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
@@ -152,9 +153,17 @@ class MetricsLog:
             return
         kept = []
         if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in kept))
+            lines = self.path.read_text().splitlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError as e:
+                    if number == len(lines):
+                        break
+                    raise TrainingError(f"{self.path}:{number}: not valid JSON ({e.msg}); remove the line to resume") from None
+                if record is not None and record.get("step", 0) <= resume_step:
+                    kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, **record) -> None:
         if self.enabled:
