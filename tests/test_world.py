@@ -274,7 +274,7 @@ def test_load_world_errors_name_the_file(tmp_path):
         load_world(tmp_path)
     path = tmp_path / "world.json"
     path.write_text("{not json")
-    with pytest.raises(WorldError, match=f"{re.escape(str(path))}: not valid JSON"):
+    with pytest.raises(WorldError, match=f"{re.escape(str(path))}: line \\d+: not valid JSON"):
         load_world(tmp_path)
     path.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(WorldError, match="format"):

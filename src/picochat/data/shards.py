@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from picochat.data.sources import iter_documents, list_source_files
-from picochat.io import atomic_write_json
+from picochat.io import atomic_write_json, read_json
 from picochat.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -368,10 +368,7 @@ def read_manifest(shards_dir: str | Path) -> dict:
     if not path.exists():
         hint = " (an interrupted prepare: run it again to finish)" if (Path(shards_dir) / PROGRESS).exists() else ""
         raise ShardError(f"{path}: no manifest, so no finished token shards here{hint}; run `picochat data prepare`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path, ShardError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise ShardError(f"{path}: expected a picochat shard manifest of format {FORMAT_VERSION}")
     return manifest

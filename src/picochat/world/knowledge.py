@@ -18,13 +18,12 @@ How the facts are worded is in `phrasings.py`.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from picochat.io import atomic_write_json
+from picochat.io import atomic_write_json, read_json
 from picochat.world.phrasings import RELATIONS, TRAIN_PROMPT_TEMPLATES, completion_prompt
 
 FORMAT = "picochat-world/1"
@@ -226,10 +225,7 @@ def load_world(out_dir: str | Path) -> World:
         path = path / WORLD_FILE
     if not path.is_file():
         raise WorldError(f"{path}: no world here (make one with `picochat world generate`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WorldError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, WorldError)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise WorldError(f"{path}: expected a JSON object with \"format\": \"{FORMAT}\"")
     try:
