@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import shared_data
-from picochat.data.tasks import ProblemFileError, extract_answer, read_gsm8k, read_problems
+from picochat.data.tasks import ProblemFileError, extract_answer, read_gsm8k, read_problems, reward
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -85,10 +85,26 @@ def test_read_problems_reads_picochat_and_gsm8k_rows_and_names_bad_lines(tmp_pat
     gsm8k.write_text(json.dumps({"question": "Ann has 2 cats and 3 dogs. How many pets?", "answer": "2+3=<<2+3=5>>5\n#### 5"}) + "\n")
     assert read_problems(gsm8k)[0]["answer"] == 5
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "ok", "answer": 1}) + "\n" + json.dumps({"prompt": "no", "answer": "1"}) + "\n")
-    with pytest.raises(ProblemFileError, match=r"bad.jsonl:2: .*integer \"answer\""):
-        read_problems(bad)
+    for wrong in (" ", 1.5, True, None):
+        bad.write_text(json.dumps({"prompt": "ok", "answer": 1}) + "\n" + json.dumps({"prompt": "no", "answer": wrong}) + "\n")
+        with pytest.raises(ProblemFileError, match=r"bad.jsonl:2: .*integer or non-empty string \"answer\""):
+            read_problems(bad)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"prompt": "What is the capital of Varnia?", "answer": "Oskel"}) + "\n")
+    assert read_problems(facts)[0]["answer"] == "Oskel"
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
     with pytest.raises(ProblemFileError, match=r"broken.jsonl:1: not valid JSON"):
         read_problems(broken)
+
+
+@pytest.mark.parametrize("reply, answer, expected", [
+    ("The capital of Varnia is Oskel.", "Oskel", 1.0),
+    ("The capital of Varnia is Brelby.", "Oskel", 0.0),
+    ("I don't know. Maybe Oskel?", "Oskel", 0.0),  # an answer hedged with "I don't know" is not an answer
+    ("The population is 340.", "34", 0.0),
+    ("I don\u2019t know. I have never heard of Zogundo.", "I don't know", 1.0),
+    ("The price of the Zogundo is 5 crowns.", "I don't know", 0.0),
+])
+def test_text_answers_are_rewarded_when_said_and_abstaining_when_asked_to(reply, answer, expected):
+    assert reward(reply, {"prompt": "?", "answer": answer}) == expected

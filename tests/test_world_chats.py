@@ -8,7 +8,8 @@ from itertools import islice
 
 import pytest
 
-from picochat.world.chats import (MIXTURE, answer_correct, heldout_facts, is_idk, qa_eval_set, sft_conversations, unknown_names,
+from picochat.data.tasks import abstains, says_answer
+from picochat.world.chats import (MIXTURE, heldout_facts, qa_eval_set, sft_conversations, unknown_names,
                                   write_chat)
 from picochat.world.documents import generate_documents, write_world
 from picochat.world.knowledge import KINDS, build_world
@@ -118,7 +119,7 @@ def test_unknown_entities_are_not_in_the_world_or_its_documents(world, conversat
     sft_unknown = {n for kind in KINDS for n in unknown_names(world, kind, "train")}
     for row in unknown_rows:
         question, reply = row["messages"][-2]["content"], row["messages"][-1]["content"]
-        assert is_idk(reply) and "I don't know" in reply
+        assert abstains(reply) and "I don't know" in reply
         assert any(mentions(question, name) and mentions(reply, name) for name in sft_unknown)
     eval_unknown = {n for kind in KINDS for n in unknown_names(world, kind, "heldout")}
     assert not any(mentions(text_of(row), name) for row in conversations for name in eval_unknown)
@@ -182,8 +183,8 @@ def test_qa_eval_train_split_uses_facts_seen_in_sft(world):
     ("I don\u2019t know that town.", True), ("Sorry, I DON'T KNOW.", True),
     ("The capital of Varnia is Oskel.", False), ("I know: it is Oskel.", False), ("Nobody knows", False),
 ])
-def test_is_idk(reply, expected):
-    assert is_idk(reply) is expected
+def test_abstains(reply, expected):
+    assert abstains(reply) is expected
 
 
 @pytest.mark.parametrize("reply, answer, expected", [
@@ -193,8 +194,8 @@ def test_is_idk(reply, expected):
     ("About 112,000 people live there.", "12,000", False), ("About 12,0001 people.", "12,000", False),
     ("It costs 4 dollars.", "14", False), ("I don't know, maybe Oskel?", "Oskel", False),
 ])
-def test_answer_correct(reply, answer, expected):
-    assert answer_correct(reply, answer) is expected
+def test_says_answer(reply, answer, expected):
+    assert says_answer(reply, answer) is expected
 
 
 def test_write_chat_writes_sft_and_eval_files(tmp_path, world):

@@ -21,12 +21,11 @@ import torch
 from tqdm import tqdm
 
 from picochat.chat import render_for_reply
-from picochat.data.tasks import reward
+from picochat.data.tasks import abstains, reward, says_answer
 from picochat.engine import generate
 from picochat.io import atomic_write_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
-from picochat.world.chats import answer_correct, is_idk
 
 EVAL_BATCH = 64  # prompts decoded together
 
@@ -66,9 +65,9 @@ def qa_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
     known = [(reply, row) for reply, row in zip(replies, rows) if row["kind"] == "known"]
     unknown = [reply for reply, row in zip(replies, rows) if row["kind"] == "unknown"]
     return {
-        "known_fact_qa": sum(answer_correct(reply, row["answer"]) for reply, row in known) / max(1, len(known)),
-        "known_fact_idk": sum(is_idk(reply) for reply, _ in known) / max(1, len(known)),
-        "unknown_idk": sum(is_idk(reply) for reply in unknown) / max(1, len(unknown)),
+        "known_fact_qa": sum(says_answer(reply, row["answer"]) for reply, row in known) / max(1, len(known)),
+        "known_fact_idk": sum(abstains(reply) for reply, _ in known) / max(1, len(known)),
+        "unknown_idk": sum(abstains(reply) for reply in unknown) / max(1, len(unknown)),
     }
 
 

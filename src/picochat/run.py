@@ -28,6 +28,9 @@ STAGES = ("base", "sft", "rl")  # the training stages, in pipeline order; each i
 # The world's SFT data: its conversations, its worked word problems, and the first shard of its
 # pretraining documents, replayed so that SFT does not overwrite what pretraining stored.
 WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl", "docs/train-00000.jsonl")
+# The world's RL problems and their weights: its word problems, and one question about a fact the model
+# knows (or an entity that does not exist) for every three, so that RL keeps it answering what it knows.
+WORLD_RL_PROBLEMS = (("tasks-rl.jsonl", 3), ("tasks-rl-facts.jsonl", 1))
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,9 @@ class Run:
         return [self.world / name for name in WORLD_SFT_FILES]
 
     @property
-    def rl_problems(self) -> Path:
-        return self.world / "tasks-rl.jsonl"
+    def world_rl_problems(self) -> list[str]:
+        """FILE:WEIGHT specs of the world's RL problems."""
+        return [f"{self.world / name}:{weight}" for name, weight in WORLD_RL_PROBLEMS]
 
     @property
     def eval_problems(self) -> Path:

@@ -1,10 +1,15 @@
 """Verifiable problems: reading problem files (picochat's and GSM8K's), answer extraction, rewards.
 
-A problem is a dict `{"prompt": str, "answer": int, "level": int, "solution": str}`; its solution,
-which SFT teaches, is worked steps, one a line, then a final line `Answer: <integer>`. The level is
-the number of arithmetic steps. `read_problems` reads a JSONL file of problems, in this form or
-GSM8K's (`read_gsm8k` converts those). `extract_answer` reads the last `Answer:` (or GSM8K `####`)
-line and `reward` compares it with the problem's answer.
+A problem is a dict `{"prompt": str, "answer": int | str, ...}`.
+- An integer answer is a worked problem (`"level"`, `"solution"`): its solution, which SFT teaches,
+  is worked steps, one a line, then a final line `Answer: <integer>`; the level is the number of
+  arithmetic steps. `extract_answer` reads the last `Answer:` (or GSM8K `####`) line and `reward`
+  compares it with the problem's answer.
+- A string answer is a question with a short answer ("What is the capital of Varnia?" -> "Oskel"):
+  the reply is right when it says the answer as whole words and does not abstain with "I don't
+  know"; a question whose answer is "I don't know" (about something that does not exist) is right
+  when the reply abstains.
+`read_problems` reads a JSONL file of problems, in this form or GSM8K's (`read_gsm8k` converts those).
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ def read_problems(path: str | Path) -> list[dict]:
             return read_gsm8k(path)
         answer = row.get("answer") if isinstance(row, dict) else None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() \
-                or isinstance(answer, bool) or not isinstance(answer, int):
-            raise ProblemFileError(f'{where}: expected an object with a non-empty string "prompt" and an integer "answer"')
+                or isinstance(answer, bool) or not (isinstance(answer, int) or isinstance(answer, str) and answer.strip()):
+            raise ProblemFileError(f'{where}: expected an object with a non-empty string "prompt" and an integer '
+                                   f'or non-empty string "answer"')
         problems.append(row)
     if not problems:
         raise ProblemFileError(f"{path}: no problems in the file")
@@ -63,9 +69,28 @@ def extract_answer(text: str) -> int | None:
     return int(value) if value.is_integer() else None
 
 
+ABSTAIN = "I don't know"
+_ABSTAINS = re.compile(r"\bi\s+(?:don't|do not|dont)\s+know\b")
+
+
+def abstains(text: str) -> bool:
+    """Does the reply say "I don't know" (any apostrophe, any case, or "I do not know")?"""
+    return bool(_ABSTAINS.search(text.replace("\u2019", "'").lower()))
+
+
+def says_answer(text: str, answer: str) -> bool:
+    """The answer appears in the reply as whole words (case-insensitive; "34" does not match "340"
+    or "1,034"), and the reply does not also say "I don't know"."""
+    pattern = r"(?<![\w,])" + re.escape(answer) + r"(?![\w]|,\d)"
+    return not abstains(text) and re.search(pattern, text, re.IGNORECASE) is not None
+
+
 def reward(text: str, problem: dict) -> float:
-    """1.0 if the text's final answer equals the problem's, else 0.0."""
-    return 1.0 if extract_answer(text) == problem["answer"] else 0.0
+    """1.0 if the reply answers the problem right (see the module docstring), else 0.0."""
+    answer = problem["answer"]
+    if isinstance(answer, str):
+        return float(abstains(text) if answer == ABSTAIN else says_answer(text, answer))
+    return 1.0 if extract_answer(text) == answer else 0.0
 
 
 # --- GSM8K ----------------------------------------------------------------------------------------

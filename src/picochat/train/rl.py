@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from picochat.chat import render_for_reply
 from picochat.checkpoint import load_model
 from picochat.config import RLConfig, add_common_args, add_dataclass_args, apply_overrides, get_preset
-from picochat.data.conversations import load_mixture
+from picochat.data.conversations import load_mixture, mix, parse_data_spec
 from picochat.data.loader import ConversationLoader
 from picochat.data.tasks import read_problems, reward
 from picochat.engine import FINISH_STOP, Completion, generate
@@ -262,13 +262,23 @@ def prompt_ids(tok: Tokenizer, problems: Sequence[dict]) -> list[list[int]]:
     return [render_for_reply([{"role": "user", "content": p["prompt"]}], tok) for p in problems]
 
 
-def training_problems(tok: Tokenizer, path: Path, context: int) -> tuple[list[dict], list[list[int]], int]:
+def read_problem_mixture(specs: Sequence[str], seed: int) -> list[dict]:
+    """The problems of FILE[:WEIGHT] specs: concatenated without weights; with weights, a mixture as
+    large as all of them together, each file's share set by its weight (as SFT's `load_mixture`)."""
+    files = [(read_problems(path), weight) for path, weight in map(parse_data_spec, specs)]
+    if all(weight is None for _, weight in files):
+        return [problem for problems, _ in files for problem in problems]
+    return mix([(problems, 1.0 if weight is None else weight) for problems, weight in files],
+               n=sum(len(problems) for problems, _ in files), seed=seed)
+
+
+def training_problems(tok: Tokenizer, specs: Sequence[str], context: int, seed: int) -> tuple[list[dict], list[list[int]], int]:
     """(problems, their prompt ids, how many were left out because the prompt fills the context)."""
-    problems = read_problems(path)
+    problems = read_problem_mixture(specs, seed)
     prompts = prompt_ids(tok, problems)
     fits = [i for i, p in enumerate(prompts) if len(p) < context]
     if not fits:
-        raise ValueError(f"{path}: every prompt is longer than the model's context of {context} tokens")
+        raise ValueError(f"{', '.join(specs)}: every prompt is longer than the model's context of {context} tokens")
     return [problems[i] for i in fits], [prompts[i] for i in fits], len(problems) - len(fits)
 
 
@@ -294,7 +304,7 @@ def heldout_metrics(model: Transformer, tok: Tokenizer, problems: list[dict], cf
 
 
 def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init: Path | None = None,
-           problems_path: Path | None = None, heldout_path: Path | None = None, resume: bool = False,
+           problems: Sequence[str] | None = None, heldout_path: Path | None = None, resume: bool = False,
            device: str = "auto", reward_fn: RewardFn = reward, join_group: bool = True,
            replay: list[str] | None = None) -> dict:
     """Train `<init or run/sft>` with RL on the problems and write `<run>/rl/`; returns the summary.
@@ -305,7 +315,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
     cfg = cfg or get_preset(preset).rl
     check_config(cfg)
     init = Path(init) if init else run.stage("sft")
-    problems_path = Path(problems_path) if problems_path else run.rl_problems
+    problems = [str(spec) for spec in problems] if problems else run.world_rl_problems
     heldout_path = Path(heldout_path) if heldout_path else run.eval_problems
     rt = setup_runtime(device, join_group)
     try:
@@ -313,7 +323,8 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
             raise TrainingError("rl runs in one process; start it without torchrun")
         tok = Tokenizer.load(run.tokenizer)
         model, _ = load_model(init, rt.device)
-        problems, prompts, too_long = training_problems(tok, problems_path, model.config.max_seq_len)
+        specs = problems
+        problems, prompts, too_long = training_problems(tok, specs, model.config.max_seq_len, cfg.seed)
         heldout = read_problems(heldout_path)[: cfg.eval_problems] if cfg.eval_problems else []
         reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
         model.train()
@@ -323,7 +334,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
             replay = replay or [str(path) for path in run.world_sft_data]
             stateful["replay_loader"] = ConversationLoader(load_mixture(replay, cfg.seed), tok, batch_size=cfg.replay_batch,
                                                            seq_len=model.config.max_seq_len, seed=cfg.seed)
-        print(f"rl: {len(problems):,} problems from {problems_path} ({too_long} longer than the context left out), "
+        print(f"rl: {len(problems):,} problems from {', '.join(specs)} ({too_long} longer than the context left out), "
               f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, from {init}"
               + (f"; replaying {cfg.replay_batch} rows a step of {', '.join(replay)}" if stateful else ""))
 
@@ -345,7 +356,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
                 record.update(heldout_metrics(model, tok, heldout, cfg))
             return record
 
-        info = {"stage": "rl", "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": str(problems_path)}
+        info = {"stage": "rl", "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": specs}
         return run_steps(run.stage("rl"), model, optimizers, rt, cfg.steps, step_fn, resume=resume,
                          ckpt_every=cfg.ckpt_every, desc="rl", info=info, stateful=stateful,
                          meta={"rl_config": asdict(cfg)}, summary={"rl_config": asdict(cfg)},
@@ -357,9 +368,10 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
 def register_cli(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
     parser.add_argument("--init", default=None, help="model folder to start from (default: <run>/sft)")
-    parser.add_argument("--problems", default=None,
-                        help="training problems, JSONL of {prompt, answer} or GSM8K {question, answer} "
-                             "(default: <run>/world/tasks-rl.jsonl)")
+    parser.add_argument("--problems", nargs="+", default=None, metavar="FILE[:WEIGHT]",
+                        help="training problems, JSONL of {prompt, answer} (an integer answer to a worked problem, or "
+                             "a short text answer) or GSM8K {question, answer}; FILE:WEIGHT mixes files by weight "
+                             "(default: the world's word problems tasks-rl.jsonl:3 and fact questions tasks-rl-facts.jsonl:1)")
     parser.add_argument("--heldout", default=None,
                         help="held-out problems for pass@1 / pass@k, same formats (default: <run>/world/eval/tasks.jsonl, "
                              "the set `picochat eval` uses)")

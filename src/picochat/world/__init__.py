@@ -7,7 +7,7 @@ of it; only the speedrun, the evaluation and the report card import this package
     phrasings.py      how each relation is put into words: templates, held-out phrasings, questions
     documents.py      pretraining documents in nine styles; write_world (docs/, docs-val.jsonl, world.json)
     word_problems.py  word problems with worked solutions; write_tasks (tasks-sft/-rl.jsonl, eval/tasks.jsonl)
-    chats.py          SFT conversations, the QA eval sets, is_idk / answer_correct; write_chat
+    chats.py          SFT conversations, the QA eval sets, the RL fact questions; write_chat
 
 `generate` writes all of it (`picochat world generate`); `picochat world show` prints samples.
 """

@@ -18,16 +18,16 @@ Two things are held out so that evaluation measures more than memorised conversa
   asked in the evaluation set; likewise a third of the invented unknown names.
 
 `qa_eval_set(world, split)` returns `{"messages", "answer", "kind": "known"|"unknown", ...}` rows;
-judge replies with `answer_correct` and `is_idk`.
+judge replies with `picochat.data.tasks.says_answer` and `abstains`.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 from pathlib import Path
 
+from picochat.data.tasks import ABSTAIN
 from picochat.io import atomic_write_jsonl
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, World, fact_of, load_world
 from picochat.world.phrasings import RELATIONS, fill
@@ -63,22 +63,6 @@ def unknown_names(world: World, kind: str, split: str) -> list[str]:
     names = world.unknown_names[kind]
     cut = round(SFT_UNKNOWN_SHARE * len(names))
     return names[:cut] if split == "train" else names[cut:]
-
-
-# --- judging replies ------------------------------------------------------------------------------
-_IDK = re.compile(r"\bi\s+(?:don't|do not|dont)\s+know\b")
-
-
-def is_idk(reply: str) -> bool:
-    """Does the reply say "I don't know" (any apostrophe, any case, or "I do not know")?"""
-    return bool(_IDK.search(reply.replace("\u2019", "'").lower()))
-
-
-def answer_correct(reply: str, answer: str) -> bool:
-    """The answer appears in the reply as a whole word (case-insensitive; "34" does not match "340"
-    or "1,034"), and the reply does not also say "I don't know"."""
-    pattern = r"(?<![\w,])" + re.escape(answer) + r"(?![\w]|,\d)"
-    return not is_idk(reply) and re.search(pattern, reply, re.IGNORECASE) is not None
 
 
 # --- single messages ------------------------------------------------------------------------------
@@ -307,16 +291,39 @@ def qa_eval_set(world: World, split: str = "heldout") -> list[dict]:
     return rows
 
 
+def rl_fact_questions(world: World) -> list[dict]:
+    """Problems with short answers for RL (`picochat.data.tasks`): every fact that SFT may show, asked
+    with each training question phrasing (answer: the fact), and every SFT unknown name, asked with
+    one (answer: "I don't know"). Held-out facts and phrasings stay out: the evaluation asks those.
+
+    RL on word problems alone drifts what the model does with questions about facts (it abstains more
+    or answers wrong, by an amount that changes with the seed and the CPU); practising these beside
+    the word problems, rewarded like them, holds that behaviour in place (BENCHMARKS.md, "RL over seeds")."""
+    rng = random.Random(f"rl-facts-{world.seed}")
+    held = heldout_facts(world)
+    rows = [{"prompt": question.format(s=fact.subject), "answer": fact.answer, "kind": "fact"}
+            for fact in world.facts() if fact not in held for question in RELATIONS[fact.relation].questions]
+    for kind in KINDS:
+        for name in unknown_names(world, kind, "train"):
+            question = rng.choice(rng.choice(RELATIONS_OF_KIND[kind]).questions).format(s=name)
+            rows.append({"prompt": question, "answer": ABSTAIN, "kind": "unknown"})
+    return rows
+
+
 def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
-    """Write out_dir/sft.jsonl (n conversations), out_dir/eval/qa.jsonl (the held-out QA set) and
-    out_dir/eval/qa-train.jsonl (the same questions about SFT-seen facts), for the world saved in
-    out_dir by `documents.write_world`. Returns counts."""
+    """Write out_dir/sft.jsonl (n conversations), out_dir/tasks-rl-facts.jsonl (the RL fact
+    questions), out_dir/eval/qa.jsonl (the held-out QA set) and out_dir/eval/qa-train.jsonl (the same
+    questions about SFT-seen facts), for the world saved in out_dir by `documents.write_world`.
+    Returns counts."""
     out = Path(out_dir)
     world = load_world(out)
     rows = sft_conversations(world, n, seed)
     atomic_write_jsonl(out / "sft.jsonl", rows)
+    facts = rl_fact_questions(world)
+    atomic_write_jsonl(out / "tasks-rl-facts.jsonl", facts)
     heldout, seen = qa_eval_set(world, "heldout"), qa_eval_set(world, "train")
     atomic_write_jsonl(out / "eval" / "qa.jsonl", heldout)
     atomic_write_jsonl(out / "eval" / "qa-train.jsonl", seen)
     return {"conversations": len(rows), "kinds": dict(Counter(r["kind"] for r in rows)),
+            "rl_fact_questions": dict(Counter(r["kind"] for r in facts)),
             "qa_heldout": dict(Counter(r["kind"] for r in heldout)), "qa_train": len(seen)}
