@@ -29,7 +29,7 @@ from picochat.report import cpu_model
 from picochat.train.rl import run_rl
 
 LINKED = ("tokenizer", "world", "sft")
-METRICS = ("known_fact_qa", "seen_fact_qa", "known_fact_idk", "unknown_idk", "pass@1", "pass@k",
+METRICS = ("known_fact_qa", "seen_fact_qa", "known_fact_idk", "known_fact_wrong", "unknown_idk", "pass@1", "pass@k",
            "fact_completion", "fact_completion_train_phrasing")
 
 
@@ -44,13 +44,14 @@ def seed_run(source: Path, out: Path, seed: int) -> Path:
     return folder
 
 
-def rl_figures(source: Path, out: Path, seed: int, cfg: RLConfig, preset: str, device: str) -> dict:
+def rl_figures(source: Path, out: Path, seed: int, cfg: RLConfig, preset: str, device: str,
+               problems: list[str] | None = None) -> dict:
     """RL with `seed`, then its evaluation (both skipped when already on disk)."""
     folder = seed_run(source, out, seed)
     evaluation = folder / "rl" / "eval.json"
     if not evaluation.exists():
         if not (folder / "rl" / "done.json").exists():
-            run_rl(folder, preset, dataclasses.replace(cfg, seed=seed), resume=True, device=device)
+            run_rl(folder, preset, dataclasses.replace(cfg, seed=seed), problems=problems, resume=True, device=device)
         evaluate_stage(folder, "rl", k=cfg.eval_k, n_problems=cfg.eval_problems, device=device)
     figures = json.loads(evaluation.read_text())
     figures["rl_seconds"] = json.loads((folder / "rl" / "done.json").read_text())["seconds"]
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a run with tokenizer/, world/ and a finished sft/")
     parser.add_argument("--out", type=Path, default=None, help="folder of the seed runs (default: <run>-rl-seeds)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--problems", nargs="+", default=None, metavar="FILE[:WEIGHT]",
+                        help="RL problems (default: the world's, as `picochat rl`)")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,
@@ -98,7 +101,7 @@ def main() -> None:
     if not sft_eval.exists():
         evaluate_stage(args.run, "sft", k=cfg.eval_k, n_problems=cfg.eval_problems, device=args.device)
     sft = json.loads(sft_eval.read_text())
-    per_seed = {seed: rl_figures(args.run, out, seed, cfg, args.preset, args.device) for seed in args.seeds}
+    per_seed = {seed: rl_figures(args.run, out, seed, cfg, args.preset, args.device, args.problems) for seed in args.seeds}
     rows = summarize(sft, per_seed)
     print(f"\nRL over seeds {args.seeds} from {args.run / 'sft'} on {cpu_model()}, {torch.get_num_threads()} threads; "
           f"lr {cfg.lr}, steps {cfg.steps}, replay_coef {cfg.replay_coef}\n")

@@ -67,6 +67,7 @@ def qa_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
     return {
         "known_fact_qa": sum(says_answer(reply, row["answer"]) for reply, row in known) / max(1, len(known)),
         "known_fact_idk": sum(abstains(reply) for reply, _ in known) / max(1, len(known)),
+        "known_fact_wrong": sum(not abstains(reply) and not says_answer(reply, row["answer"]) for reply, row in known) / max(1, len(known)),
         "unknown_idk": sum(abstains(reply) for reply in unknown) / max(1, len(unknown)),
     }
 

@@ -18,7 +18,7 @@ from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
 from picochat.world.knowledge import load_world
 
-METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "seen_fact_qa", "known_fact_idk",
+METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "seen_fact_qa", "known_fact_idk", "known_fact_wrong",
            "unknown_idk", "pass@1", "pass@k"]
 METRIC_MEANING = {
     "val_bpb": "validation bits per byte (lower is better)",
@@ -27,6 +27,7 @@ METRIC_MEANING = {
     "known_fact_qa": "answers questions about facts SFT never showed",
     "seen_fact_qa": "answers questions about facts SFT showed",
     "known_fact_idk": "says \"I don't know\" about a known fact (lower is better)",
+    "known_fact_wrong": "answers a known fact wrongly: a hallucination (lower is better)",
     "unknown_idk": "says \"I don't know\" about entities that do not exist",
     "pass@1": "word problems solved, one sample",
     "pass@k": "word problems solved by at least one of k samples",

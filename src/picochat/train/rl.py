@@ -1,22 +1,25 @@
-"""Reinforcement learning on verifiable problems: the model practises word problems and is pushed
-toward the sampled solutions that reach the right answer (the lecture's third stage).
+"""Reinforcement learning on verifiable problems: the model practises problems with checkable answers
+and is pushed toward the sampled replies that get them right (the lecture's third stage).
 
 Each step takes `problems_per_step` training problems and samples a group of `group_size` replies
 to each with the engine (all problems in one batch; the samples of a problem share its prefill).
-A reply's reward is 1 when its final `Answer:` line is right (`picochat.data.tasks.reward`); its
+A reply's reward is 1 when it is right (`picochat.data.tasks.reward`: the final `Answer:` line of a
+word problem, the short answer of a question, "I don't know" about what does not exist); its
 advantage is the reward minus its group's mean (divided by the group's standard deviation with
 `normalize_std`), so no value network is needed (GRPO family). Groups whose replies all got the
 same reward carry no signal and are dropped. The loss is the policy gradient on the sampled tokens
 only (the prompt, and tool results the engine forced in, are masked), summed over tokens and
 divided by the number of trained tokens in the whole step (token-level normalisation, as in DAPO
-and nanochat). Optional: a KL penalty to the frozen starting model (`kl_coef`) and PPO-style
-ratio clipping over several updates on the same samples (`clip_eps`, `ppo_epochs`).
+and nanochat). Optional: a KL penalty to the frozen starting model (`kl_coef`), PPO-style ratio
+clipping over several updates on the same samples (`clip_eps`, `ppo_epochs`), and replay
+(`replay_coef`, InstructGPT's "PPO-ptx"): the SFT loss on a batch of the SFT mixture added to
+every step's loss.
 
-Replay (`replay_coef`, InstructGPT's "PPO-ptx"): every step also takes the SFT loss on a batch of
-the SFT mixture (the world's conversations, word problems and documents by default; `--replay` for
-other files) and adds it, weighted, to the policy loss. The policy gradient only ever sees word
-problems; without replay it is free to move what the model knows about everything else, and how far
-it moves depends on the seed and the CPU's rounding (BENCHMARKS.md, "RL over seeds").
+On the world, the problems are its word problems mixed 3 : 1 with questions about facts the model
+knows and about entities that do not exist. A policy gradient that only ever sees word problems is
+free to move what the model does with a question about a fact, and how far it moves changes with the
+seed and the CPU's rounding; practising those questions too holds that behaviour in place
+(BENCHMARKS.md, "RL over seeds").
 
     picochat rl --run runs/demo                        # <run>/sft -> <run>/rl, problems from the world
     picochat rl --run runs/x --problems gsm8k/train.jsonl --heldout gsm8k/test.jsonl --preset gpu-small
