@@ -8,16 +8,15 @@ import torch
 from picochat.engine import (
     FINISH_LENGTH,
     FINISH_STOP,
-    CalculatorError,
     Completion,
     ContextLengthError,
     GenerationError,
-    calculate,
     generate,
     sample_next,
     stream,
 )
 from picochat.model import ModelConfig, Transformer
+from picochat.tools import CalculatorError, calculate
 
 VOCAB = 101
 PROMPTS = [[5, 17, 33, 2, 9, 60, 1], [42, 7], [88], [3, 14, 15, 92]]

@@ -6,9 +6,8 @@ of a prompt share its prefill (the cache rows are copied). Sampling is greedy at
 otherwise softmax sampling with optional top-k / top-p, reproducible with a seed.
 
 Tool calls: given a tokenizer, when a row emits `<|tool_call|>` expression `<|/tool_call|>`, the
-expression is evaluated by a safe calculator (parsed with `ast`, never `eval`) and
-`<|tool_result|>` result `<|/tool_result|>` is forced into the row, one token per step, before
-sampling goes on. Forced tokens are part of the completion and count toward max_new_tokens.
+calculator (picochat.tools) computes it and `<|tool_result|>` result `<|/tool_result|>` is forced
+into the row, one token per step, before sampling goes on. Forced tokens are part of the completion and count toward max_new_tokens.
 
 `generate(..., compile=True)` decodes with a fixed-shape step compiled once by torch.compile, with
 the weights frozen into it (`_CompiledSteps`): faster on a CPU after tens of seconds of compiling,
@@ -21,10 +20,7 @@ leaving when they finish or are cancelled.
 
 from __future__ import annotations
 
-import ast
 import functools
-import math
-import operator
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -33,15 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from picochat.model import KVCache, Transformer
+from picochat.tools import ToolCalls
 
 FINISH_STOP = "stop"  # a stop id was sampled (it is not part of the completion)
 FINISH_LENGTH = "length"  # max_new_tokens or the model's context ran out
-
-MAX_EXPRESSION_CHARS = 200
-MAX_EXPONENT = 100
-MAX_MAGNITUDE = 10**18  # larger intermediate or final values are refused
-TOOL_ERROR_TEXT = "error"  # what the model sees when its expression cannot be computed
-
 
 class GenerationError(ValueError):
     """Bad arguments to generate / stream."""
@@ -49,65 +40,6 @@ class GenerationError(ValueError):
 
 class ContextLengthError(GenerationError):
     """A prompt that leaves no room in the model's context for even one new token."""
-
-
-class CalculatorError(ValueError):
-    """An expression the calculator refuses or cannot compute."""
-
-
-_BINARY_OPS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
-_UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-
-
-def _evaluate(node: ast.AST) -> int | float:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        value = node.value
-    elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-        value = _UNARY_OPS[type(node.op)](_evaluate(node.operand))
-    elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise CalculatorError(f"exponent {right} is larger than {MAX_EXPONENT}")
-        try:
-            value = _BINARY_OPS[type(node.op)](left, right)
-        except ZeroDivisionError:
-            raise CalculatorError("division by zero") from None
-        except OverflowError:
-            raise CalculatorError("result too large") from None
-    else:
-        raise CalculatorError(f"only numbers, + - * / // % ** and parentheses are allowed, not {ast.dump(node)[:60]}")
-    if isinstance(value, complex):
-        raise CalculatorError("the result is not a real number")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise CalculatorError("the result is not a finite number")
-    if abs(value) > MAX_MAGNITUDE:
-        raise CalculatorError(f"a value exceeds {MAX_MAGNITUDE:.0e}")
-    return value
-
-
-def calculate(expression: str) -> str:
-    """Evaluate an arithmetic expression safely; return the result as text ("12", "2.5").
-
-    Integral results print without a decimal point; others with up to 10 significant digits.
-    """
-    if len(expression) > MAX_EXPRESSION_CHARS:
-        raise CalculatorError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except (SyntaxError, ValueError) as err:  # ValueError: null bytes in the source
-        raise CalculatorError(f"not an arithmetic expression: {expression!r}") from err
-    value = _evaluate(tree.body)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value) if isinstance(value, int) else f"{value:.10g}"
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -156,21 +88,6 @@ class _Sampling:
     stop_ids: frozenset
 
 
-@dataclass(frozen=True)
-class _ToolIds:
-    call: int
-    end_call: int
-    result: int
-    end_result: int
-
-
-def _tool_ids(tokenizer) -> _ToolIds | None:
-    if tokenizer is None:
-        return None
-    return _ToolIds(*(tokenizer.special_id(name) for name in
-                      ("<|tool_call|>", "<|/tool_call|>", "<|tool_result|>", "<|/tool_result|>")))
-
-
 def _check_arguments(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      temperature: float, top_k: int | None, top_p: float | None, num_samples: int) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -204,7 +121,7 @@ def _new_rows(prompts: Sequence[Sequence[int]], num_samples: int, max_new_tokens
             for prompt in prompts for _ in range(num_samples)]
 
 
-def _accept(row: _Row, token: int, forced: bool, sampling: _Sampling, tools: _ToolIds | None, tokenizer) -> bool:
+def _accept(row: _Row, token: int, forced: bool, sampling: _Sampling, tools: ToolCalls | None) -> bool:
     """Add a decoded token to the row; return whether the row goes on."""
     if not forced and token in sampling.stop_ids:
         row.finish_reason = FINISH_STOP
@@ -214,11 +131,7 @@ def _accept(row: _Row, token: int, forced: bool, sampling: _Sampling, tools: _To
         if row.tool_call is None and token == tools.call:
             row.tool_call = []
         elif row.tool_call is not None and token == tools.end_call:
-            try:
-                result = calculate(tokenizer.decode(row.tool_call))
-            except CalculatorError:
-                result = TOOL_ERROR_TEXT
-            row.forced.extend([tools.result, *tokenizer.encode(result), tools.end_result])
+            row.forced.extend(tools.result_ids(row.tool_call))
             row.tool_call = None
         elif row.tool_call is not None:
             row.tool_call.append(token)
@@ -233,7 +146,7 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], rows: list[_Ro
             sampling: _Sampling, seed: int | None, tokenizer, compile: bool = False) -> Iterator[tuple[int, int]]:
     """Run every row to its end, yielding (row index, token) as tokens are accepted."""
     device = model.lm_head.weight.device
-    tools = _tool_ids(tokenizer)
+    tools = ToolCalls(tokenizer) if tokenizer is not None else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     width = max(len(p) for p in prompts)
     pad_lengths = [width - len(p) for p in prompts]
@@ -254,7 +167,7 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], rows: list[_Ro
             row = rows[index]
             forced = bool(row.forced)
             token = row.forced.popleft() if forced else sampled[slot]
-            goes_on = _accept(row, token, forced, sampling, tools, tokenizer)
+            goes_on = _accept(row, token, forced, sampling, tools)
             if row.finish_reason != FINISH_STOP:
                 yield index, token
             if goes_on:
@@ -474,7 +387,7 @@ class ContinuousBatch:
     def __init__(self, model: Transformer, tokenizer=None):
         self.model = model
         self.tokenizer = tokenizer
-        self._tools = _tool_ids(tokenizer)
+        self._tools = ToolCalls(tokenizer) if tokenizer is not None else None
         self._device = model.lm_head.weight.device
         self._next_id = 0
         self._pending: list[tuple[list[int], list[int]]] = []  # (prompt, its sequence ids)
@@ -531,7 +444,7 @@ class ContinuousBatch:
             row = live.row
             forced = bool(row.forced)
             token = row.forced.popleft() if forced else tokens[position]
-            goes_on = _accept(row, token, forced, live.sampling, self._tools, self.tokenizer)
+            goes_on = _accept(row, token, forced, live.sampling, self._tools)
             accepted = None if row.finish_reason == FINISH_STOP else token
             events.append(StepEvent(sequence, accepted, None if goes_on else row.finish_reason))
             if goes_on:
