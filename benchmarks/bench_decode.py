@@ -34,9 +34,8 @@ def decode_by_recomputing(model: Transformer, prompts: torch.Tensor, new_tokens:
     return ids[:, prompts.shape[1]:].tolist()
 
 
-def decode_with_cache(model: Transformer, prompts: torch.Tensor, new_tokens: int,
-                      compile: bool = False) -> list[list[int]]:
-    result = generate(model, prompts.tolist(), max_new_tokens=new_tokens, temperature=0, compile=compile)
+def decode_with_cache(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    result = generate(model, prompts.tolist(), max_new_tokens=new_tokens, temperature=0)
     return [completion.tokens for [completion] in result]
 
 

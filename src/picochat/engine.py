@@ -9,10 +9,6 @@ Tool calls: given a tokenizer, when a row emits `<|tool_call|>` expression `<|/t
 calculator (picochat.tools) computes it and `<|tool_result|>` result `<|/tool_result|>` is forced
 into the row, one token per step, before sampling goes on. Forced tokens are part of the completion and count toward max_new_tokens.
 
-`generate(..., compile=True)` decodes with a fixed-shape step compiled once by torch.compile, with
-the weights frozen into it (`_CompiledSteps`): faster on a CPU after tens of seconds of compiling,
-for a model whose weights no longer change.
-
 Continuous batching (for the server): `ContinuousBatch` is the same decoding driven one step at a
 time, with sequences joining between steps (prefilled, then merged into the shared KV cache) and
 leaving when they finish or are cancelled.
@@ -20,8 +16,6 @@ leaving when they finish or are cancelled.
 
 from __future__ import annotations
 
-import functools
-import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -143,7 +137,7 @@ def _accept(row: _Row, token: int, forced: bool, sampling: _Sampling, tools: Too
 
 @torch.no_grad()
 def _decode(model: Transformer, prompts: Sequence[Sequence[int]], rows: list[_Row], num_samples: int,
-            sampling: _Sampling, seed: int | None, tokenizer, compile: bool = False) -> Iterator[tuple[int, int]]:
+            sampling: _Sampling, seed: int | None, tokenizer) -> Iterator[tuple[int, int]]:
     """Run every row to its end, yielding (row index, token) as tokens are accepted."""
     device = model.lm_head.weight.device
     tools = ToolCalls(tokenizer) if tokenizer is not None else None
@@ -158,7 +152,7 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], rows: list[_Ro
         copies = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
         cache.select_rows(copies)
         logits = logits[copies]
-    step = _CompiledSteps(model, cache) if compile else _eager_steps(model, cache)
+    step = _eager_steps(model, cache)
     active = list(range(len(rows)))  # rows[active[i]] gets logits row i
     while active:
         sampled = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator).tolist()
@@ -190,96 +184,19 @@ def _eager_steps(model: Transformer, cache: KVCache):
     return step
 
 
-def _static_step(model: Transformer, tokens: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 slot: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
-    """Next-token logits (B, V) of one decode step whose tensor shapes never change.
-
-    tokens (B, 1) go into slot `slot` (a 0-d tensor, so that its value is no guard to recompile on)
-    of each layer's keys and values (B, n_kv_head, S, head_dim), separate tensors written in place
-    (as views of one cache tensor they were copied whole at every write); attention reads all S
-    slots through a mask of the real ones written so far. Positions are clamped so that rows which
-    already finished, still fed to keep the shape, stay inside the RoPE tables.
-    """
-    key_slots = torch.arange(keys[0].shape[2], device=tokens.device)
-    mask = ((key_slots <= slot) & (key_slots >= pad_lengths[:, None]))[:, None, None, :]
-    positions = (slot - pad_lengths).clamp(0, model.rope_cos.shape[0] - 1)[:, None]
-    x = model.model.embed_tokens(tokens)
-    cos, sin = model.rope_cos[positions].to(x.dtype), model.rope_sin[positions].to(x.dtype)
-    for layer, layer_keys, layer_values in zip(model.model.layers, keys, values):
-        def write(k, v, layer_keys=layer_keys, layer_values=layer_values):
-            layer_keys.index_copy_(2, slot.view(1), k)
-            layer_values.index_copy_(2, slot.view(1), v)
-            return layer_keys, layer_values
-
-        x = layer(x, cos, sin, mask, write)
-    return model.lm_head(model.model.norm(x))[:, -1].float()
-
-
-@functools.cache
-def _compiled_static_step():
-    return torch.compile(_static_step, dynamic=False)
-
-
-# Freezing folds the weights into the compiled code as constants, prepacked for the matmul kernels
-# max_autotune picks; cpp_wrapper calls the kernels from C++ rather than Python. Patched around each
-# call rather than passed as torch.compile options: dynamo must see `freezing` while tracing to
-# guard on the parameters' identity, so that another model gets its own compiled step.
-_COMPILE_CONFIG = {"freezing": True, "max_autotune": True, "cpp_wrapper": True}
-_FROZEN_VERSIONS = weakref.WeakKeyDictionary()  # model -> its parameters' versions at its first compiled step
-
-
-class _CompiledSteps:
-    """Decode steps of generate(compile=True): `_static_step`, compiled once per batch size and cache size.
-
-    A small model's eager decode step on a CPU is mostly Python and dispatch overhead, which
-    torch.compile removes only when shapes never change (with a growing cache it recompiled at every
-    step). So the batch keeps all its rows (a finished row is fed its last token again and its
-    logits are dropped) and the cache all its slots. The compiled code holds a frozen copy of the
-    weights, so a model modified in place since its first compiled step is refused (a copy of it,
-    copy.deepcopy, compiles afresh).
-    """
-
-    def __init__(self, model: Transformer, cache: KVCache):
-        versions = tuple(p._version for p in model.parameters())
-        if _FROZEN_VERSIONS.setdefault(model, versions) != versions:
-            raise GenerationError("compile=True froze this model's weights at its first call and they have "
-                                  "changed since; pass compile=False, or a copy of the model (copy.deepcopy)")
-        self.model = model
-        self.keys = [layer.clone() for layer in cache.keys]
-        self.values = [layer.clone() for layer in cache.values]
-        self.pad_lengths = cache.pad_lengths
-        device = cache.keys.device
-        self.slot = torch.tensor(cache.length, device=device)
-        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
-        self.rows = list(range(cache.batch_size))  # the cache row of each sequence still decoding
-
-    def __call__(self, keep: list[int], tokens: list[int]) -> torch.Tensor:
-        """Feed `tokens` to the sequences in `keep` (their places among the previous step's); their logits."""
-        self.rows = [self.rows[i] for i in keep]
-        index = torch.tensor(self.rows, device=self.tokens.device)
-        self.tokens[index, 0] = torch.tensor(tokens, device=self.tokens.device)
-        with torch._inductor.config.patch(_COMPILE_CONFIG):
-            logits = _compiled_static_step()(self.model, self.tokens, self.keys, self.values, self.slot,
-                                             self.pad_lengths)
-        self.slot += 1
-        return logits if len(self.rows) == len(self.tokens) else logits[index]
-
-
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_ids: Sequence[int] = (), num_samples: int = 1,
-             tokenizer=None, compile: bool = False) -> list[list[Completion]]:
+             tokenizer=None) -> list[list[Completion]]:
     """Complete each prompt num_samples times; result[i][j] is sample j of prompt i.
 
     A completion ends at a stop id (excluded; finish_reason "stop") or after max_new_tokens, or
     when the model's context is full ("length"). Pass the tokenizer to enable calculator tool calls.
-    compile=True decodes with a step compiled for this model, batch size and length (see
-    `_CompiledSteps`): tens of seconds the first time, faster after; for a model no longer trained.
     """
     _check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
     sampling = _Sampling(temperature, top_k, top_p, frozenset(stop_ids))
     rows = _new_rows(prompts, num_samples, max_new_tokens, model.config.max_seq_len)
-    for _ in _decode(model, prompts, rows, num_samples, sampling, seed, tokenizer, compile):
+    for _ in _decode(model, prompts, rows, num_samples, sampling, seed, tokenizer):
         pass
     completions = [Completion(row.tokens, row.finish_reason) for row in rows]
     return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
