@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from picochat.engine import generate
+from picochat.engine import Sampling, generate
 from picochat.model import KVCache, ModelConfig, Transformer
 
 # Freezing folds the weights into the compiled code as constants, prepacked for the matmul kernels
@@ -90,7 +90,7 @@ def main() -> None:
         model.lm_head.weight.mul_(40)
     model.eval()
     prompts = [[5, 17, 33, 2, 9, 60, 1], [42, 7], [88], [3, 14, 15, 92]]
-    eager = [completion.tokens for [completion] in generate(model, prompts, 10, temperature=0)]
+    eager = [completion.tokens for [completion] in generate(model, prompts, 10, Sampling(temperature=0))]
     compiled = greedy_compiled(model, prompts, 10)
     print(f"compiled step gives the engine's greedy tokens: {'yes' if compiled == eager else 'NO'}")
 

@@ -36,6 +36,44 @@ class ContextLengthError(GenerationError):
     """A prompt that leaves no room in the model's context for even one new token."""
 
 
+def context_room(context: int, prompt_length: int) -> int:
+    """How many new tokens fit after a prompt of `prompt_length` tokens in a context of `context`
+    (0 when none do: such a prompt is refused)."""
+    return max(0, context - prompt_length)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen, and which ids end a completion (they are not part of it).
+
+    Greedy at temperature 0; otherwise sampled from softmax(logits / temperature) restricted to the
+    top_k most likely tokens and to the top_p nucleus, from a random stream seeded with `seed`
+    (torch's global one when None). Bad values raise GenerationError.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and not _is_count(self.top_k):
+            raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
+
+    def generator(self, device) -> torch.Generator | None:
+        return torch.Generator(device=device).manual_seed(self.seed) if self.seed is not None else None
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row of logits (B, V): argmax at temperature 0, else a sample from the
@@ -74,25 +112,10 @@ class _Row:
     tool_call: list[int] | None = None  # ids since an open <|tool_call|>
 
 
-@dataclass(frozen=True)
-class _Sampling:
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    stop_ids: frozenset
-
-
-def _check_arguments(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     temperature: float, top_k: int | None, top_p: float | None, num_samples: int) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def _check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, num_samples: int) -> None:
+    if not _is_count(max_new_tokens):
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise GenerationError(f"temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if not _is_count(num_samples):
         raise GenerationError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not prompts:
         raise GenerationError("no prompts given")
@@ -100,7 +123,7 @@ def _check_arguments(model: Transformer, prompts: Sequence[Sequence[int]], max_n
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise GenerationError(f"prompt {index} is empty; it needs at least one token (e.g. <|endoftext|>)")
-        if len(prompt) >= context:
+        if context_room(context, len(prompt)) < 1:
             raise ContextLengthError(
                 f"prompt {index} has {len(prompt)} tokens; the model's context is {context}, "
                 "so it leaves no room for a reply"
@@ -111,11 +134,11 @@ def _check_arguments(model: Transformer, prompts: Sequence[Sequence[int]], max_n
 
 
 def _new_rows(prompts: Sequence[Sequence[int]], num_samples: int, max_new_tokens: int, context: int) -> list[_Row]:
-    return [_Row(limit=min(max_new_tokens, context - len(prompt)))
+    return [_Row(limit=min(max_new_tokens, context_room(context, len(prompt))))
             for prompt in prompts for _ in range(num_samples)]
 
 
-def _accept(row: _Row, token: int, forced: bool, sampling: _Sampling, tools: ToolCalls | None) -> bool:
+def _accept(row: _Row, token: int, forced: bool, sampling: Sampling, tools: ToolCalls | None) -> bool:
     """Add a decoded token to the row; return whether the row goes on."""
     if not forced and token in sampling.stop_ids:
         row.finish_reason = FINISH_STOP
@@ -137,11 +160,11 @@ def _accept(row: _Row, token: int, forced: bool, sampling: _Sampling, tools: Too
 
 @torch.no_grad()
 def _decode(model: Transformer, prompts: Sequence[Sequence[int]], rows: list[_Row], num_samples: int,
-            sampling: _Sampling, seed: int | None, tokenizer) -> Iterator[tuple[int, int]]:
+            sampling: Sampling, tokenizer) -> Iterator[tuple[int, int]]:
     """Run every row to its end, yielding (row index, token) as tokens are accepted."""
     device = model.lm_head.weight.device
     tools = ToolCalls(tokenizer) if tokenizer is not None else None
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = sampling.generator(device)
     width = max(len(p) for p in prompts)
     pad_lengths = [width - len(p) for p in prompts]
     cache = KVCache(model.config, len(prompts), width + max(row.limit for row in rows),
@@ -184,19 +207,16 @@ def _eager_steps(model: Transformer, cache: KVCache):
     return step
 
 
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, stop_ids: Sequence[int] = (), num_samples: int = 1,
-             tokenizer=None) -> list[list[Completion]]:
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+             num_samples: int = 1, tokenizer=None) -> list[list[Completion]]:
     """Complete each prompt num_samples times; result[i][j] is sample j of prompt i.
 
     A completion ends at a stop id (excluded; finish_reason "stop") or after max_new_tokens, or
     when the model's context is full ("length"). Pass the tokenizer to enable calculator tool calls.
     """
-    _check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
-    sampling = _Sampling(temperature, top_k, top_p, frozenset(stop_ids))
+    _check_request(model, prompts, max_new_tokens, num_samples)
     rows = _new_rows(prompts, num_samples, max_new_tokens, model.config.max_seq_len)
-    for _ in _decode(model, prompts, rows, num_samples, sampling, seed, tokenizer):
+    for _ in _decode(model, prompts, rows, num_samples, sampling, tokenizer):
         pass
     completions = [Completion(row.tokens, row.finish_reason) for row in rows]
     return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
@@ -221,18 +241,16 @@ class TokenStream:
         return self._row.finish_reason
 
 
-def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           stop_ids: Sequence[int] = (), tokenizer=None) -> TokenStream:
+def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+           tokenizer=None) -> TokenStream:
     """Yield the completion of one prompt token by token (the same tokens generate() returns).
 
     Arguments are checked at call time: a prompt that fills the context raises ContextLengthError.
     """
     prompts = [list(prompt_ids)]
-    _check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples=1)
-    sampling = _Sampling(temperature, top_k, top_p, frozenset(stop_ids))
+    _check_request(model, prompts, max_new_tokens, num_samples=1)
     rows = _new_rows(prompts, 1, max_new_tokens, model.config.max_seq_len)
-    events = _decode(model, prompts, rows, 1, sampling, seed, tokenizer)
+    events = _decode(model, prompts, rows, 1, sampling, tokenizer)
     return TokenStream((token for _, token in events), rows[0])
 
 
@@ -256,7 +274,7 @@ class _Live:
     """A sequence in a ContinuousBatch: its decoding row and the way it samples."""
 
     row: _Row
-    sampling: _Sampling
+    sampling: Sampling
     generator: torch.Generator | None
     cancelled: bool = False
 
@@ -295,7 +313,7 @@ class ContinuousBatch:
 
     `add` queues a prompt (num_samples sequences sharing its prefill) at any time; each `step`
     prefills the queued prompts as one batch, samples one token for every sequence (each with its
-    own temperature / top-k / top-p / seed), lets finished and cancelled sequences leave, merges
+    own Sampling), lets finished and cancelled sequences leave, merges
     the newcomers into the shared KV cache and runs one forward pass over every sequence that goes
     on. Not thread-safe: one thread owns it. Stop ids, context limits and calculator tool calls
     behave as in `generate`; a request alone in the batch gets exactly what `generate` returns.
@@ -317,15 +335,13 @@ class ContinuousBatch:
         """Sequences not finished yet (queued or decoding)."""
         return len(self._live)
 
-    def add(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-            top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = (),
+    def add(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
             num_samples: int = 1) -> list[int]:
         """Queue a prompt; returns the ids of its num_samples sequences. Bad arguments raise
         GenerationError (ContextLengthError for a prompt that fills the context) at once."""
         prompt = list(prompt)
-        _check_arguments(self.model, [prompt], max_new_tokens, temperature, top_k, top_p, num_samples)
-        sampling = _Sampling(temperature, top_k, top_p, frozenset(stop_ids))
-        generator = torch.Generator(device=self._device).manual_seed(seed) if seed is not None else None
+        _check_request(self.model, [prompt], max_new_tokens, num_samples)
+        generator = sampling.generator(self._device)
         ids = list(range(self._next_id, self._next_id + num_samples))
         self._next_id += num_samples
         for sequence, row in zip(ids, _new_rows([prompt], num_samples, max_new_tokens, self.model.config.max_seq_len)):
