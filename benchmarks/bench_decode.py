@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from picochat.engine import generate
+from picochat.engine import Sampling, generate
 from picochat.model import ModelConfig, Transformer
 
 
@@ -34,9 +34,8 @@ def decode_by_recomputing(model: Transformer, prompts: torch.Tensor, new_tokens:
     return ids[:, prompts.shape[1]:].tolist()
 
 
-def decode_with_cache(model: Transformer, prompts: torch.Tensor, new_tokens: int,
-                      compile: bool = False) -> list[list[int]]:
-    result = generate(model, prompts.tolist(), max_new_tokens=new_tokens, temperature=0, compile=compile)
+def decode_with_cache(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    result = generate(model, prompts.tolist(), new_tokens, Sampling(temperature=0))
     return [completion.tokens for [completion] in result]
 
 

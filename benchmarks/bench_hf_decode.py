@@ -2,8 +2,8 @@
 
 A model (a run's stage with --run, else a random ~5M-parameter one, the size bench_decode.py uses)
 is exported with `picochat.hf`, loaded back with `AutoModelForCausalLM`, and both decode the
-same prompts greedily on the CPU in float32 with a KV cache, picochat with its compiled decode step
-(`generate(compile=True)`; --eager for the plain one). tokens/s is new tokens (all rows) per second,
+same prompts greedily on the CPU in float32 with a KV cache, picochat with a decode step compiled
+once (compiled_decode.py; --eager for the engine's own). tokens/s is new tokens (all rows) per second,
 prefill included; each figure is the median of --repeats runs after one warm-up (which compiles),
 the two engines taking turns. Neither side stops early (no stop ids): both produce batch x
 new-tokens tokens.
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 from bench_decode import add_decode_args, bench_config, decode_with_cache, median_seconds  # benchmarks/ is on sys.path
+from compiled_decode import greedy_compiled
 
 from picochat.checkpoint import load_model, save_model
 from picochat.run import Run
@@ -47,11 +48,17 @@ def transformers_decode(hf_model, prompts: torch.Tensor, new_tokens: int) -> lis
     return output[:, prompts.shape[1]:].tolist()
 
 
+def picochat_decode(model: Transformer, prompts: torch.Tensor, new_tokens: int, eager: bool) -> list[list[int]]:
+    if eager:
+        return decode_with_cache(model, prompts, new_tokens)
+    return greedy_compiled(model, prompts.tolist(), new_tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default=None, help="run folder to export (default: a random ~5M-parameter model)")
     parser.add_argument("--stage", default=None, help="stage of --run (default: its most advanced one)")
-    parser.add_argument("--eager", action="store_true", help="picochat's eager decode step, not the compiled one")
+    parser.add_argument("--eager", action="store_true", help="the engine's eager decode step, not the compiled one")
     add_decode_args(parser)
     args = parser.parse_args()
     if args.threads:
@@ -75,8 +82,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(batch))
-        results = median_seconds({"picochat": lambda: decode_with_cache(model, prompts, args.new_tokens,
-                                                                        compile=not args.eager),
+        results = median_seconds({"picochat": lambda: picochat_decode(model, prompts, args.new_tokens, args.eager),
                                   "transformers": lambda: transformers_decode(hf_model, prompts, args.new_tokens)},
                                  args.repeats)
         (ours_s, ours), (theirs_s, theirs) = results["picochat"], results["transformers"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from picochat.config import get_preset
-from picochat.engine import generate
+from picochat.engine import Sampling, generate
 from picochat.model import ModelConfig, Transformer
 
 
@@ -50,16 +50,16 @@ def random_setup(preset: str, n_problems: int):
 
 
 def batched(model, prompts, group, new_tokens, stop_id):
-    return [c for g in generate(model, prompts, new_tokens, seed=1, stop_ids=[stop_id], num_samples=group) for c in g]
+    return [c for g in generate(model, prompts, new_tokens, Sampling(seed=1, stop_ids=[stop_id]), num_samples=group) for c in g]
 
 
 def per_problem(model, prompts, group, new_tokens, stop_id):
     return [c for i, p in enumerate(prompts)
-            for c in generate(model, [p], new_tokens, seed=i, stop_ids=[stop_id], num_samples=group)[0]]
+            for c in generate(model, [p], new_tokens, Sampling(seed=i, stop_ids=[stop_id]), num_samples=group)[0]]
 
 
 def one_at_a_time(model, prompts, group, new_tokens, stop_id):
-    return [generate(model, [p], new_tokens, seed=i * group + j, stop_ids=[stop_id])[0][0]
+    return [generate(model, [p], new_tokens, Sampling(seed=i * group + j, stop_ids=[stop_id]))[0][0]
             for i, p in enumerate(prompts) for j in range(group)]
 
 

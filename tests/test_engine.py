@@ -1,6 +1,6 @@
 """The engine: sampling, batching, num_samples, stop ids, streaming, context limits, tool calls."""
 
-import copy
+import dataclasses
 
 import pytest
 import torch
@@ -8,19 +8,21 @@ import torch
 from picochat.engine import (
     FINISH_LENGTH,
     FINISH_STOP,
-    CalculatorError,
     Completion,
     ContextLengthError,
     GenerationError,
-    calculate,
+    Sampling,
+    context_room,
     generate,
     sample_next,
     stream,
 )
 from picochat.model import ModelConfig, Transformer
+from picochat.tools import CalculatorError, calculate
 
 VOCAB = 101
 PROMPTS = [[5, 17, 33, 2, 9, 60, 1], [42, 7], [88], [3, 14, 15, 92]]
+GREEDY = Sampling(temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -45,29 +47,29 @@ def greedy_without_cache(model, prompt, max_new_tokens):
 
 
 def test_greedy_matches_recomputing_the_whole_sequence(model):
-    result = generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    result = generate(model, PROMPTS, 12, GREEDY)
     for prompt, [completion] in zip(PROMPTS, result):
         assert completion == Completion(greedy_without_cache(model, prompt, 12), FINISH_LENGTH)
-    assert generate(model, PROMPTS, max_new_tokens=12, temperature=0) == result
+    assert generate(model, PROMPTS, 12, GREEDY) == result
 
 
 def test_batch_of_different_lengths_equals_one_at_a_time(model):
-    batched = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
-    assert batched == [generate(model, [p], max_new_tokens=10, temperature=0)[0] for p in PROMPTS]
+    batched = generate(model, PROMPTS, 10, GREEDY)
+    assert batched == [generate(model, [p], 10, GREEDY)[0] for p in PROMPTS]
 
 
 def test_seeded_sampling_is_reproducible(model):
-    first = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=123, num_samples=2)
-    again = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=123, num_samples=2)
-    other = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=124, num_samples=2)
+    first = generate(model, PROMPTS, 10, Sampling(seed=123), num_samples=2)
+    again = generate(model, PROMPTS, 10, Sampling(seed=123), num_samples=2)
+    other = generate(model, PROMPTS, 10, Sampling(seed=124), num_samples=2)
     assert first == again
     assert first != other
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(model):
-    greedy = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
-    assert generate(model, PROMPTS, max_new_tokens=10, temperature=1.3, top_k=1, seed=5) == greedy
-    assert generate(model, PROMPTS, max_new_tokens=10, temperature=1.3, top_p=1e-6, seed=5) == greedy
+    greedy = generate(model, PROMPTS, 10, GREEDY)
+    assert generate(model, PROMPTS, 10, Sampling(1.3, top_k=1, seed=5)) == greedy
+    assert generate(model, PROMPTS, 10, Sampling(1.3, top_p=1e-6, seed=5)) == greedy
 
 
 def test_sample_next_respects_top_k_and_top_p():
@@ -85,15 +87,15 @@ def test_num_samples_share_one_prefill(model):
     prefills = []
     hook = model.register_forward_pre_hook(lambda _, args: prefills.append(tuple(args[0].shape)))
     try:
-        result = generate(model, PROMPTS[:2], max_new_tokens=6, temperature=0, num_samples=3)
+        result = generate(model, PROMPTS[:2], 6, GREEDY, num_samples=3)
     finally:
         hook.remove()
     assert prefills[0] == (2, 7)
     assert all(shape[1] == 1 for shape in prefills[1:])  # no other call prefills
     assert prefills[1] == (6, 1)  # 2 prompts x 3 samples decode together
     for prompt, samples in zip(PROMPTS[:2], result):
-        assert samples == generate(model, [prompt], max_new_tokens=6, temperature=0)[0] * 3
-    sampled = generate(model, PROMPTS[:1], max_new_tokens=8, temperature=1.0, seed=3, num_samples=4)[0]
+        assert samples == generate(model, [prompt], 6, GREEDY)[0] * 3
+    sampled = generate(model, PROMPTS[:1], 8, Sampling(seed=3), num_samples=4)[0]
     assert len({tuple(c.tokens) for c in sampled}) > 1  # the copies sample independently
 
 
@@ -101,28 +103,29 @@ def test_num_samples_share_one_prefill(model):
 
 
 def test_stops_at_a_stop_id_and_excludes_it(model):
-    [[full]] = generate(model, PROMPTS[:1], max_new_tokens=12, temperature=0)
+    [[full]] = generate(model, PROMPTS[:1], 12, GREEDY)
     stop = full.tokens[4]
     cut = full.tokens.index(stop)
-    [[stopped]] = generate(model, PROMPTS[:1], max_new_tokens=12, temperature=0, stop_ids=[stop, VOCAB + 5])
+    [[stopped]] = generate(model, PROMPTS[:1], 12, Sampling(0, stop_ids=[stop, VOCAB + 5]))
     assert stopped == Completion(full.tokens[:cut], FINISH_STOP)
 
 
 def test_rows_that_stop_early_do_not_disturb_the_others(model):
-    greedy = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    greedy = generate(model, PROMPTS, 10, GREEDY)
     stop = greedy[1][0].tokens[1]  # prompt 1 stops after one token
-    result = generate(model, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[stop])
+    result = generate(model, PROMPTS, 10, Sampling(0, stop_ids=[stop]))
     for full, [completion] in zip(greedy, result):
         tokens = full[0].tokens
         expected = tokens[:tokens.index(stop)] if stop in tokens else tokens
         assert completion.tokens == expected
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_k=20, top_p=0.9, seed=8)])
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(0.9, top_k=20, top_p=0.9, seed=8)])
 def test_stream_yields_what_generate_returns(model, sampling):
-    stop = generate(model, [PROMPTS[0]], max_new_tokens=15, **sampling)[0][0].tokens[9]
-    [[expected]] = generate(model, [PROMPTS[0]], max_new_tokens=15, stop_ids=[stop], **sampling)
-    tokens = stream(model, PROMPTS[0], max_new_tokens=15, stop_ids=[stop], **sampling)
+    stop = generate(model, [PROMPTS[0]], 15, sampling)[0][0].tokens[9]
+    sampling = dataclasses.replace(sampling, stop_ids=[stop])
+    [[expected]] = generate(model, [PROMPTS[0]], 15, sampling)
+    tokens = stream(model, PROMPTS[0], 15, sampling)
     assert tokens.finish_reason is None
     assert next(tokens) == expected.tokens[0]
     assert [expected.tokens[0], *tokens] == expected.tokens
@@ -131,14 +134,18 @@ def test_stream_yields_what_generate_returns(model, sampling):
 
 def test_context_length_limits_the_completion_and_rejects_full_prompts(model):
     prompt = list(range(35))
-    [[completion]] = generate(model, [prompt], max_new_tokens=20, temperature=0)
+    [[completion]] = generate(model, [prompt], 20, GREEDY)
     assert len(completion.tokens) == 5 and completion.finish_reason == FINISH_LENGTH
-    assert list(stream(model, prompt, max_new_tokens=20, temperature=0)) == completion.tokens
+    assert list(stream(model, prompt, 20, GREEDY)) == completion.tokens
     # a short prompt batched with it still gets its own, longer budget
-    [_, [short]] = generate(model, [prompt, [1, 2]], max_new_tokens=20, temperature=0)
+    [_, [short]] = generate(model, [prompt, [1, 2]], 20, GREEDY)
     assert len(short.tokens) == 20
     with pytest.raises(ContextLengthError, match="40"):
-        stream(model, list(range(40)), max_new_tokens=1)
+        stream(model, list(range(40)), 1)
+
+
+def test_context_room_is_what_is_left_after_the_prompt():
+    assert [context_room(40, n) for n in (1, 39, 40, 41)] == [39, 1, 0, 0]
 
 
 @pytest.mark.parametrize(
@@ -148,9 +155,6 @@ def test_context_length_limits_the_completion_and_rejects_full_prompts(model):
         (dict(prompts=[[1, VOCAB]]), "outside the vocabulary"),
         (dict(prompts=[]), "no prompts"),
         (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(temperature=-1.0), "temperature"),
-        (dict(top_k=0), "top_k"),
-        (dict(top_p=1.5), "top_p"),
         (dict(num_samples=0), "num_samples"),
     ],
 )
@@ -158,6 +162,16 @@ def test_bad_arguments_are_refused(model, kwargs, message):
     arguments = {**dict(prompts=[[1, 2]], max_new_tokens=3), **kwargs}
     with pytest.raises(GenerationError, match=message):
         generate(model, **arguments)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"), (dict(top_k=0), "top_k"),
+     (dict(top_k=True), "top_k"), (dict(top_p=1.5), "top_p"), (dict(top_p=0), "top_p")],
+)
+def test_bad_sampling_is_refused(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        Sampling(**kwargs)
 
 
 # --- the calculator and tool calls ---------------------------------------------------------
@@ -215,28 +229,13 @@ def test_tool_call_result_is_forced_into_the_sequence(small_tokenizer, expressio
     forced = [res, *tok.encode(result), end_res]
     expected = Completion([*chain[1:], *forced, after_result], FINISH_STOP)
     prompts = [[prompt_token], [7, quick_prompt]]
-    batch = generate(model, prompts, max_new_tokens=30, temperature=0, stop_ids=[im_end], tokenizer=tok)
+    until_end = Sampling(temperature=0, stop_ids=[im_end])
+    batch = generate(model, prompts, 30, until_end, tokenizer=tok)
     assert batch == [[expected], [Completion([], FINISH_STOP)]]
-    assert list(stream(model, [prompt_token], 30, temperature=0, stop_ids=[im_end], tokenizer=tok)) == expected.tokens
+    assert list(stream(model, [prompt_token], 30, until_end, tokenizer=tok)) == expected.tokens
     # without a tokenizer there are no tools: nothing is forced after <|/tool_call|>
-    [[plain]] = generate(model, [[prompt_token]], max_new_tokens=30, temperature=0, stop_ids=[im_end])
+    [[plain]] = generate(model, [[prompt_token]], 30, until_end)
     assert plain.tokens[:len(chain) - 1] == chain[1:] and plain.tokens[len(chain) - 1:len(chain) + 2] != forced
     # forced tokens count toward max_new_tokens
-    [[short]] = generate(model, [[prompt_token]], max_new_tokens=len(chain) + 1, temperature=0, tokenizer=tok)
+    [[short]] = generate(model, [[prompt_token]], len(chain) + 1, GREEDY, tokenizer=tok)
     assert short == Completion([*chain[1:], *forced[:2]], FINISH_LENGTH)
-
-
-@pytest.mark.slow
-def test_compiled_decoding_gives_the_eager_tokens_and_refuses_changed_weights(model):
-    model = copy.deepcopy(model)  # compile=True freezes its weights; this test changes them
-    eager = generate(model, PROMPTS, max_new_tokens=10, temperature=0, num_samples=2)
-    stop = eager[1][0].tokens[3]  # some rows stop early, so finished rows ride along in the fixed-shape batch
-    eager = generate(model, PROMPTS, max_new_tokens=10, temperature=0, num_samples=2, stop_ids=[stop])
-    finish_reasons = {completion.finish_reason for completions in eager for completion in completions}
-    assert finish_reasons == {FINISH_STOP, FINISH_LENGTH}
-    assert generate(model, PROMPTS, max_new_tokens=10, temperature=0, num_samples=2, stop_ids=[stop],
-                    compile=True) == eager
-    with torch.no_grad():
-        model.lm_head.weight.mul_(2)
-    with pytest.raises(GenerationError, match="changed"):
-        generate(model, PROMPTS, max_new_tokens=10, temperature=0, compile=True)

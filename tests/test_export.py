@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from picochat.chat import CHAT_TEMPLATE, render, render_for_reply
 from picochat.checkpoint import load_model, save_model
 from picochat.cli import main as cli_main
-from picochat.engine import generate
+from picochat.engine import Sampling, generate
 from picochat.hf import ExportError, HFImportError, export_hf, import_hf
 from picochat.model import IGNORE_INDEX, ModelConfig, Transformer
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -177,11 +177,11 @@ def test_greedy_generation_matches_engine(exported, hf_model, hf_tokenizer, smal
                render_for_reply([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1+2?"}], tok)]
     # Besides the exported EOS ids, stop at a token the first reply is known to reach, so stopping is
     # compared whatever this tiny model learned (rows that run to the limit are compared too).
-    [[free_run], *_] = generate(model, prompts[:1], max_new_tokens=24, temperature=0)
+    [[free_run], *_] = generate(model, prompts[:1], 24, Sampling(temperature=0))
     reached = next((t for i, t in enumerate(free_run.tokens) if i >= 1 and t not in free_run.tokens[:i]),
                    free_run.tokens[0])  # a reply of one repeated token: stop at once
     stop_ids = [tok.im_end_id, tok.eot_id, reached]
-    ours = generate(model, prompts, max_new_tokens=24, temperature=0, stop_ids=stop_ids)
+    ours = generate(model, prompts, 24, Sampling(0, stop_ids=stop_ids))
     batch = hf_tokenizer.pad({"input_ids": prompts}, return_tensors="pt")  # left padding, as exported
     with torch.no_grad():
         theirs = hf_model.generate(**batch, do_sample=False, max_new_tokens=24, eos_token_id=stop_ids)
@@ -256,7 +256,7 @@ def test_import_of_a_transformers_qwen3(tie, tmp_path, small_tokenizer):
     ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
-    [[completion]] = generate(model, [[0, 1, 300, 2]], max_new_tokens=5, temperature=0, tokenizer=small_tokenizer)
+    [[completion]] = generate(model, [[0, 1, 300, 2]], 5, Sampling(temperature=0), tokenizer=small_tokenizer)
     assert len(completion.tokens) == 5  # the engine runs on the imported run
 
 

@@ -16,7 +16,7 @@ import uvicorn
 
 from picochat.chat import render_for_reply
 from picochat.checkpoint import save_model
-from picochat.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ContinuousBatch, GenerationError, generate
+from picochat.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ContinuousBatch, GenerationError, Sampling, generate
 from picochat.model import ModelConfig, Transformer
 from picochat.serve.app import create_app, load_models
 from picochat.serve.text import StopStrings, TextStream
@@ -85,7 +85,7 @@ def greedy_reply(loaded, messages, max_tokens):
     """What the sft model says, decoded with generate() directly."""
     tokenizer, models, _ = loaded
     prompt = render_for_reply(messages, tokenizer)
-    [[completion]] = generate(models["demo-sft"], [prompt], max_tokens, temperature=0, stop_ids=[tokenizer.im_end_id], tokenizer=tokenizer)
+    [[completion]] = generate(models["demo-sft"], [prompt], max_tokens, Sampling(0, stop_ids=[tokenizer.im_end_id]), tokenizer=tokenizer)
     return tokenizer.decode(completion.tokens), completion
 
 
@@ -131,10 +131,10 @@ def test_sequences_joining_and_leaving_a_running_batch_get_what_generate_gives(e
     schedule = {0: [("a", prompts["a"], {})], 2: [("b", prompts["b"], {}), ("c", prompts["c"], {})], 6: [("d", prompts["d"], {})]}
     for step in schedule.values():
         for index, (key, prompt, _) in enumerate(step):
-            step[index] = (key, prompt, dict(max_new_tokens=limits[key], temperature=0))
+            step[index] = (key, prompt, dict(max_new_tokens=limits[key], sampling=Sampling(temperature=0)))
     tokens, reasons, steps = drain(ContinuousBatch(engine_model), schedule)
     for key, prompt in prompts.items():
-        [[alone]] = generate(engine_model, [prompt], limits[key], temperature=0)
+        [[alone]] = generate(engine_model, [prompt], limits[key], Sampling(temperature=0))
         assert tokens[(key, 0)] == alone.tokens
         assert reasons[(key, 0)] == alone.finish_reason == FINISH_LENGTH
     assert steps < sum(limits.values())  # decoded together, not one after another
@@ -142,7 +142,7 @@ def test_sequences_joining_and_leaving_a_running_batch_get_what_generate_gives(e
 
 def test_a_request_alone_gets_exactly_generate_s_samples(engine_model):
     prompt = [5, 17, 33, 2]
-    kwargs = dict(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7, num_samples=3)
+    kwargs = dict(max_new_tokens=10, sampling=Sampling(1.0, top_k=20, top_p=0.9, seed=7), num_samples=3)
     tokens, _, _ = drain(ContinuousBatch(engine_model), {0: [("p", prompt, kwargs)]})
     expected = generate(engine_model, [prompt], **kwargs)[0]
     assert [tokens[("p", i)] for i in range(3)] == [c.tokens for c in expected]
@@ -150,11 +150,11 @@ def test_a_request_alone_gets_exactly_generate_s_samples(engine_model):
 
 
 def test_stop_ids_and_cancel_end_sequences_and_free_their_rows(engine_model):
-    [[free_run]] = generate(engine_model, [[42, 7]], 10, temperature=0)
+    [[free_run]] = generate(engine_model, [[42, 7]], 10, Sampling(temperature=0))
     stop = free_run.tokens[3]
     batch = ContinuousBatch(engine_model)
-    [stopping] = batch.add([42, 7], max_new_tokens=10, temperature=0, stop_ids=[stop])
-    [cancelled] = batch.add([88], max_new_tokens=30, temperature=0)
+    [stopping] = batch.add([42, 7], 10, Sampling(0, stop_ids=[stop]))
+    [cancelled] = batch.add([88], 30, Sampling(temperature=0))
     seen = {stopping: [], cancelled: []}
     events = []
     for step in range(6):
@@ -265,8 +265,8 @@ def test_stop_strings_end_the_reply_where_they_appear(client, loaded):
 def test_text_completions_continue_a_document_with_the_base_model(client, loaded):
     tokenizer, models, _ = loaded
     prompt = "The capital of Varnia is"
-    [[expected]] = generate(models["demo-base"], [[tokenizer.eot_id] + tokenizer.encode(prompt)], 8, temperature=0,
-                            stop_ids=[tokenizer.eot_id], tokenizer=tokenizer)
+    [[expected]] = generate(models["demo-base"], [[tokenizer.eot_id] + tokenizer.encode(prompt)], 8,
+                            Sampling(0, stop_ids=[tokenizer.eot_id]), tokenizer=tokenizer)
     response = client.completions.create(model="demo-base", prompt=prompt, max_tokens=8, temperature=0)
     assert response.choices[0].text == tokenizer.decode(expected.tokens)
     assert response.usage.prompt_tokens == 1 + len(tokenizer.encode(prompt))

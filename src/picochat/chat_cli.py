@@ -10,14 +10,15 @@ tokens, each token's piece and id, and the count (the lecture's tokenizer view).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator
 
 import torch
 
 from picochat.chat import parse, render, render_for_reply
+from picochat.engine import Sampling, context_room, stream
 from picochat.run import Run
-from picochat.engine import stream
 from picochat.tokenizer import Tokenizer, iter_text, render_pieces
 
 HELP = "commands: /reset (new conversation), /tokens (show the tokens the model sees), /quit"
@@ -26,10 +27,9 @@ HELP = "commands: /reset (new conversation), /tokens (show the tokens the model 
 class ChatSession:
     """A conversation with a model: holds the messages and streams each reply."""
 
-    def __init__(self, model, tok: Tokenizer, system: str | None = None, temperature: float = 0.7, top_k: int | None = 50,
-                 top_p: float | None = None, max_tokens: int = 256, seed: int | None = None):
+    def __init__(self, model, tok: Tokenizer, sampling: Sampling, system: str | None = None, max_tokens: int = 256):
         self.model, self.tok, self.system = model, tok, system
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        self.sampling = dataclasses.replace(sampling, stop_ids=[tok.im_end_id])  # a reply ends at <|im_end|>
         self.max_tokens = max_tokens
         self.reset()
 
@@ -39,13 +39,13 @@ class ChatSession:
     def reply(self, user_text: str) -> Iterator[str]:
         """Stream the assistant's reply to `user_text` as text; the messages are updated at the end."""
         prompt = render_for_reply(self.messages + [{"role": "user", "content": user_text}], self.tok)
-        room = self.model.config.max_seq_len - len(prompt)
-        if room <= 1:
-            raise ValueError(f"the conversation ({len(prompt)} tokens) fills the model's context ({self.model.config.max_seq_len}); /reset to start over")
+        context = self.model.config.max_seq_len
+        if context_room(context, len(prompt)) < 1:
+            raise ValueError(f"the conversation ({len(prompt)} tokens) fills the model's context ({context}); /reset to start over")
         generated: list[int] = []
 
         def tokens():
-            for token_id in stream(self.model, prompt, min(self.max_tokens, room - 1), stop_ids=[self.tok.im_end_id], tokenizer=self.tok, **self.sampling):
+            for token_id in stream(self.model, prompt, self.max_tokens, self.sampling, tokenizer=self.tok):
                 generated.append(token_id)
                 yield token_id
 
@@ -87,7 +87,8 @@ def _print_reply(session: ChatSession, text: str) -> None:
 
 def _cmd(args) -> int:
     model, tok, stage_dir = Run(args.run).load(args.stage, args.device)
-    session = ChatSession(model, tok, args.system, args.temperature, args.top_k or None, args.top_p, args.max_tokens, args.seed)
+    sampling = Sampling(args.temperature, args.top_k or None, args.top_p, args.seed)
+    session = ChatSession(model, tok, sampling, args.system, args.max_tokens)
     if args.prompt is not None:
         _print_reply(session, args.prompt)
         return 0

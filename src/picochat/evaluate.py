@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,24 +23,26 @@ from tqdm import tqdm
 
 from picochat.chat import render_for_reply
 from picochat.data.tasks import abstains, reward, says_answer
-from picochat.engine import generate
+from picochat.engine import Sampling, generate
 from picochat.io import atomic_write_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
 
 EVAL_BATCH = 64  # prompts decoded together
+GREEDY = Sampling(temperature=0)
 
 
 @torch.inference_mode()
-def complete(model, tok: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, stop_ids: Sequence[int],
-             temperature: float = 0.0, num_samples: int = 1, seed: int = 0, desc: str | None = None) -> list[list[str]]:
-    """Decode each prompt `num_samples` times (greedy by default); result[i][j] is sample j of prompt i as text."""
+def complete(model, tok: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, sampling: Sampling,
+             num_samples: int = 1, desc: str | None = None) -> list[list[str]]:
+    """Decode each prompt `num_samples` times; result[i][j] is sample j of prompt i as text. Prompts
+    decode in chunks, the chunk from prompt `start` with seed sampling.seed + start (0 + start if None)."""
     out: list[list[str]] = []
     batch = max(1, EVAL_BATCH // num_samples)
     for start in tqdm(range(0, len(prompts), batch), desc=desc, disable=desc is None, leave=False):
         chunk = prompts[start : start + batch]
-        results = generate(model, chunk, max_new_tokens, temperature=temperature, seed=seed + start, stop_ids=stop_ids,
-                           num_samples=num_samples, tokenizer=tok)
+        chunk_sampling = dataclasses.replace(sampling, seed=(sampling.seed or 0) + start)
+        results = generate(model, chunk, max_new_tokens, chunk_sampling, num_samples=num_samples, tokenizer=tok)
         out.extend([tok.decode(c.tokens) for c in samples] for samples in results)
     return out
 
@@ -49,13 +52,16 @@ def fact_completion(model, tok: Tokenizer, rows: list[dict], phrasing: str = "he
     rows = [r for r in rows if r["phrasing"] == phrasing]
     prompts = [[tok.eot_id] + tok.encode(r["prompt"]) for r in rows]
     answer_tokens = max(len(tok.encode(" " + r["answer"])) for r in rows) + 2
-    texts = complete(model, tok, prompts, answer_tokens, stop_ids=[tok.eot_id], desc=f"fact completion ({phrasing})")
+    texts = complete(model, tok, prompts, answer_tokens, Sampling(temperature=0, stop_ids=[tok.eot_id]),
+                     desc=f"fact completion ({phrasing})")
     return sum(t[0].strip().startswith(r["answer"]) for t, r in zip(texts, rows)) / len(rows)
 
 
-def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, **kw) -> list[list[str]]:
+def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
+                 sampling: Sampling = GREEDY, **kw) -> list[list[str]]:
+    """The assistant's replies to each conversation, each ending at `<|im_end|>` (greedy by default)."""
     prompts = [render_for_reply(messages, tok) for messages in conversations]
-    return complete(model, tok, prompts, max_new_tokens, stop_ids=[tok.im_end_id], **kw)
+    return complete(model, tok, prompts, max_new_tokens, dataclasses.replace(sampling, stop_ids=[tok.im_end_id]), **kw)
 
 
 def qa_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
@@ -83,7 +89,7 @@ def problem_metrics(model, tok: Tokenizer, problems: list[dict], k: int, tempera
                     max_new_tokens: int = 96) -> dict:
     """pass@1 and pass@k over problems from k samples each at `temperature`."""
     conversations = [[{"role": "user", "content": p["prompt"]}] for p in problems]
-    samples = chat_replies(model, tok, conversations, max_new_tokens, temperature=temperature, num_samples=k, seed=seed,
+    samples = chat_replies(model, tok, conversations, max_new_tokens, Sampling(temperature, seed=seed), num_samples=k,
                            desc="word problems")
     correct = [sum(reward(text, p) > 0 for text in texts) for texts, p in zip(samples, problems)]
     return {

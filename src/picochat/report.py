@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from picochat.checkpoint import load_model
+from picochat.engine import Sampling
 from picochat.evaluate import chat_replies, complete
 from picochat.io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from picochat.run import STAGES, Run
@@ -133,7 +134,7 @@ def _side_by_side(run: Path) -> list[dict]:
         model, _ = load_model(run / stage)
         if stage == "base":
             ids = [[tok.eot_id] + tok.encode(p) for p in prompts]
-            answers = [t[0] for t in complete(model, tok, ids, 48, stop_ids=[tok.eot_id])]
+            answers = [t[0] for t in complete(model, tok, ids, 48, Sampling(temperature=0, stop_ids=[tok.eot_id]))]
         else:
             answers = [t[0] for t in chat_replies(model, tok, [[{"role": "user", "content": p}] for p in prompts], 96)]
         for row, answer in zip(rows, answers):

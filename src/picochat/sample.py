@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from picochat.engine import stream
+from picochat.engine import Sampling, stream
 from picochat.run import Run
 from picochat.tokenizer import iter_text
 
@@ -33,8 +33,8 @@ def _cmd(args) -> None:
     ids = [tok.eot_id] + tok.encode(args.prompt)
     sys.stdout.write(args.prompt)
     with torch.inference_mode():
-        tokens = stream(model, ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                        seed=args.seed, stop_ids=[tok.eot_id])
+        sampling = Sampling(args.temperature, args.top_k or None, seed=args.seed, stop_ids=[tok.eot_id])
+        tokens = stream(model, ids, args.max_tokens, sampling)
         for text in iter_text(tok, tokens):
             sys.stdout.write(text)
             sys.stdout.flush()

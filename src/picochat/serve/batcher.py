@@ -85,8 +85,8 @@ class Batcher:
     # --- the asyncio side ---------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], n: int = 1, **options) -> Submission:
         """Queue `n` completions of `prompt`; raises Overloaded at once when the server is full.
-        `options` are those of `ContinuousBatch.add` (max_new_tokens, temperature, top_k, top_p,
-        seed, stop_ids). Call from the event loop; close the submission when done with it."""
+        `options` are those of `ContinuousBatch.add` (max_new_tokens, sampling). Call from the
+        event loop; close the submission when done with it."""
         if n > self.max_batch:
             raise ValueError(f"n={n} completions cannot decode together in a batch of {self.max_batch} rows")
         if self._admitted + n > self.max_batch + self.max_queue:

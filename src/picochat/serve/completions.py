@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from picochat.chat import ConversationError, render_for_reply
+from picochat.engine import Sampling, context_room
 from picochat.serve.batcher import Submission
 from picochat.serve.schemas import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
 from picochat.serve.text import StopStrings, TextStream
@@ -88,7 +89,7 @@ def text_generation(request: CompletionRequest, model_id: str, tokenizer, contex
 
 def _generation(kind: str, request: SamplingRequest, model_id: str, prompt: list[int], prompt_param: str, limit: int | None,
                 limit_param: str, stop_ids: list[int], context: int, max_batch: int) -> Generation:
-    room = context - len(prompt)
+    room = context_room(context, len(prompt))
     if room < 1:
         raise APIError(400, f"the {prompt_param} take {len(prompt)} tokens; the model's context is {context} tokens, "
                        "so no room is left for a reply", param=prompt_param, code="context_length_exceeded")
@@ -100,11 +101,13 @@ def _generation(kind: str, request: SamplingRequest, model_id: str, prompt: list
         raise APIError(400, f"n must be at most {max_batch} (the server's --max-batch), got {n}", param="n")
     options = dict(
         max_new_tokens=min(limit or room, room),
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_k=request.top_k,
-        top_p=None if request.top_p in (None, 1.0) else request.top_p,
-        seed=request.seed,
-        stop_ids=stop_ids,
+        sampling=Sampling(
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_k=request.top_k,
+            top_p=None if request.top_p in (None, 1.0) else request.top_p,
+            seed=request.seed,
+            stop_ids=stop_ids,
+        ),
     )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Generation(kind, model_id, prompt, n, options, request.stop_strings(), bool(request.stream), include_usage)

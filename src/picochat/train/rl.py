@@ -47,7 +47,7 @@ from picochat.config import RLConfig, add_common_args, add_dataclass_args, apply
 from picochat.data.conversations import load_mixture, mix, parse_data_spec
 from picochat.data.loader import ConversationLoader
 from picochat.data.tasks import read_problems, reward
-from picochat.engine import FINISH_STOP, Completion, generate
+from picochat.engine import FINISH_STOP, Completion, Sampling, generate
 from picochat.evaluate import problem_metrics
 from picochat.model import Transformer
 from picochat.run import Run
@@ -192,8 +192,8 @@ def sample_groups(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence
                   cfg: RLConfig, seed: int, reward_fn: RewardFn = reward) -> Rollouts:
     """Sample `group_size` replies per prompt in one batched call and reward each."""
     model.eval()
-    completions = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
-                           stop_ids=[tok.im_end_id], num_samples=cfg.group_size, tokenizer=tok)
+    sampling = Sampling(cfg.temperature, seed=seed, stop_ids=[tok.im_end_id])
+    completions = generate(model, prompts, cfg.max_new_tokens, sampling, num_samples=cfg.group_size, tokenizer=tok)
     model.train()
     rewards = torch.tensor([[reward_fn(tok.decode(c.tokens), problem) for c in group]
                             for group, problem in zip(completions, problems, strict=True)], dtype=torch.float)
