@@ -29,7 +29,7 @@ STAGES = ("base", "sft", "rl")  # the training stages, in pipeline order; each i
 # pretraining documents, replayed so that SFT does not overwrite what pretraining stored.
 WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl", "docs/train-00000.jsonl")
 # The world's RL problems and their weights: its word problems, and one question about a fact the model
-# knows (or an entity that does not exist) for every three, so that RL keeps it answering what it knows.
+# knows for every three, so that RL keeps it answering what it knows.
 WORLD_RL_PROBLEMS = (("tasks-rl.jsonl", 3), ("tasks-rl-facts.jsonl", 1))
 
 

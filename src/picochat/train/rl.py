@@ -16,7 +16,7 @@ clipping over several updates on the same samples (`clip_eps`, `ppo_epochs`), an
 every step's loss.
 
 On the world, the problems are its word problems mixed 3 : 1 with questions about facts the model
-knows and about entities that do not exist. A policy gradient that only ever sees word problems is
+knows. A policy gradient that only ever sees word problems is
 free to move what the model does with a question about a fact, and how far it moves changes with the
 seed and the CPU's rounding; practising those questions too holds that behaviour in place
 (BENCHMARKS.md, "RL over seeds").

@@ -27,7 +27,6 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from picochat.data.tasks import ABSTAIN
 from picochat.io import atomic_write_jsonl
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, World, fact_of, load_world
 from picochat.world.phrasings import RELATIONS, fill
@@ -293,21 +292,17 @@ def qa_eval_set(world: World, split: str = "heldout") -> list[dict]:
 
 def rl_fact_questions(world: World) -> list[dict]:
     """Problems with short answers for RL (`picochat.data.tasks`): every fact that SFT may show, asked
-    with each training question phrasing (answer: the fact), and every SFT unknown name, asked with
-    one (answer: "I don't know"). Held-out facts and phrasings stay out: the evaluation asks those.
+    with each training question phrasing. Held-out facts and phrasings stay out: the evaluation asks
+    those.
 
     RL on word problems alone drifts what the model does with questions about facts (it abstains more
     or answers wrong, by an amount that changes with the seed and the CPU); practising these beside
-    the word problems, rewarded like them, holds that behaviour in place (BENCHMARKS.md, "RL over seeds")."""
-    rng = random.Random(f"rl-facts-{world.seed}")
+    the word problems, rewarded like them, holds that behaviour in place. Questions about entities
+    that do not exist (answer "I don't know") are left out: with them RL turned more wrong answers
+    into "I don't know" but no fewer right ones into answers (BENCHMARKS.md, "RL over seeds")."""
     held = heldout_facts(world)
-    rows = [{"prompt": question.format(s=fact.subject), "answer": fact.answer, "kind": "fact"}
+    return [{"prompt": question.format(s=fact.subject), "answer": fact.answer, "kind": "fact"}
             for fact in world.facts() if fact not in held for question in RELATIONS[fact.relation].questions]
-    for kind in KINDS:
-        for name in unknown_names(world, kind, "train"):
-            question = rng.choice(rng.choice(RELATIONS_OF_KIND[kind]).questions).format(s=name)
-            rows.append({"prompt": question, "answer": ABSTAIN, "kind": "unknown"})
-    return rows
 
 
 def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
