@@ -1,0 +1,63 @@
+"""The server under hostile and careless clients (issue 21): requests that used to kill every
+request in flight, freeze the event loop, crash with a 500 or keep decoding for nobody."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from picochat.engine import sample_next
+from picochat.serve.app import create_app
+from test_serve import HELLO, GatedTransformer, greedy_reply, health, loaded, serve_run, serving, wait_for  # noqa: F401 (fixtures)
+
+
+def stream_events(url: str, body: dict) -> list:
+    """The events of one streamed chat completion, "[DONE]" included, parsed."""
+    events = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"model": "demo-sft", "stream": True, **body}, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def streamed_text(events: list) -> str:
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e.get("choices"))
+
+
+def errors(events: list) -> list:
+    return [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+
+
+# --- 1. one request's sampling must not kill the others -------------------------------------------
+def test_temperatures_and_top_ps_below_float32_sample_greedily():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 5
+    greedy = logits.argmax(dim=-1)
+    assert torch.equal(sample_next(logits, temperature=1e-40), greedy)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_p=1e-46), greedy)
+
+
+def test_a_request_with_a_denormal_temperature_or_top_p_does_not_fail_the_batch(gated, loaded):
+    tokenizer, model = gated
+    questions = [[{"role": "user", "content": f"Question {i}: where is Oskel?"}] for i in range(8)]
+    expected = [greedy_reply(loaded, q, 12)[0] for q in questions]
+    settings = [{"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-46}] + [{"temperature": 0}] * 6
+    with serving(create_app(tokenizer, {"demo-sft": model}, max_batch=8)) as url:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            futures = [pool.submit(stream_events, url, {"messages": q, "max_tokens": 12, **s}) for q, s in zip(questions, settings)]
+            wait_for(lambda: health(url)["admitted_sequences"] == len(questions))
+            model.permits.release(10_000)
+            results = [f.result(timeout=60) for f in futures]
+    for events, reply in zip(results, expected):
+        assert errors(events) == [] and events[-1] == "[DONE]"
+        assert streamed_text(events) == reply  # both are greedy: they sample nothing
+
+
+@pytest.fixture
+def gated(loaded):
+    tokenizer, models, _ = loaded
+    return tokenizer, GatedTransformer(models["demo-sft"])
