@@ -57,6 +57,58 @@ def test_a_request_with_a_denormal_temperature_or_top_p_does_not_fail_the_batch(
         assert streamed_text(events) == reply  # both are greedy: they sample nothing
 
 
+class PoisonedTransformer(GatedTransformer):
+    """A gated Transformer whose logits are NaN for every sequence that holds the `poison` token:
+    sampling such a sequence fails, as it would for a model that overflowed on it."""
+
+    def __init__(self, source, poison: int):
+        super().__init__(source)
+        self.poison = poison
+        self.forwards = 0
+
+    def forward(self, tokens, *args, **kwargs):
+        logits = super().forward(tokens, *args, **kwargs)
+        self.forwards += 1
+        return logits.masked_fill((tokens == self.poison).any(dim=1)[:, None, None], float("nan"))
+
+    def run_until(self, condition) -> None:
+        """Allow one forward pass at a time until `condition()` holds."""
+        while not condition():
+            done = self.forwards
+            self.permits.release(1)
+            wait_for(lambda: self.forwards > done)
+
+
+def test_a_sampling_failure_fails_its_own_request_alone(loaded):
+    tokenizer, models, _ = loaded
+    questions = [[{"role": "user", "content": f"Question {i}: where is Oskel?"}] for i in range(7)]
+    expected = [greedy_reply(loaded, q, 12)[0] for q in questions]
+    innocent = {t for q in questions for t in tokenizer.encode(q[0]["content"])}
+    poison_text = "zebra quiz jinx"
+    poison = next(t for t in tokenizer.encode(poison_text) if t not in innocent)
+    model = PoisonedTransformer(models["demo-sft"], poison)
+    sampled = {"temperature": 1.0, "top_k": 1, "max_tokens": 12}  # one sampling group for all; top_k=1 is greedy
+    with serving(create_app(tokenizer, {"demo-sft": model}, max_batch=8)) as url:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(stream_events, url, {"messages": q, **sampled}) for q in questions]
+            wait_for(lambda: health(url)["admitted_sequences"] == 7)
+            model.run_until(lambda: health(url)["tokens"] >= 14)  # a few tokens each, then the poisoned one joins
+            poisoned = pool.submit(stream_events, url, {"messages": [{"role": "user", "content": poison_text}], **sampled})
+            wait_for(lambda: health(url)["admitted_sequences"] == 8)
+            model.permits.release(10_000)
+            results = [f.result(timeout=60) for f in futures]
+            failed = poisoned.result(timeout=60)
+        [error] = errors(failed)
+        assert error["type"] == "server_error" and "decoding this request failed" in error["message"]
+        assert failed[-1] == "[DONE]"
+        for events, reply in zip(results, expected):
+            assert errors(events) == [] and events[-1] == "[DONE]"
+            assert streamed_text(events) == reply
+        assert health(url)["admitted_sequences"] == 0
+        response = httpx.post(f"{url}/v1/chat/completions", json={"model": "demo-sft", "messages": [{"role": "user", "content": poison_text}]})
+        assert response.status_code == 500 and "decoding this request failed" in response.json()["error"]["message"]
+
+
 @pytest.fixture
 def gated(loaded):
     tokenizer, models, _ = loaded

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.chat import ConversationError, render, render_for_reply, to_text
 from picochat.checkpoint import find_stage, load_model
-from picochat.serve.batcher import Batcher, Overloaded
+from picochat.serve.batcher import Batcher, Overloaded, RequestFailed
 from picochat.serve.completions import (
     chat_generation,
     complete,
@@ -111,6 +111,8 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
             return await complete(generation, submission, tokenizer)
         except ValueError as error:  # the engine refused the request
             raise APIError(400, str(error)) from None
+        except RequestFailed as error:
+            raise APIError(500, str(error), type="server_error") from None
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from picochat.chat import ConversationError, render_for_reply
-from picochat.serve.batcher import Submission
+from picochat.serve.batcher import RequestFailed, Submission
 from picochat.serve.schemas import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
 from picochat.serve.text import StopStrings, TextStream
 
@@ -200,6 +200,8 @@ async def sse_events(generation: Generation, submission: Submission, tokenizer) 
                     yield chunk([choice(index, None, finish_reason)])
         except ValueError as error:  # the engine refused the request after the stream had started
             yield _event(APIError(400, str(error)).body())
+        except RequestFailed as error:
+            yield _event(APIError(500, str(error), type="server_error").body())
         else:
             if generation.include_usage:
                 yield _event({"id": chunk_id, **_header(generation, chunk=True), "choices": [],
