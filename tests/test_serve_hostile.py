@@ -7,10 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from picochat.engine import sample_next
 from picochat.serve.app import create_app
-from test_serve import HELLO, GatedTransformer, greedy_reply, health, loaded, serve_run, serving, wait_for  # noqa: F401 (fixtures)
+from picochat.serve.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from picochat.serve.text import StopStrings
+from test_serve import (HELLO, GatedTransformer, greedy_reply, health, loaded, serve_run, server,  # noqa: F401 (fixtures)
+                        serving, wait_for)
 
 
 def stream_events(url: str, body: dict) -> list:
@@ -107,6 +112,51 @@ def test_a_sampling_failure_fails_its_own_request_alone(loaded):
         assert health(url)["admitted_sequences"] == 0
         response = httpx.post(f"{url}/v1/chat/completions", json={"model": "demo-sft", "messages": [{"role": "user", "content": poison_text}]})
         assert response.status_code == 500 and "decoding this request failed" in response.json()["error"]["message"]
+
+
+# --- 2. stop strings: capped, and checked in time linear in their length ------------------------------
+class QuadraticStopStrings:
+    """The first StopStrings (issue 21.2's quadratic check), kept as the oracle of what push returns."""
+
+    def __init__(self, stops):
+        self._stops, self._held, self.stopped = list(stops), "", False
+
+    def push(self, text):
+        if self.stopped:
+            return ""
+        text = self._held + text
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            return text[:min(hits)]
+        keep = max((n for s in self._stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+
+@given(stops=st.lists(st.text("ab\n", min_size=1, max_size=6), min_size=1, max_size=4),
+       pieces=st.lists(st.text("ab\nc", max_size=5), max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_stop_strings_hold_back_and_cut_exactly_as_before(stops, pieces):
+    watcher, oracle = StopStrings(stops), QuadraticStopStrings(stops)
+    for piece in pieces:
+        assert watcher.push(piece) == oracle.push(piece)
+        assert watcher.stopped == oracle.stopped
+    assert watcher.flush() == ("" if oracle.stopped else oracle._held)
+
+
+@pytest.mark.parametrize("stop, needle", [
+    (["x"] * (MAX_STOP_STRINGS + 1), f"at most {MAX_STOP_STRINGS}"),
+    ("y" * (MAX_STOP_CHARS + 1), f"at most {MAX_STOP_CHARS} characters"),
+    (["ok", "z" * 250_000], f"at most {MAX_STOP_CHARS} characters"),
+])
+def test_too_many_or_too_long_stop_strings_get_a_400(server, stop, needle):
+    response = httpx.post(f"{server}/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "stop": stop})
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["error"]["message"] and response.json()["error"]["param"] == "stop"
+    longest = httpx.post(f"{server}/v1/chat/completions",
+                         json={"model": "demo-sft", "messages": HELLO, "max_tokens": 3, "stop": ["w" * MAX_STOP_CHARS] * MAX_STOP_STRINGS})
+    assert longest.status_code == 200 and longest.json()["usage"]["completion_tokens"] == 3
 
 
 @pytest.fixture

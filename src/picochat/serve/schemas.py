@@ -14,7 +14,8 @@ from pydantic import BaseModel, Field, field_validator
 
 # torch.Generator.manual_seed accepts this range.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # each stop string is checked against the reply's end at every token
 
 
 class APIError(Exception):
@@ -49,7 +50,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
+Stop = str | list[str] | None
 Seed = Annotated[int | None, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
@@ -69,9 +70,15 @@ class SamplingRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stops_not_empty(cls, stop):
-        if any(not s for s in ([stop] if isinstance(stop, str) else stop or [])):
+    def _stops_few_short_and_not_empty(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            longest = max(len(s) for s in stops)
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of {longest}")
         return stop
 
     def stop_strings(self) -> list[str]:
