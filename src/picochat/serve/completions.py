@@ -13,7 +13,6 @@ ends the reply with finish_reason "length" when the context is full.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,8 +26,9 @@ from picochat.serve.text import StopStrings, TextStream
 DEFAULT_TEXT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 CHAT, TEXT = "chat", "text"
 
-# An assistant reply as this server returns it when the model used the calculator.
-_TOOL_MARKUP = re.compile(r"(.*?)<\|tool_call\|>(.*?)<\|/tool_call\|><\|tool_result\|>(.*?)<\|/tool_result\|>", re.S)
+# An assistant reply as this server returns it when the model used the calculator:
+# text <|tool_call|>expression<|/tool_call|><|tool_result|>result<|/tool_result|> text ...
+_CALL, _CALL_END_RESULT, _RESULT_END = "<|tool_call|>", "<|/tool_call|><|tool_result|>", "<|/tool_result|>"
 
 
 @dataclass
@@ -61,10 +61,17 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
 
 
 def _split_tool_markup(content: str) -> list[dict]:
+    """Each complete call with its result becomes an assistant message and a tool message. One
+    left-to-right scan: a regular expression for this backtracked in time cubic in the text."""
     messages, end = [], 0
-    for match in _TOOL_MARKUP.finditer(content):
-        messages += [{"role": "assistant", "content": match[1], "tool_call": match[2]}, {"role": "tool", "content": match[3]}]
-        end = match.end()
+    while (call := content.find(_CALL, end)) >= 0:
+        call_end = content.find(_CALL_END_RESULT, call + len(_CALL))
+        result_end = content.find(_RESULT_END, call_end + len(_CALL_END_RESULT)) if call_end >= 0 else -1
+        if result_end < 0:
+            break
+        messages += [{"role": "assistant", "content": content[end:call], "tool_call": content[call + len(_CALL):call_end]},
+                     {"role": "tool", "content": content[call_end + len(_CALL_END_RESULT):result_end]}]
+        end = result_end + len(_RESULT_END)
     return messages + [{"role": "assistant", "content": content[end:]}]
 
 
