@@ -1,6 +1,7 @@
 """The server under hostile and careless clients (issue 21): requests that used to kill every
 request in flight, freeze the event loop, crash with a 500 or keep decoding for nobody."""
 
+import asyncio
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -8,14 +9,19 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from starlette.testclient import TestClient
+
+from picochat.cli import main
 from picochat.engine import sample_next
 from picochat.serve.app import create_app
 from picochat.serve.completions import _split_tool_markup
 from picochat.serve.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from picochat.serve.text import StopStrings
+from picochat.tokenizer import Tokenizer
 from test_serve import (HELLO, GatedTransformer, greedy_reply, health, loaded, serve_run, server,  # noqa: F401 (fixtures)
                         serving, wait_for)
 
@@ -179,6 +185,92 @@ def test_inline_tool_markup_is_split_as_the_regular_expression_did(content):
 def test_a_reply_full_of_unclosed_tool_calls_is_read_back_at_once():
     content = "<|tool_call|>x" * 20_000  # 280 kB; the regular expression took 2.4 s on 2.8 kB of this
     assert _split_tool_markup(content) == [{"role": "assistant", "content": content}]
+
+
+class SpyTokenizer(Tokenizer):
+    """A tokenizer that records, for every encoding call, whether it ran on an event loop and how
+    many characters it was given."""
+
+    def __init__(self, source: Tokenizer):
+        super().__init__(source._special)
+        self.calls = []
+
+    def _record(self, texts):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        self.calls.append((on_loop, sum(len(t) for t in texts)))
+
+    def encode(self, text, allow_special=False):
+        self._record([text])
+        return super().encode(text, allow_special)
+
+    def encode_batch(self, texts, allow_special=False):
+        self._record(texts)
+        return super().encode_batch(texts, allow_special)
+
+
+@pytest.fixture(scope="module")
+def spied(loaded):
+    tokenizer, models, _ = loaded
+    spy = SpyTokenizer(tokenizer)
+    with serving(create_app(spy, models)) as url:
+        yield spy, url
+
+
+def test_prompts_are_tokenized_off_the_event_loop(spied):
+    spy, url = spied
+    spy.calls.clear()
+    chat = httpx.post(f"{url}/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "max_tokens": 2}, timeout=60)
+    text = httpx.post(f"{url}/v1/completions", json={"model": "demo-base", "prompt": "The capital of", "max_tokens": 2}, timeout=60)
+    view = httpx.post(f"{url}/v1/tokenize", json={"messages": HELLO}, timeout=60)
+    document = httpx.post(f"{url}/v1/tokenize", json={"prompt": "The capital of"}, timeout=60)
+    assert [r.status_code for r in (chat, text, view, document)] == [200] * 4
+    assert len(spy.calls) >= 4 and not any(on_loop for on_loop, _ in spy.calls)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "demo-sft", "messages": [{"role": "user", "content": "word " * 400_000}]}),
+    ("/v1/chat/completions", {"model": "demo-sft", "messages": [{"role": "user", "content": "hi"}] * 50_000}),
+    ("/v1/completions", {"model": "demo-base", "prompt": "word " * 400_000}),
+    ("/v1/tokenize", {"messages": [{"role": "user", "content": "word " * 400_000}]}),
+    ("/v1/tokenize", {"prompt": "word " * 400_000}),
+])
+def test_text_far_too_long_for_the_context_is_refused_without_tokenizing_it(spied, path, body):
+    spy, url = spied
+    spy.calls.clear()
+    response = httpx.post(f"{url}{path}", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "at least" in error["message"], error
+    assert sum(chars for _, chars in spy.calls) < 10_000
+
+
+def test_a_body_over_the_limit_gets_413_and_the_server_goes_on(loaded):
+    tokenizer, models, _ = loaded
+    body = json.dumps({"model": "demo-sft", "messages": [{"role": "user", "content": "word " * 10_000}]}).encode()
+    with serving(create_app(tokenizer, models, max_body_bytes=20_000)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        declared = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        chunked = client.post("/v1/chat/completions", content=iter([body[:15_000], body[15_000:]]),
+                              headers={"content-type": "application/json"})
+        for response in (declared, chunked):
+            assert response.status_code == 413, response.text
+            error = response.json()["error"]
+            assert error["code"] == "request_too_large" and "20,000 bytes" in error["message"] and "--max-body-mb" in error["message"]
+        reply = client.post("/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "max_tokens": 2})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+
+
+def test_the_serve_command_sets_the_body_limit(serve_run, monkeypatch):
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    with pytest.raises(SystemExit, match="0"):
+        main(["serve", "--run", str(serve_run), "--max-body-mb", "0.01"])  # 10,485 bytes
+    client = TestClient(apps[0])  # no lifespan: the requests below never reach a model
+    assert client.post("/v1/tokenize", json={"prompt": "word " * 3_000}).status_code == 413
+    assert client.post("/v1/tokenize", json={"prompt": "word " * 1_000}).status_code == 400  # read, then too long
 
 
 @pytest.fixture

@@ -1,19 +1,22 @@
 """`picochat serve`: the OpenAI-compatible HTTP API and the web chat (FastAPI + uvicorn).
 
     picochat serve --run runs/demo                      # http://127.0.0.1:8000/ (web chat), /v1 (API)
-    picochat serve --run runs/demo --stage rl --api-key secret --max-batch 16
+    picochat serve --run runs/demo --stage rl --api-key secret --max-batch 16 --max-body-mb 8
 
 Endpoints: `POST /v1/chat/completions` (the chat model), `POST /v1/completions` (documents; the
 base model `<run>/base` when the run has one), `GET /v1/models`, `POST /v1/tokenize` (the token
 view: a conversation exactly as the model sees it), `GET /health`, and the web page at `/`.
 Every served model decodes in its own worker thread (see batcher.py), many requests per step.
 Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
-requests (FastAPI's 422 included), 401 without the API key, 404, 503 when the queue is full.
+requests (FastAPI's 422 included), 401 without the API key, 404, 413 for a body over the limit
+(limits.py), 503 when the queue is full. Work that grows with a request (rendering, tokenizing,
+the token view) runs in worker threads, so that one large request does not stall the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import os
 import secrets
@@ -35,9 +38,12 @@ from picochat.serve.completions import (
     chat_generation,
     complete,
     conversation,
+    least_conversation_tokens,
+    least_tokens,
     sse_events,
     text_generation,
 )
+from picochat.serve.limits import DEFAULT_MAX_BODY_MB, TOO_LARGE, BodyLimit
 from picochat.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -61,7 +67,8 @@ class _EventStream(StreamingResponse):
             self._submission.close()
 
 
-def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64) -> FastAPI:
+def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
+               max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)) -> FastAPI:
     """The server for `models` (model id -> Transformer, first = the default chat model); ids that
     name the same Transformer share its batcher. Batchers start and stop with the app."""
     batchers: dict[int, Batcher] = {}
@@ -81,7 +88,9 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
             batcher.close()
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
+    longest_context = max(batcher.model.config.max_seq_len for batcher in served.values())
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -128,18 +137,20 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
     @api.post("/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
         batcher = batcher_for(request.model)
-        generation = chat_generation(request, request.model, tokenizer, batcher.model.config.max_seq_len, max_batch)
+        generation = await asyncio.to_thread(chat_generation, request, request.model, tokenizer,
+                                             batcher.model.config.max_seq_len, max_batch)
         return await answer(generation, batcher)
 
     @api.post("/completions")
     async def completions(request: CompletionRequest):
         batcher = batcher_for(request.model)
-        generation = text_generation(request, request.model, tokenizer, batcher.model.config.max_seq_len, max_batch)
+        generation = await asyncio.to_thread(text_generation, request, request.model, tokenizer,
+                                             batcher.model.config.max_seq_len, max_batch)
         return await answer(generation, batcher)
 
     @api.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
-        return token_view(request, tokenizer)
+        return await asyncio.to_thread(lambda: JSONResponse(token_view(request, tokenizer, longest_context)))
 
     app.include_router(api)
 
@@ -155,17 +166,22 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
     return app
 
 
-def token_view(request: TokenizeRequest, tokenizer: Tokenizer) -> dict:
+def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) -> dict:
     """A conversation (or a document prompt) as the model sees it: the rendered protocol text,
     each token's id and piece, and the count. A conversation that ends with a user message
-    includes the `<|im_start|>assistant<|im_sep|>` that primes the reply."""
+    includes the `<|im_start|>assistant<|im_sep|>` that primes the reply. Longer than `max_tokens`
+    (the longest context served: no model could read it) is refused, before tokenizing when the
+    text alone is too long."""
     if (request.messages is None) == (request.prompt is None):
         raise APIError(400, "send either 'messages' (a conversation) or 'prompt' (a document), not both or neither")
-    if request.prompt is not None:
-        ids = [tokenizer.eot_id] + tokenizer.encode(request.prompt)
+    messages = None if request.messages is None else conversation(request.messages)
+    at_least = 1 + least_tokens([request.prompt], tokenizer) if messages is None else least_conversation_tokens(messages, tokenizer)
+    if at_least > max_tokens:
+        raise _longer_than_any_context(f"at least {at_least}", max_tokens)
+    if messages is None:
+        ids = [tokenizer.eot_id] + tokenizer.encode_batch([request.prompt])[0]
         text = SPECIAL_TOKENS[tokenizer.eot_id] + request.prompt
     else:
-        messages = conversation(request.messages)
         try:
             if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_call") is None:
                 ids, text = render(messages, tokenizer)[0], to_text(messages)
@@ -173,8 +189,15 @@ def token_view(request: TokenizeRequest, tokenizer: Tokenizer) -> dict:
                 ids, text = render_for_reply(messages, tokenizer), to_text(messages, add_generation_prompt=True)
         except ConversationError as error:
             raise APIError(400, str(error), param="messages") from None
+    if len(ids) > max_tokens:
+        raise _longer_than_any_context(str(len(ids)), max_tokens)
     tokens = [{"id": i, "piece": tokenizer.id_to_piece(i), "special": i < len(SPECIAL_TOKENS)} for i in ids]
     return {"text": text, "tokens": tokens, "count": len(ids)}
+
+
+def _longer_than_any_context(tokens: str, max_tokens: int) -> APIError:
+    return APIError(400, f"this takes {tokens} tokens, more than the longest context served ({max_tokens} tokens)",
+                    code="context_length_exceeded")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -202,7 +225,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         message = f"no such endpoint: {request.method} {request.url.path}" if error.status_code == 404 else str(error.detail)
-        code = "not_found" if error.status_code == 404 else None
+        code = {404: "not_found", 413: TOO_LARGE}.get(error.status_code)
         return JSONResponse(APIError(error.status_code, message, code=code).body(), status_code=error.status_code,
                             headers=getattr(error, "headers", None))
 
@@ -235,6 +258,8 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together in one step (default 16)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="most sequences waiting for a batch row; beyond it requests get 503 (default 64)")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                        help=f"largest request body accepted, in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MB:g})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: PyTorch's choice; 1 is often fastest for small "
@@ -247,13 +272,16 @@ def _cmd(args) -> None:
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     tokenizer, models, stage_dir = load_models(run, args.stage, args.device)
-    app = create_app(tokenizer, models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(tokenizer, models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     max_body_bytes=int(args.max_body_mb * 2**20))
     if not _is_loopback(args.host) and not args.api_key:
         print(f"picochat serve: warning: listening on {args.host} without an API key; anyone who can reach it can use it")
     print(f"picochat serve: {stage_dir} as {', '.join(models)}; web chat at http://{args.host}:{args.port}/, API at /v1")
