@@ -2,6 +2,7 @@
 request in flight, freeze the event loop, crash with a 500 or keep decoding for nobody."""
 
 import asyncio
+import http.client
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from starlette.testclient import TestClient
 
+import picochat.serve.app
 from picochat.cli import main
 from picochat.engine import sample_next
 from picochat.serve.app import create_app
@@ -22,8 +24,8 @@ from picochat.serve.completions import _split_tool_markup
 from picochat.serve.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from picochat.serve.text import StopStrings
 from picochat.tokenizer import Tokenizer
-from test_serve import (HELLO, GatedTransformer, greedy_reply, health, loaded, serve_run, server,  # noqa: F401 (fixtures)
-                        serving, wait_for)
+from test_serve import (HELLO, GatedTransformer, gated, greedy_reply, health, loaded, serve_run,  # noqa: F401 (fixtures)
+                        server, serving, wait_for)
 
 
 def stream_events(url: str, body: dict) -> list:
@@ -273,7 +275,48 @@ def test_the_serve_command_sets_the_body_limit(serve_run, monkeypatch):
     assert client.post("/v1/tokenize", json={"prompt": "word " * 1_000}).status_code == 400  # read, then too long
 
 
-@pytest.fixture
-def gated(loaded):
-    tokenizer, models, _ = loaded
-    return tokenizer, GatedTransformer(models["demo-sft"])
+# --- 4. text that is not Unicode, and the server's own errors ---------------------------------------
+def keep_alive_request(connection: http.client.HTTPConnection, method: str, path: str, body: str | None = None):
+    """(status, parsed body) of a request on a kept-alive connection (http.client never reconnects
+    by itself: a connection the server closed fails the next request)."""
+    connection.request(method, path, body=body, headers={"content-type": "application/json"} if body else {})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+SURROGATE = "\ud800"  # valid JSON ("\\ud800"), but no Unicode character
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"model": "demo-sft", "messages": [{"role": "user", "content": f"hi {SURROGATE}"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"model": "demo-sft", "messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"model": "demo-sft", "messages": HELLO, "stop": ["a", SURROGATE]}, "stop"),
+    ("/v1/chat/completions", {"model": f"demo-sft{SURROGATE}", "messages": HELLO}, "model"),
+    ("/v1/completions", {"model": "demo-base", "prompt": SURROGATE}, "prompt"),
+    ("/v1/completions", {"model": "demo-base", "prompt": [SURROGATE]}, "prompt"),
+    ("/v1/tokenize", {"prompt": SURROGATE}, "prompt"),
+    ("/v1/tokenize", {"messages": [{"role": SURROGATE, "content": "hi"}]}, "messages.0.role"),
+])
+def test_lone_surrogates_get_a_400_and_the_connection_stays_open(server, path, body, param):
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    status, answer = keep_alive_request(connection, "POST", path, json.dumps(body))
+    assert status == 400, answer
+    assert "lone surrogate" in answer["error"]["message"] and answer["error"]["param"] == param
+    status, answer = keep_alive_request(connection, "POST", "/v1/tokenize", json.dumps({"messages": HELLO}))
+    assert status == 200 and answer["count"] > 0
+    connection.close()
+
+
+def test_an_internal_error_is_a_500_that_keeps_the_connection_open(server, monkeypatch):
+    def broken(*args):
+        raise RuntimeError(f"a bug {SURROGATE}")
+
+    monkeypatch.setattr(picochat.serve.app, "token_view", broken)
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    status, answer = keep_alive_request(connection, "POST", "/v1/tokenize", json.dumps({"messages": HELLO}))
+    assert status == 500 and answer["error"]["type"] == "server_error"
+    assert answer["error"]["message"] == "internal error: RuntimeError: a bug \\ud800"
+    status, answer = keep_alive_request(connection, "GET", "/health")
+    assert status == 200 and answer["status"] == "ok"
+    connection.close()

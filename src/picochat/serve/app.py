@@ -7,9 +7,9 @@ Endpoints: `POST /v1/chat/completions` (the chat model), `POST /v1/completions` 
 base model `<run>/base` when the run has one), `GET /v1/models`, `POST /v1/tokenize` (the token
 view: a conversation exactly as the model sees it), `GET /health`, and the web page at `/`.
 Every served model decodes in its own worker thread (see batcher.py), many requests per step.
-Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
-requests (FastAPI's 422 included), 401 without the API key, 404, 413 for a body over the limit
-(limits.py), 503 when the queue is full. Work that grows with a request (rendering, tokenizing,
+Errors are OpenAI's shape (errors.py): 400 for invalid requests, 401 without the API key, 404,
+413 for a body over the limit (limits.py), 500 for the server's own failures, 503 when the queue
+is full. Work that grows with a request (rendering, tokenizing,
 the token view) runs in worker threads, so that one large request does not stall the others.
 """
 
@@ -26,10 +26,8 @@ from pathlib import Path
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.chat import ConversationError, render, render_for_reply, to_text
 from picochat.checkpoint import find_stage, load_model
@@ -43,7 +41,8 @@ from picochat.serve.completions import (
     sse_events,
     text_generation,
 )
-from picochat.serve.limits import DEFAULT_MAX_BODY_MB, TOO_LARGE, BodyLimit
+from picochat.serve.errors import add_error_handlers
+from picochat.serve.limits import DEFAULT_MAX_BODY_MB, BodyLimit
 from picochat.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -89,7 +88,7 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    _add_error_handlers(app)
+    add_error_handlers(app)
     longest_context = max(batcher.model.config.max_seq_len for batcher in served.values())
 
     def check_key(request: Request) -> None:
@@ -198,40 +197,6 @@ def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) 
 def _longer_than_any_context(tokens: str, max_tokens: int) -> APIError:
     return APIError(400, f"this takes {tokens} tokens, more than the longest context served ({max_tokens} tokens)",
                     code="context_length_exceeded")
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError):
-        headers = {"Retry-After": "1"} if error.status == 503 else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        where = [str(part) for part in first["loc"] if part != "body"]
-        if first["type"] == "json_invalid":
-            reason = first.get("ctx", {}).get("error", first["msg"])
-            message, param = f"the request body is not valid JSON: {reason}", None
-        elif first["type"] == "model_attributes_type":
-            message, param = "the request body must be a JSON object", None
-        else:
-            message, param = f"{'.'.join(where) or 'body'}: {first['msg']}", ".".join(where) or None
-        more = len(error.errors()) - 1
-        if more:
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        message = f"no such endpoint: {request.method} {request.url.path}" if error.status_code == 404 else str(error.detail)
-        code = {404: "not_found", 413: TOO_LARGE}.get(error.status_code)
-        return JSONResponse(APIError(error.status_code, message, code=code).body(), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception):
-        return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").body(), status_code=500)
 
 
 # --- command line ---------------------------------------------------------------------------------

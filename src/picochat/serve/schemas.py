@@ -2,6 +2,7 @@
 
 Fields follow the OpenAI API (chat completions and legacy completions); fields the server does
 not use are ignored, as OpenAI-compatible servers do. A field sent as null means its default.
+Text must be Unicode: JSON can carry lone UTF-16 surrogates ("\ud800"), which no encoder takes.
 Extensions: `top_k` (sample among the k most likely tokens), `tool_call` on assistant messages
 (the chat protocol's calculator call), and the `/v1/tokenize` body for the token view.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 # torch.Generator.manual_seed accepts this range.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
@@ -30,15 +31,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _unicode(value):
+    """`value` (text, a list of texts or text parts, or None) if all its text is Unicode."""
+    texts = [value] if isinstance(value, str) else [getattr(v, "text", v) for v in value or []]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"holds a lone surrogate ({text[error.start]!r} at character {error.start}), which is "
+                             "not Unicode text") from None
+    return value
+
+
+UNICODE = AfterValidator(_unicode)
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    role: str
-    content: str | list[TextPart] | None = None
-    tool_call: str | None = None
+    role: Annotated[str, UNICODE]
+    content: Annotated[str | list[TextPart] | None, UNICODE] = None
+    tool_call: Annotated[str | None, UNICODE] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -50,14 +66,14 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-Stop = str | list[str] | None
+Stop = Annotated[str | list[str] | None, UNICODE]
 Seed = Annotated[int | None, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
 class SamplingRequest(BaseModel):
     """What chat and text completions share."""
 
-    model: str
+    model: Annotated[str, UNICODE]
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None
     top_p: Annotated[float | None, Field(gt=0, le=1)] = None
     top_k: Annotated[int | None, Field(ge=1)] = None
@@ -91,7 +107,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Annotated[str | Annotated[list[str], Field(min_length=1, max_length=1)], UNICODE]
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -101,4 +117,4 @@ class TokenizeRequest(BaseModel):
     """Either a conversation (rendered as the chat model sees it) or a document prompt."""
 
     messages: list[ChatMessage] | None = None
-    prompt: str | None = None
+    prompt: Annotated[str | None, UNICODE] = None
