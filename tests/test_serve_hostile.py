@@ -5,6 +5,7 @@ import asyncio
 import http.client
 import json
 import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -320,3 +321,22 @@ def test_an_internal_error_is_a_500_that_keeps_the_connection_open(server, monke
     status, answer = keep_alive_request(connection, "GET", "/health")
     assert status == 200 and answer["status"] == "ok"
     connection.close()
+
+
+# --- 5. a client that leaves a request that does not stream ------------------------------------------
+def test_a_client_that_leaves_a_request_that_does_not_stream_frees_its_row(gated):
+    tokenizer, model = gated
+    with serving(create_app(tokenizer, {"demo-sft": model}, max_batch=1, max_queue=0)) as url:
+        body = json.dumps({"model": "demo-sft", "messages": HELLO, "max_tokens": 100, "temperature": 0}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            model.permits.release(3)  # the prefill and two decoding steps: two tokens out
+            wait_for(lambda: health(url)["tokens"] == 2)
+        wait_for(lambda: health(url)["admitted_sequences"] == 0)
+        model.permits.release(10_000)
+        wait_for(lambda: health(url)["active_sequences"] == 0)
+        assert health(url)["tokens"] < 10
+        reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "max_tokens": 4}, timeout=60)
+        assert reply.json()["usage"]["completion_tokens"] == 4

@@ -21,12 +21,13 @@ import ipaddress
 import os
 import secrets
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from picochat.chat import ConversationError, render, render_for_reply, to_text
@@ -47,6 +48,7 @@ from picochat.serve.schemas import APIError, ChatCompletionRequest, CompletionRe
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 STATIC = Path(__file__).parent / "static"
+CLIENT_GONE = 499  # the status logged for a request whose client left before its answer (as nginx)
 API_KEY_ENV = "PICOCHAT_API_KEY"
 
 
@@ -108,7 +110,7 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
         return {"id": model_id, "object": "model", "created": created, "owned_by": "picochat",
                 "context_length": served[model_id].model.config.max_seq_len}
 
-    async def answer(generation, batcher: Batcher):
+    async def answer(generation, batcher: Batcher, connection: Request):
         try:
             submission = batcher.submit(generation.prompt, generation.n, **generation.options)
         except Overloaded as error:
@@ -116,7 +118,8 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
         if generation.stream:
             return _EventStream(sse_events(generation, submission, tokenizer), submission)
         try:
-            return await complete(generation, submission, tokenizer)
+            body = await _unless_disconnected(complete(generation, submission, tokenizer), connection)
+            return Response(status_code=CLIENT_GONE) if body is None else body
         except ValueError as error:  # the engine refused the request
             raise APIError(400, str(error)) from None
         except RequestFailed as error:
@@ -134,18 +137,18 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
         return model_card(model_id)
 
     @api.post("/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, connection: Request):
         batcher = batcher_for(request.model)
         generation = await asyncio.to_thread(chat_generation, request, request.model, tokenizer,
                                              batcher.model.config.max_seq_len, max_batch)
-        return await answer(generation, batcher)
+        return await answer(generation, batcher, connection)
 
     @api.post("/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, connection: Request):
         batcher = batcher_for(request.model)
         generation = await asyncio.to_thread(text_generation, request, request.model, tokenizer,
                                              batcher.model.config.max_seq_len, max_batch)
-        return await answer(generation, batcher)
+        return await answer(generation, batcher, connection)
 
     @api.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
@@ -163,6 +166,22 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+async def _unless_disconnected(work: Awaitable[dict], connection: Request) -> dict | None:
+    """What `work` returns, or None if the client disconnects first: `work` is then cancelled,
+    which frees its batch rows (the request's body has been read, so the next message that the
+    connection receives is its end)."""
+    result = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(connection.receive())
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            result.cancel()
+            await asyncio.wait({result})
+    return None if result.cancelled() else result.result()
 
 
 def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) -> dict:
