@@ -148,3 +148,17 @@ def test_the_reply_appears_piece_by_piece_while_it_streams(browser, serve_run):
         WebDriverWait(browser, 30).until(lambda d: bubble.get_attribute("data-done") == "true")
         final = bubble.find_element(By.CLASS_NAME, "content").get_property("textContent")
         assert final.startswith(partial) and len(final) > len(partial)
+
+
+def test_the_api_key_is_kept_for_the_tab_only(browser, server):
+    browser.get(server + "/")
+    browser.execute_script("localStorage.setItem('picochat.api-key', 'left by an older page')")
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").get_property("value") == "demo-sft")
+    assert browser.execute_script("return localStorage.getItem('picochat.api-key')") is None
+    set_value(browser, "api-key", "s3cret")
+    assert browser.execute_script("return sessionStorage.getItem('picochat.api-key')") == "s3cret"
+    assert browser.execute_script("return localStorage.getItem('picochat.api-key')") is None
+    browser.get(server + "/")  # the same tab: the key is still there
+    assert browser.find_element(By.ID, "api-key").get_property("value") == "s3cret"
+    set_value(browser, "api-key", "")

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const SETTINGS = ["system", "temperature", "top-p", "max-tokens", "api-key"];
+const SETTINGS = ["system", "temperature", "top-p", "max-tokens"];  // kept in localStorage
+const KEY = "picochat.api-key";  // kept in sessionStorage: this tab only, gone when it closes
 
 let messages = [];      // the conversation: {role, content}
 let running = null;     // AbortController of the reply being streamed
@@ -208,6 +209,9 @@ function restoreSettings() {
     if (saved !== null) $(id).value = saved;
     $(id).addEventListener("change", () => localStorage.setItem("picochat." + id, $(id).value));
   }
+  localStorage.removeItem(KEY);  // where earlier versions of this page kept it
+  $("api-key").value = sessionStorage.getItem(KEY) || "";
+  $("api-key").addEventListener("change", () => sessionStorage.setItem(KEY, $("api-key").value));
   for (const id of ["temperature", "top-p"]) {
     const show = () => { $(id + "-value").textContent = $(id).value; };
     $(id).addEventListener("input", show);
