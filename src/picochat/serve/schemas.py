@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 # torch.Generator.manual_seed accepts this range.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
@@ -102,11 +102,20 @@ class SamplingRequest(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "demo-sft", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16},
+        {"model": "demo-sft", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+         "temperature": 0.7, "top_p": 0.9, "n": 2, "stop": ["\n"], "stream": True, "stream_options": {"include_usage": True}},
+    ]})
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
 
 
 class CompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "demo-base", "prompt": "The capital of", "max_tokens": 8, "temperature": 0, "stream": True}]})
+
     prompt: Annotated[str | Annotated[list[str], Field(min_length=1, max_length=1)], UNICODE]
 
     def text(self) -> str:
@@ -115,6 +124,9 @@ class CompletionRequest(SamplingRequest):
 
 class TokenizeRequest(BaseModel):
     """Either a conversation (rendered as the chat model sees it) or a document prompt."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "What is 2+2?"}]}, {"prompt": "The capital of"}]})
 
     messages: list[ChatMessage] | None = None
     prompt: Annotated[str | None, UNICODE] = None
