@@ -9,8 +9,9 @@ view: a conversation exactly as the model sees it), `GET /health`, and the web p
 Every served model decodes in its own worker thread (see batcher.py), many requests per step.
 Errors are OpenAI's shape (errors.py): 400 for invalid requests, 401 without the API key, 404,
 413 for a body over the limit (limits.py), 500 for the server's own failures, 503 when the queue
-is full. Work that grows with a request (rendering, tokenizing,
-the token view) runs in worker threads, so that one large request does not stall the others.
+is full. Work that grows with a request (rendering, tokenizing, the token view) runs in worker
+threads, so that one large request does not stall the others; a client that leaves a request
+that does not stream cancels it, as one that leaves a stream does.
 """
 
 from __future__ import annotations
@@ -170,10 +171,9 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
 
 async def _unless_disconnected(work: Awaitable[dict], connection: Request) -> dict | None:
     """What `work` returns, or None if the client disconnects first: `work` is then cancelled,
-    which frees its batch rows (the request's body has been read, so the next message that the
-    connection receives is its end)."""
+    which frees its batch rows."""
     result = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(connection.receive())
+    gone = asyncio.ensure_future(_disconnection(connection))
     try:
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -184,6 +184,12 @@ async def _unless_disconnected(work: Awaitable[dict], connection: Request) -> di
     return None if result.cancelled() else result.result()
 
 
+async def _disconnection(connection: Request) -> None:
+    # The body has been read: what the connection receives next is its end.
+    while (await connection.receive())["type"] != "http.disconnect":
+        pass
+
+
 def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) -> dict:
     """A conversation (or a document prompt) as the model sees it: the rendered protocol text,
     each token's id and piece, and the count. A conversation that ends with a user message
@@ -192,8 +198,11 @@ def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) 
     text alone is too long."""
     if (request.messages is None) == (request.prompt is None):
         raise APIError(400, "send either 'messages' (a conversation) or 'prompt' (a document), not both or neither")
-    messages = None if request.messages is None else conversation(request.messages)
-    at_least = 1 + least_tokens([request.prompt], tokenizer) if messages is None else least_conversation_tokens(messages, tokenizer)
+    if request.prompt is not None:
+        messages, at_least = None, 1 + least_tokens([request.prompt], tokenizer)
+    else:
+        messages = conversation(request.messages)
+        at_least = least_conversation_tokens(messages, tokenizer)
     if at_least > max_tokens:
         raise _longer_than_any_context(f"at least {at_least}", max_tokens)
     if messages is None:
