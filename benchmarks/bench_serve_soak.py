@@ -12,7 +12,7 @@ bodies does not slow the good clients' event loop), each looping over issue 21's
     body_25mb          a 25 MB chat request
     tokenize_4mb       a 4,000,000-byte /v1/tokenize (stalled 8.4 s, answered 33.7 MB)
     surrogate          a lone surrogate in a message (a 500 that dropped the connection)
-    abandoned          a request that does not stream, abandoned after 0.3 s (decoded to the end)
+    abandoned          a 200-token text completion that does not stream, abandoned after 0.3 s (decoded to the end)
 
 Rounds alternate the two phases (alone, with hostile clients) so that a machine whose load drifts
 affects both alike; the summary gives the median over rounds of each phase's p50 and p95 request
@@ -131,7 +131,7 @@ def chat_body(model: str, content: str, **fields) -> bytes:
     return json.dumps({"model": model, "messages": [{"role": "user", "content": content}], **fields}).encode()
 
 
-def attacks(model: str) -> dict[str, tuple[str, bytes, bool]]:
+def attacks(model: str, document_model: str) -> dict[str, tuple[str, bytes, bool]]:
     """name -> (path, body, streamed); the bodies are built once."""
     return {
         "tiny_temperature": ("/v1/chat/completions", chat_body(model, "Who are you?", temperature=1e-40, max_tokens=16, stream=True), True),
@@ -141,7 +141,7 @@ def attacks(model: str) -> dict[str, tuple[str, bytes, bool]]:
         "body_25mb": ("/v1/chat/completions", chat_body(model, "word " * 5_000_000), False),
         "tokenize_4mb": ("/v1/tokenize", json.dumps({"messages": [{"role": "user", "content": "w" * 3_999_940}]}).encode(), False),
         "surrogate": ("/v1/chat/completions", chat_body(model, "hi \ud800"), False),
-        "abandoned": ("/v1/chat/completions", chat_body(model, "Tell me a long story.", max_tokens=200), False),
+        "abandoned": ("/v1/completions", json.dumps({"model": document_model, "prompt": "The", "max_tokens": 200}).encode(), False),
     }
 
 
@@ -167,10 +167,10 @@ async def hostile_request(client: httpx.AsyncClient, name: str, path: str, body:
         return type(error).__name__
 
 
-def hostile_main(url: str, model: str, loops: int, ready, stop, results) -> None:
+def hostile_main(url: str, models: list[str], loops: int, ready, stop, results) -> None:
     """`loops` concurrent hostile clients, each cycling through the attacks until `stop` is set;
     `ready` is set once the bodies are built (building them is not the server's load)."""
-    bodies = attacks(model)
+    bodies = attacks(models[0], models[-1])
     ready.set()
 
     async def run() -> Counter:
@@ -196,8 +196,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=None, help="run folder to serve (default: build a cpu-preset-shaped model)")
     parser.add_argument("--stage", default=None, help="the served chat stage (default: picochat serve's choice)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of (alone, with hostile clients)")
-    parser.add_argument("--requests-per-client", type=int, default=4, help="good requests of each client in a phase")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of (alone, with hostile clients)")
+    parser.add_argument("--requests-per-client", type=int, default=8, help="good requests of each client in a phase")
     parser.add_argument("--max-tokens", type=int, default=48, help="max_tokens of the good requests")
     parser.add_argument("--hostile-loops", type=int, default=2, help="concurrent hostile clients")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
@@ -210,7 +210,8 @@ def main() -> None:
         server = start_server(run, port, args.max_batch, args.threads, *(["--stage", args.stage] if args.stage else []))
         url = f"http://127.0.0.1:{port}"
         try:
-            model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+            models = [card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]]
+            model = models[0]
             asked = questions(run)
             asyncio.run(good_traffic(url, model, asked, 1, 8))  # warm-up
             print(f"serving {run} as {model}, server threads {args.threads or 'default'}, max_batch {args.max_batch}; "
@@ -226,7 +227,7 @@ def main() -> None:
                     attackers = None
                     if phase == "with hostile":
                         ready, stop, results = context.Event(), context.Event(), context.Queue()
-                        attackers = context.Process(target=hostile_main, args=(url, model, args.hostile_loops, ready, stop, results))
+                        attackers = context.Process(target=hostile_main, args=(url, models, args.hostile_loops, ready, stop, results))
                         attackers.start()
                         if not ready.wait(timeout=120):
                             raise RuntimeError("the hostile clients did not start")
