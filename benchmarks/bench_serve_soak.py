@@ -29,6 +29,7 @@ import asyncio
 import json
 import multiprocessing
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import build_cpu_preset_run, free_port, rss_mb, start_server  # noqa: E402
 
 GOOD_CLIENTS = 16
+GOOD_TIMEOUT = 120  # seconds: a good request still unanswered then is an error
 PROBE_EVERY = 0.05  # seconds between /health probes
+PROBE_TIMEOUT = 10  # seconds: a probe unanswered then counts as this long
 HOSTILE_TIMEOUT = 60  # seconds: a hostile request still unanswered then counts as "timeout"
 FALLBACK_QUESTIONS = ["Where does Mira live?", "What is 33-20?", "What colour does Tovondin love?", "Who are you?"]
 
@@ -108,12 +111,15 @@ async def good_traffic(url: str, model: str, asked: list[str], requests_per_clie
     async def prober(client: httpx.AsyncClient) -> None:
         while not finished.is_set():
             start = time.perf_counter()
-            await client.get("/health")
+            try:
+                await client.get("/health", timeout=PROBE_TIMEOUT)
+            except httpx.TimeoutException:
+                pass
             probes.append(time.perf_counter() - start)
             await asyncio.sleep(PROBE_EVERY)
 
     limits = httpx.Limits(max_connections=GOOD_CLIENTS + 1, max_keepalive_connections=GOOD_CLIENTS + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=GOOD_TIMEOUT, limits=limits) as client:
         probing = asyncio.create_task(prober(client))
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(i, client) for i in range(GOOD_CLIENTS)))
@@ -222,9 +228,9 @@ def main() -> None:
             phases: dict[str, list[dict]] = {"alone": [], "with hostile": []}
             hostile: Counter = Counter()
             context = multiprocessing.get_context("spawn")
+            attackers = None
             for round_index in range(1, args.rounds + 1):
                 for phase in phases:
-                    attackers = None
                     if phase == "with hostile":
                         ready, stop, results = context.Event(), context.Event(), context.Queue()
                         attackers = context.Process(target=hostile_main, args=(url, models, args.hostile_loops, ready, stop, results))
@@ -236,6 +242,7 @@ def main() -> None:
                         stop.set()
                         hostile.update(results.get(timeout=HOSTILE_TIMEOUT * 2))
                         attackers.join()
+                        attackers = None
                     phases[phase].append(result)
                     print(f"| {round_index} | {phase} | {result['requests']} | {len(result['errors'])} | {result['p50']:.2f} s | "
                           f"{result['p95']:.2f} s | {result['ttft_p50'] * 1000:.0f} ms | {result['ttft_p95'] * 1000:.0f} ms | "
@@ -259,8 +266,13 @@ def main() -> None:
                 print(f"  {name:17} {outcome}: {count}")
             print(f"server RSS at the end: {rss_mb(server.pid):.0f} MB")
         finally:
+            if attackers is not None:
+                attackers.terminate()
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a frozen server does not get to its signal handler
+                server.kill()
 
 
 if __name__ == "__main__":
