@@ -61,8 +61,10 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def start_server(run: Path, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "picochat", "serve", "--run", str(run), "--port", str(port), "--max-batch", str(max_batch)]
+def start_server(run: Path, port: int, max_batch: int, threads: int | None, *extra: str) -> subprocess.Popen:
+    """`picochat serve` on 127.0.0.1:port (with `extra` arguments), once it answers /health."""
+    command = [sys.executable, "-m", "picochat", "serve", "--run", str(run), "--port", str(port), "--max-batch", str(max_batch),
+               *extra]
     if threads:
         command += ["--threads", str(threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

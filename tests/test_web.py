@@ -4,14 +4,16 @@ Needs Debian's `chromium` and `chromium-driver` and the `selenium` package
 (`scripts/install_browser.sh` installs them); skipped, saying why, when they are absent.
 """
 
+import re
 import shutil
 import tempfile
 
 import httpx
 import pytest
 
+from picochat.config import get_preset
 from picochat.serve.app import create_app, load_models
-from test_serve import GatedTransformer, serve_run, serving  # noqa: F401 (serve_run is a fixture)
+from test_serve import GatedTransformer, serve_run, serving, tiny_model  # noqa: F401 (serve_run is a fixture)
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (scripts/install_browser.sh installs it)")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -113,14 +115,72 @@ def test_chat_streams_replies_and_shows_what_the_model_sees(browser, server):
 def test_errors_are_shown_and_the_message_goes_back_to_the_box(browser, server):
     browser.get(server + "/")
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").get_property("value") == "demo-sft")
+    browser.execute_script("const select = document.getElementById('model');"
+                           "select.add(new Option('gpt-4o', 'gpt-4o')); select.value = 'gpt-4o';")
     box = browser.find_element(By.ID, "input")
-    too_long = "word " * 300
-    browser.execute_script("document.getElementById('input').value = arguments[0];", too_long)
+    box.send_keys("Hello?")
     box.send_keys(Keys.ENTER)
     error = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.error"))[0]
-    assert "context" in error.text
-    assert box.get_property("value") == too_long.strip()
+    assert "'gpt-4o' does not exist" in error.text
+    assert box.get_property("value") == "Hello?"
     assert browser.find_elements(By.CSS_SELECTOR, ".message.user") == []
+
+
+# --- a model of the cpu preset's context: the page's own defaults must fit it -----------------------
+@pytest.fixture(scope="module")
+def cpu_context_server(serve_run):
+    tokenizer, _, _ = load_models(serve_run, None, "cpu")
+    model = tiny_model(tokenizer.vocab_size, seed=2, context=get_preset("cpu").model["max_seq_len"])
+    with serving(create_app(tokenizer, {"demo-sft": model})) as url:
+        yield url
+
+
+def fresh_page(driver, url: str) -> None:
+    """The page as a first-time visitor sees it: no saved settings."""
+    driver.get(url + "/")
+    driver.execute_script("localStorage.clear(); sessionStorage.clear();")
+    driver.get(url + "/")
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").get_property("value") == "demo-sft")
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "max-tokens").get_property("value") != "")
+
+
+def test_the_first_message_with_the_page_s_defaults_gets_a_reply_on_a_cpu_preset_model(browser, cpu_context_server):
+    fresh_page(browser, cpu_context_server)
+    assert browser.find_element(By.ID, "max-tokens").get_property("value") == "128"  # half the context of 256
+    send_and_wait(browser, "Hello, who are you?")
+    assert browser.find_elements(By.CSS_SELECTOR, ".message.error") == []
+    assert not browser.find_element(By.ID, "context-full").is_displayed()
+    status = browser.find_element(By.ID, "status").text
+    assert re.fullmatch(r"\d+ prompt tokens, [1-9]\d* reply tokens", status), status
+
+
+def test_a_conversation_that_outgrows_the_context_gets_one_notice_not_an_error_per_message(browser, cpu_context_server):
+    fresh_page(browser, cpu_context_server)
+    box = browser.find_element(By.ID, "input")
+    notice = browser.find_element(By.ID, "context-full")
+    done = '.message.assistant[data-done="true"]'
+    for turn in range(6):  # replies of up to 128 tokens: the context of 256 fills within three
+        replies = len(browser.find_elements(By.CSS_SELECTOR, done))
+        box.send_keys(f"Tell me more, part {turn}.")
+        box.send_keys(Keys.ENTER)
+        WebDriverWait(browser, 60).until(lambda d: notice.is_displayed() or len(d.find_elements(By.CSS_SELECTOR, done)) > replies)
+        if notice.is_displayed():
+            break
+    assert notice.is_displayed() and "start a new chat" in notice.text
+    box.clear()
+    replies = len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant"))
+    for attempt in range(2):  # sending again only shows the same notice; the message stays in the box
+        box.send_keys("And then?")
+        box.send_keys(Keys.ENTER)
+        WebDriverWait(browser, 30).until(lambda d: box.get_property("value") == "And then?")
+        box.clear()
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".message.assistant")) == replies
+    assert browser.find_elements(By.CSS_SELECTOR, ".message.error") == []
+    assert len(browser.find_elements(By.ID, "context-full")) == 1 and notice.is_displayed()
+    browser.find_element(By.ID, "new-chat").click()
+    assert not notice.is_displayed()
+    send_and_wait(browser, "Hello again.")
+    assert browser.find_elements(By.CSS_SELECTOR, ".message.error") == []
 
 
 def test_the_reply_appears_piece_by_piece_while_it_streams(browser, serve_run):
@@ -148,3 +208,17 @@ def test_the_reply_appears_piece_by_piece_while_it_streams(browser, serve_run):
         WebDriverWait(browser, 30).until(lambda d: bubble.get_attribute("data-done") == "true")
         final = bubble.find_element(By.CLASS_NAME, "content").get_property("textContent")
         assert final.startswith(partial) and len(final) > len(partial)
+
+
+def test_the_api_key_is_kept_for_the_tab_only(browser, server):
+    browser.get(server + "/")
+    browser.execute_script("localStorage.setItem('picochat.api-key', 'left by an older page')")
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").get_property("value") == "demo-sft")
+    assert browser.execute_script("return localStorage.getItem('picochat.api-key')") is None
+    set_value(browser, "api-key", "s3cret")
+    assert browser.execute_script("return sessionStorage.getItem('picochat.api-key')") == "s3cret"
+    assert browser.execute_script("return localStorage.getItem('picochat.api-key')") is None
+    browser.get(server + "/")  # the same tab: the key is still there
+    assert browser.find_element(By.ID, "api-key").get_property("value") == "s3cret"
+    set_value(browser, "api-key", "")

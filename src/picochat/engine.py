@@ -35,6 +35,10 @@ FINISH_STOP = "stop"  # a stop id was sampled (it is not part of the completion)
 FINISH_LENGTH = "length"  # max_new_tokens or the model's context ran out
 FINISH_CANCELLED = "cancelled"  # the caller cancelled the sequence
 
+# Temperatures below this sample greedily, and top_p is raised to it: smaller ones turn into float32
+# zero or denormals in sample_next (logits / temperature overflow; top_p masks every token).
+MIN_SAMPLING_PARAMETER = 1e-5
+
 
 class GenerationError(ValueError):
     """Bad arguments to generate / stream / ContinuousBatch.add."""
@@ -84,16 +88,17 @@ class Sampling:
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of logits (B, V): argmax at temperature 0, else a sample from the
+    """One token id per row of logits (B, V): argmax at temperature 0 (or below 1e-5), else a sample from the
     softmax of logits / temperature restricted to the top_k tokens and to the smallest set whose
     probability reaches top_p (the most likely token is always kept)."""
-    if temperature == 0:
+    if temperature < MIN_SAMPLING_PARAMETER:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
+        top_p = max(top_p, MIN_SAMPLING_PARAMETER)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs

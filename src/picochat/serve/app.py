@@ -1,48 +1,56 @@
 """`picochat serve`: the OpenAI-compatible HTTP API and the web chat (FastAPI + uvicorn).
 
     picochat serve --run runs/demo                      # http://127.0.0.1:8000/ (web chat), /v1 (API)
-    picochat serve --run runs/demo --stage rl --api-key secret --max-batch 16
+    picochat serve --run runs/demo --stage rl --api-key secret --max-batch 16 --max-body-mb 8
 
 Endpoints: `POST /v1/chat/completions` (the chat model), `POST /v1/completions` (documents; the
 base model `<run>/base` when the run has one), `GET /v1/models`, `POST /v1/tokenize` (the token
 view: a conversation exactly as the model sees it), `GET /health`, and the web page at `/`.
 Every served model decodes in its own worker thread (see batcher.py), many requests per step.
-Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
-requests (FastAPI's 422 included), 401 without the API key, 404, 503 when the queue is full.
+Errors are OpenAI's shape (errors.py): 400 for invalid requests, 401 without the API key, 404,
+413 for a body over the limit (limits.py), 500 for the server's own failures, 503 when the queue
+is full. Work that grows with a request (rendering, tokenizing, the token view) runs in worker
+threads, so that one large request does not stall the others; a client that leaves a request
+that does not stream cancels it, as one that leaves a stream does.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import os
 import secrets
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.chat import ConversationError, render, render_for_reply, to_text
 from picochat.checkpoint import load_model
 from picochat.run import STAGES, Run
-from picochat.serve.batcher import Batcher, Overloaded
+from picochat.serve.batcher import Batcher, Overloaded, RequestFailed
 from picochat.serve.completions import (
     chat_generation,
     complete,
     conversation,
+    least_conversation_tokens,
+    least_tokens,
     sse_events,
     text_generation,
 )
+from picochat.serve.errors import add_error_handlers
+from picochat.serve.limits import DEFAULT_MAX_BODY_MB, BodyLimit
 from picochat.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 STATIC = Path(__file__).parent / "static"
+CLIENT_GONE = 499  # the status logged for a request whose client left before its answer (as nginx)
 API_KEY_ENV = "PICOCHAT_API_KEY"
 
 
@@ -62,7 +70,8 @@ class _EventStream(StreamingResponse):
             self._submission.close()
 
 
-def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64) -> FastAPI:
+def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
+               max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)) -> FastAPI:
     """The server for `models` (model id -> Transformer, first = the default chat model); ids that
     name the same Transformer share its batcher. Batchers start and stop with the app."""
     batchers: dict[int, Batcher] = {}
@@ -82,7 +91,9 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
             batcher.close()
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None)
-    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    add_error_handlers(app)
+    longest_context = max(batcher.model.config.max_seq_len for batcher in served.values())
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -101,7 +112,7 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
         return {"id": model_id, "object": "model", "created": created, "owned_by": "picochat",
                 "context_length": served[model_id].model.config.max_seq_len}
 
-    async def answer(generation, batcher: Batcher):
+    async def answer(generation, batcher: Batcher, connection: Request):
         try:
             submission = batcher.submit(generation.prompt, generation.n, **generation.options)
         except Overloaded as error:
@@ -109,9 +120,12 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
         if generation.stream:
             return _EventStream(sse_events(generation, submission, tokenizer), submission)
         try:
-            return await complete(generation, submission, tokenizer)
+            body = await _unless_disconnected(complete(generation, submission, tokenizer), connection)
+            return Response(status_code=CLIENT_GONE) if body is None else body
         except ValueError as error:  # the engine refused the request
             raise APIError(400, str(error)) from None
+        except RequestFailed as error:
+            raise APIError(500, str(error), type="server_error") from None
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
@@ -125,20 +139,22 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
         return model_card(model_id)
 
     @api.post("/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, connection: Request):
         batcher = batcher_for(request.model)
-        generation = chat_generation(request, request.model, tokenizer, batcher.model.config.max_seq_len, max_batch)
-        return await answer(generation, batcher)
+        generation = await asyncio.to_thread(chat_generation, request, request.model, tokenizer,
+                                             batcher.model.config.max_seq_len, max_batch)
+        return await answer(generation, batcher, connection)
 
     @api.post("/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, connection: Request):
         batcher = batcher_for(request.model)
-        generation = text_generation(request, request.model, tokenizer, batcher.model.config.max_seq_len, max_batch)
-        return await answer(generation, batcher)
+        generation = await asyncio.to_thread(text_generation, request, request.model, tokenizer,
+                                             batcher.model.config.max_seq_len, max_batch)
+        return await answer(generation, batcher, connection)
 
     @api.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
-        return token_view(request, tokenizer)
+        return await asyncio.to_thread(lambda: JSONResponse(token_view(request, tokenizer, longest_context)))
 
     app.include_router(api)
 
@@ -154,17 +170,46 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
     return app
 
 
-def token_view(request: TokenizeRequest, tokenizer: Tokenizer) -> dict:
+async def _unless_disconnected(work: Awaitable[dict], connection: Request) -> dict | None:
+    """What `work` returns, or None if the client disconnects first: `work` is then cancelled,
+    which frees its batch rows."""
+    result = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnection(connection))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            result.cancel()
+            await asyncio.wait({result})
+    return None if result.cancelled() else result.result()
+
+
+async def _disconnection(connection: Request) -> None:
+    # The body has been read: what the connection receives next is its end.
+    while (await connection.receive())["type"] != "http.disconnect":
+        pass
+
+
+def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) -> dict:
     """A conversation (or a document prompt) as the model sees it: the rendered protocol text,
     each token's id and piece, and the count. A conversation that ends with a user message
-    includes the `<|im_start|>assistant<|im_sep|>` that primes the reply."""
+    includes the `<|im_start|>assistant<|im_sep|>` that primes the reply. Longer than `max_tokens`
+    (the longest context served: no model could read it) is refused, before tokenizing when the
+    text alone is too long."""
     if (request.messages is None) == (request.prompt is None):
         raise APIError(400, "send either 'messages' (a conversation) or 'prompt' (a document), not both or neither")
     if request.prompt is not None:
-        ids = [tokenizer.eot_id] + tokenizer.encode(request.prompt)
-        text = SPECIAL_TOKENS[tokenizer.eot_id] + request.prompt
+        messages, at_least = None, 1 + least_tokens([request.prompt], tokenizer)
     else:
         messages = conversation(request.messages)
+        at_least = least_conversation_tokens(messages, tokenizer)
+    if at_least > max_tokens:
+        raise _longer_than_any_context(f"at least {at_least}", max_tokens)
+    if messages is None:
+        ids = [tokenizer.eot_id] + tokenizer.encode_batch([request.prompt])[0]
+        text = SPECIAL_TOKENS[tokenizer.eot_id] + request.prompt
+    else:
         try:
             if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_call") is None:
                 ids, text = render(messages, tokenizer)[0], to_text(messages)
@@ -172,42 +217,15 @@ def token_view(request: TokenizeRequest, tokenizer: Tokenizer) -> dict:
                 ids, text = render_for_reply(messages, tokenizer), to_text(messages, add_generation_prompt=True)
         except ConversationError as error:
             raise APIError(400, str(error), param="messages") from None
+    if len(ids) > max_tokens:
+        raise _longer_than_any_context(str(len(ids)), max_tokens)
     tokens = [{"id": i, "piece": tokenizer.id_to_piece(i), "special": i < len(SPECIAL_TOKENS)} for i in ids]
     return {"text": text, "tokens": tokens, "count": len(ids)}
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError):
-        headers = {"Retry-After": "1"} if error.status == 503 else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        where = [str(part) for part in first["loc"] if part != "body"]
-        if first["type"] == "json_invalid":
-            reason = first.get("ctx", {}).get("error", first["msg"])
-            message, param = f"the request body is not valid JSON: {reason}", None
-        elif first["type"] == "model_attributes_type":
-            message, param = "the request body must be a JSON object", None
-        else:
-            message, param = f"{'.'.join(where) or 'body'}: {first['msg']}", ".".join(where) or None
-        more = len(error.errors()) - 1
-        if more:
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        message = f"no such endpoint: {request.method} {request.url.path}" if error.status_code == 404 else str(error.detail)
-        code = "not_found" if error.status_code == 404 else None
-        return JSONResponse(APIError(error.status_code, message, code=code).body(), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception):
-        return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").body(), status_code=500)
+def _longer_than_any_context(tokens: str, max_tokens: int) -> APIError:
+    return APIError(400, f"this takes {tokens} tokens, more than the longest context served ({max_tokens} tokens)",
+                    code="context_length_exceeded")
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -233,6 +251,8 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together in one step (default 16)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="most sequences waiting for a batch row; beyond it requests get 503 (default 64)")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                        help=f"largest request body accepted, in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MB:g})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: PyTorch's choice; 1 is often fastest for small "
@@ -245,13 +265,16 @@ def _cmd(args) -> None:
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     tokenizer, models, stage_dir = load_models(run, args.stage, args.device)
-    app = create_app(tokenizer, models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(tokenizer, models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     max_body_bytes=int(args.max_body_mb * 2**20))
     if not _is_loopback(args.host) and not args.api_key:
         print(f"picochat serve: warning: listening on {args.host} without an API key; anyone who can reach it can use it")
     print(f"picochat serve: {stage_dir} as {', '.join(models)}; web chat at http://{args.host}:{args.port}/, API at /v1")

@@ -7,6 +7,11 @@ through its own asyncio queue (`loop.call_soon_threadsafe`). Requests that arriv
 join at the next one. The asyncio side admits at most `max_batch + max_queue` sequences at a time
 and refuses more with `Overloaded` (HTTP 503). A consumer that stops listening (a client that
 disconnects) cancels its sequences, which frees their rows at the next step.
+
+A step that fails (a sampling error, out of memory) loses the batch's state. The worker then
+decodes each request of that batch alone for one step: those that fail again end with
+`RequestFailed`, the others resume in a new batch from the tokens they have (re-prefilled; a
+seeded request's random stream restarts there). When none fails alone, they all end with it.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ import torch
 
 from picochat.engine import ContinuousBatch, StepEvent
 
-# What a request's queue receives: the events of one step, or the error that ended it.
-Update = list[StepEvent] | BaseException
+# What a request's queue receives: (choice, token or None, finish reason or None) for the choices
+# that moved in one step, or the error that ended the request.
+Update = list[tuple[int, int | None, str | None]] | BaseException
 
 
 class Overloaded(RuntimeError):
     """Every batch row and queue place is taken; the client should retry later."""
+
+
+class RequestFailed(RuntimeError):
+    """Decoding this request failed (the server's fault, not the request's); other requests go on."""
 
 
 @dataclass(eq=False)  # jobs compare by identity
@@ -37,7 +47,9 @@ class _Job:
     options: dict  # keyword arguments of ContinuousBatch.add besides prompt and num_samples
     loop: asyncio.AbstractEventLoop
     updates: asyncio.Queue
-    sequences: list[int] = field(default_factory=list)  # batch sequence ids, once admitted
+    sequences: list[int] = field(default_factory=list)  # each choice's batch sequence id, once admitted
+    tokens: list[list[int]] = field(default_factory=list)  # each choice's tokens so far
+    cancelled: set[int] = field(default_factory=set)  # choices cancelled
 
     def send(self, update: Update) -> None:
         self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
@@ -49,11 +61,11 @@ class Batcher:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
         self._batch = ContinuousBatch(model, tokenizer)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[_Job] = deque()
-        self._jobs: dict[int, _Job] = {}  # batch sequence id -> its job
+        self._jobs: dict[int, tuple[_Job, int]] = {}  # batch sequence id -> its job and choice
         self._admitted = 0  # sequences accepted and not yet released (asyncio side only)
         self._thread: threading.Thread | None = None
         self.steps = 0  # forward steps run (for /health and the tests)
@@ -112,8 +124,8 @@ class Batcher:
                     continue
                 try:
                     events = self._batch.step()
-                except Exception as error:  # a bug or an out-of-memory: fail these requests, keep serving
-                    self._fail_all(error)
+                except Exception as error:
+                    self._recover(error)
                     continue
                 self.steps += 1
                 self._dispatch(events)
@@ -138,6 +150,7 @@ class Batcher:
         if job in self._waiting:
             self._waiting.remove(job)
             return
+        job.cancelled.update(choices)
         for choice in choices:
             if choice < len(job.sequences):
                 self._batch.cancel(job.sequences[choice])
@@ -151,36 +164,69 @@ class Batcher:
             except ValueError as error:
                 job.send(error)
                 continue
-            for sequence in job.sequences:
-                self._jobs[sequence] = job
+            job.tokens = [[] for _ in job.sequences]
+            for choice, sequence in enumerate(job.sequences):
+                self._jobs[sequence] = (job, choice)
 
     def _dispatch(self, events: list[StepEvent]) -> None:
-        by_job: dict[int, tuple[_Job, list[StepEvent]]] = {}
+        moved: dict[_Job, list[tuple[int, int | None, str | None]]] = {}
         for event in events:
-            job = self._jobs[event.sequence]
-            by_job.setdefault(id(job), (job, []))[1].append(event)
+            job, choice = self._jobs[event.sequence]
+            moved.setdefault(job, []).append((choice, event.token, event.finish_reason))
             if event.token is not None:
+                job.tokens[choice].append(event.token)
                 self.tokens += 1
             if event.finish_reason is not None:
                 del self._jobs[event.sequence]
-        for job, job_events in by_job.values():
-            job.send(job_events)
+        for job, update in moved.items():
+            job.send(update)
+
+    def _recover(self, error: Exception) -> None:
+        """After a failed step: fail the requests that fail alone, resume the others (module docstring)."""
+        running: dict[_Job, list[int]] = {}
+        for job, choice in self._jobs.values():
+            if choice not in job.cancelled:
+                running.setdefault(job, []).append(choice)
+        self._jobs.clear()
+        self._batch = ContinuousBatch(self.model, self.tokenizer)
+        failures = {job: self._failure_alone(job, choices) for job, choices in running.items()}
+        if not any(failures.values()):
+            failures = dict.fromkeys(running, error)
+        for job, choices in running.items():
+            if failures[job] is not None:
+                job.send(RequestFailed(f"decoding this request failed: {type(failures[job]).__name__}: {failures[job]}"))
+                continue
+            for choice in choices:
+                options = dict(job.options, max_new_tokens=job.options["max_new_tokens"] - len(job.tokens[choice]))
+                [sequence] = self._batch.add(job.prompt + job.tokens[choice], **options)
+                job.sequences[choice] = sequence
+                self._jobs[sequence] = (job, choice)
+
+    def _failure_alone(self, job: _Job, choices: list[int]) -> Exception | None:
+        """The error that one step of these choices raises when they decode alone, if any."""
+        for choice in choices:
+            probe = ContinuousBatch(self.model, self.tokenizer)
+            try:
+                probe.add(job.prompt + job.tokens[choice], **dict(job.options, max_new_tokens=1))
+                probe.step()
+            except Exception as error:
+                return error
+        return None
 
     def _fail_all(self, error: BaseException) -> None:
-        jobs = {id(job): job for job in [*self._jobs.values(), *self._waiting]}
-        for job in jobs.values():
+        for job in {job for job, _ in self._jobs.values()} | set(self._waiting):
             job.send(error)
         self._jobs.clear()
         self._waiting.clear()
-        self._batch = ContinuousBatch(self.model, self._batch.tokenizer)
+        self._batch = ContinuousBatch(self.model, self.tokenizer)
 
 
 class Submission:
     """One request's completions as they are decoded: iterate it for the updates, each a list of
     (choice index, token or None, finish reason or None) for the choices that moved in one step.
 
-    Iteration ends when every choice has finished or been cancelled; an error the engine raised
-    for the request (a GenerationError for arguments it refuses) is raised by the iteration.
+    Iteration ends when every choice has finished or been cancelled; an error that ended the
+    request (a GenerationError for arguments the engine refuses, RequestFailed) is raised by it.
     `close()` (also on leaving `async with`) cancels what is still running and frees the place.
     """
 
@@ -205,11 +251,10 @@ class Submission:
                 self.unfinished.clear()
                 raise update
             moved = []
-            for event in update:
-                choice = self.job.sequences.index(event.sequence)
+            for choice, token, finish_reason in update:
                 if choice in self.unfinished:
-                    moved.append((choice, event.token, event.finish_reason))
-                    if event.finish_reason is not None:
+                    moved.append((choice, token, finish_reason))
+                    if finish_reason is not None:
                         self.unfinished.discard(choice)
             if moved:
                 return moved

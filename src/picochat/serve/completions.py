@@ -7,13 +7,15 @@ whole characters, cut at the request's stop strings, and count usage. Streams ar
 events (`data: {json}`) ending with `data: [DONE]`.
 
 Replies are limited to the room left in the model's context: a max_tokens larger than that room
-ends the reply with finish_reason "length" when the context is full.
+ends the reply with finish_reason "length" when the context is full. Preparing a request takes
+time that grows with its text, so the server runs `chat_generation` and `text_generation` in a
+worker thread, and they refuse text too long for the context before tokenizing it (`least_tokens`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,15 +23,17 @@ from dataclasses import dataclass
 
 from picochat.chat import ConversationError, render_for_reply
 from picochat.engine import Sampling, context_room
-from picochat.serve.batcher import Submission
+from picochat.serve.batcher import RequestFailed, Submission
 from picochat.serve.schemas import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
 from picochat.serve.text import StopStrings, TextStream
+from picochat.tokenizer import SPECIAL_TOKENS
 
 DEFAULT_TEXT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 CHAT, TEXT = "chat", "text"
 
-# An assistant reply as this server returns it when the model used the calculator.
-_TOOL_MARKUP = re.compile(r"(.*?)<\|tool_call\|>(.*?)<\|/tool_call\|><\|tool_result\|>(.*?)<\|/tool_result\|>", re.S)
+# An assistant reply as this server returns it when the model used the calculator:
+# text <|tool_call|>expression<|/tool_call|><|tool_result|>result<|/tool_result|> text ...
+_CALL, _CALL_END_RESULT, _RESULT_END = "<|tool_call|>", "<|/tool_call|><|tool_result|>", "<|/tool_result|>"
 
 
 @dataclass
@@ -62,16 +66,45 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
 
 
 def _split_tool_markup(content: str) -> list[dict]:
+    """Each complete call with its result becomes an assistant message and a tool message. One
+    left-to-right scan: a regular expression for this backtracked in time cubic in the text."""
     messages, end = [], 0
-    for match in _TOOL_MARKUP.finditer(content):
-        messages += [{"role": "assistant", "content": match[1], "tool_call": match[2]}, {"role": "tool", "content": match[3]}]
-        end = match.end()
+    while (call := content.find(_CALL, end)) >= 0:
+        call_end = content.find(_CALL_END_RESULT, call + len(_CALL))
+        result_end = content.find(_RESULT_END, call_end + len(_CALL_END_RESULT)) if call_end >= 0 else -1
+        if result_end < 0:
+            break
+        messages += [{"role": "assistant", "content": content[end:call], "tool_call": content[call + len(_CALL):call_end]},
+                     {"role": "tool", "content": content[call_end + len(_CALL_END_RESULT):result_end]}]
+        end = result_end + len(_RESULT_END)
     return messages + [{"role": "assistant", "content": content[end:]}]
 
 
+@functools.cache
+def _longest_token_bytes(tokenizer) -> int:
+    return max(len(tokenizer.token_bytes(i)) for i in range(len(SPECIAL_TOKENS), tokenizer.vocab_size))
+
+
+def least_tokens(texts: list[str], tokenizer) -> int:
+    """The fewest tokens these texts can be encoded into, counted without encoding them: a token
+    stands for at most as many bytes as the tokenizer's longest one."""
+    longest = _longest_token_bytes(tokenizer)
+    return sum(-(-len(text.encode("utf-8")) // longest) for text in texts)
+
+
+def least_conversation_tokens(messages: list[dict], tokenizer) -> int:
+    """The fewest tokens a conversation (in the chat protocol's form) renders into: its texts, and
+    at least one special token a message."""
+    return len(messages) + least_tokens([m.get(key) or "" for m in messages for key in ("content", "tool_call")], tokenizer)
+
+
 def chat_generation(request: ChatCompletionRequest, model_id: str, tokenizer, context: int, max_batch: int) -> Generation:
+    messages = conversation(request.messages)
+    at_least = least_conversation_tokens(messages, tokenizer)
+    if at_least >= context:
+        raise _no_room("messages", f"at least {at_least}", context)
     try:
-        prompt = render_for_reply(conversation(request.messages), tokenizer)
+        prompt = render_for_reply(messages, tokenizer)
     except ConversationError as error:
         raise APIError(400, str(error), param="messages") from None
     if request.max_completion_tokens is not None:
@@ -82,7 +115,11 @@ def chat_generation(request: ChatCompletionRequest, model_id: str, tokenizer, co
 
 
 def text_generation(request: CompletionRequest, model_id: str, tokenizer, context: int, max_batch: int) -> Generation:
-    prompt = [tokenizer.eot_id] + tokenizer.encode(request.text())
+    at_least = 1 + least_tokens([request.text()], tokenizer)
+    if at_least >= context:
+        raise _no_room("prompt", f"at least {at_least}", context)
+    # encode_batch releases the GIL while it works (encode does not): the event loop goes on meanwhile.
+    prompt = [tokenizer.eot_id] + tokenizer.encode_batch([request.text()])[0]
     limit = DEFAULT_TEXT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     return _generation(TEXT, request, model_id, prompt, "prompt", limit, "max_tokens", [tokenizer.eot_id], context, max_batch)
 
@@ -91,8 +128,7 @@ def _generation(kind: str, request: SamplingRequest, model_id: str, prompt: list
                 limit_param: str, stop_ids: list[int], context: int, max_batch: int) -> Generation:
     room = context_room(context, len(prompt))
     if room < 1:
-        raise APIError(400, f"the {prompt_param} take {len(prompt)} tokens; the model's context is {context} tokens, "
-                       "so no room is left for a reply", param=prompt_param, code="context_length_exceeded")
+        raise _no_room(prompt_param, str(len(prompt)), context)
     if limit is not None and limit >= context:
         raise APIError(400, f"{limit_param} must be between 1 and {context - 1} (the model's context is {context} tokens), got {limit}",
                        param=limit_param)
@@ -111,6 +147,11 @@ def _generation(kind: str, request: SamplingRequest, model_id: str, prompt: list
     )
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Generation(kind, model_id, prompt, n, options, request.stop_strings(), bool(request.stream), include_usage)
+
+
+def _no_room(param: str, tokens: str, context: int) -> APIError:
+    return APIError(400, f"the {param} take {tokens} tokens; the model's context is {context} tokens, so no room is left "
+                    "for a reply", param=param, code="context_length_exceeded")
 
 
 async def choice_texts(submission: Submission, tokenizer, stops: list[str], usage: dict) -> AsyncIterator[tuple[int, str, str | None]]:
@@ -203,6 +244,8 @@ async def sse_events(generation: Generation, submission: Submission, tokenizer) 
                     yield chunk([choice(index, None, finish_reason)])
         except ValueError as error:  # the engine refused the request after the stream had started
             yield _event(APIError(400, str(error)).body())
+        except RequestFailed as error:
+            yield _event(APIError(500, str(error), type="server_error").body())
         else:
             if generation.include_usage:
                 yield _event({"id": chunk_id, **_header(generation, chunk=True), "choices": [],

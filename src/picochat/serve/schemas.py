@@ -2,6 +2,7 @@
 
 Fields follow the OpenAI API (chat completions and legacy completions); fields the server does
 not use are ignored, as OpenAI-compatible servers do. A field sent as null means its default.
+Text must be Unicode: JSON can carry lone UTF-16 surrogates ("\ud800"), which no encoder takes.
 Extensions: `top_k` (sample among the k most likely tokens), `tool_call` on assistant messages
 (the chat protocol's calculator call), and the `/v1/tokenize` body for the token view.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 # torch.Generator.manual_seed accepts this range.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # each stop string is checked against the reply's end at every token
 
 
 class APIError(Exception):
@@ -29,15 +31,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _unicode(value):
+    """`value` (text, a list of texts or text parts, or None) if all its text is Unicode."""
+    texts = [value] if isinstance(value, str) else [getattr(v, "text", v) for v in value or []]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"holds a lone surrogate ({text[error.start]!r} at character {error.start}), which is "
+                             "not Unicode text") from None
+    return value
+
+
+UNICODE = AfterValidator(_unicode)
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    role: str
-    content: str | list[TextPart] | None = None
-    tool_call: str | None = None
+    role: Annotated[str, UNICODE]
+    content: Annotated[str | list[TextPart] | None, UNICODE] = None
+    tool_call: Annotated[str | None, UNICODE] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -49,14 +66,14 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
+Stop = Annotated[str | list[str] | None, UNICODE]
 Seed = Annotated[int | None, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
 class SamplingRequest(BaseModel):
     """What chat and text completions share."""
 
-    model: str
+    model: Annotated[str, UNICODE]
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None
     top_p: Annotated[float | None, Field(gt=0, le=1)] = None
     top_k: Annotated[int | None, Field(ge=1)] = None
@@ -69,9 +86,15 @@ class SamplingRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stops_not_empty(cls, stop):
-        if any(not s for s in ([stop] if isinstance(stop, str) else stop or [])):
+    def _stops_few_short_and_not_empty(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            longest = max(len(s) for s in stops)
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of {longest}")
         return stop
 
     def stop_strings(self) -> list[str]:
@@ -79,12 +102,21 @@ class SamplingRequest(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "demo-sft", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16},
+        {"model": "demo-sft", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+         "temperature": 0.7, "top_p": 0.9, "n": 2, "stop": ["\n"], "stream": True, "stream_options": {"include_usage": True}},
+    ]})
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "demo-base", "prompt": "The capital of", "max_tokens": 8, "temperature": 0, "stream": True}]})
+
+    prompt: Annotated[str | Annotated[list[str], Field(min_length=1, max_length=1)], UNICODE]
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -93,5 +125,8 @@ class CompletionRequest(SamplingRequest):
 class TokenizeRequest(BaseModel):
     """Either a conversation (rendered as the chat model sees it) or a document prompt."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "What is 2+2?"}]}, {"prompt": "The capital of"}]})
+
     messages: list[ChatMessage] | None = None
-    prompt: str | None = None
+    prompt: Annotated[str | None, UNICODE] = None

@@ -54,7 +54,7 @@ class StopStrings:
         if hits:
             self.stopped, self._held = True, ""
             return text[:min(hits)]
-        keep = max((n for s in self._stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        keep = max((_partial_match(text, s) for s in self._stops), default=0)
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
@@ -62,3 +62,13 @@ class StopStrings:
         """The held-back text, once the reply is over without a stop string."""
         text, self._held = self._held, ""
         return text
+
+
+def _partial_match(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that is the start of `stop` (shorter than all of it)."""
+    start = text.find(stop[0], max(0, len(text) - len(stop) + 1))
+    while start >= 0:
+        if stop.startswith(text[start:]):
+            return len(text) - start
+        start = text.find(stop[0], start + 1)
+    return 0

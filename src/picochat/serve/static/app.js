@@ -1,14 +1,26 @@
 // picochat web chat: streams replies from /v1/chat/completions and shows, beside the chat,
 // the conversation exactly as the model sees it (/v1/tokenize). Plain browser JavaScript.
+// Every request fits the model's context: max tokens defaults to half of it and is capped, when a
+// message is sent, at the room the conversation leaves (counted by /v1/tokenize); a conversation
+// that leaves none gets one notice instead of an error per message.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const SETTINGS = ["system", "temperature", "top-p", "max-tokens", "api-key"];
+const SETTINGS = ["system", "temperature", "top-p", "max-tokens"];  // kept in localStorage
+const KEY = "picochat.api-key";  // kept in sessionStorage: this tab only, gone when it closes
+const MAX_DEFAULT_REPLY = 1024;  // tokens: the default max tokens is half the context, at most this
+const CONTEXT_FULL = "context_length_exceeded";  // the server's error code
 
 let messages = [];      // the conversation: {role, content}
 let running = null;     // AbortController of the reply being streamed
 let draftTimer = null;
 let chatNumber = 0;     // bumped by "New chat", so a reply cut short by it is dropped
+let contexts = {};      // model id -> its context length in tokens (/v1/models)
+let tokenViews = 0;     // token view refreshes started, so that only the latest one is shown
+
+class ServerError extends Error {
+  constructor(message, code) { super(message); this.code = code; }
+}
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -17,12 +29,12 @@ function headers() {
   return h;
 }
 
-async function errorMessage(response) {
+async function serverError(response) {
   try {
     const body = await response.json();
-    return body.error ? body.error.message : JSON.stringify(body);
+    return body.error ? new ServerError(body.error.message, body.error.code) : new ServerError(JSON.stringify(body));
   } catch (e) {
-    return response.status + " " + response.statusText;
+    return new ServerError(response.status + " " + response.statusText);
   }
 }
 
@@ -63,18 +75,20 @@ async function send(text) {
   setStatus("thinking…");
   let reply = "", finish = null, usage = null;
   try {
+    const maxTokens = await replyLimit(conversation());
+    if (maxTokens === 0) throw new ServerError("", CONTEXT_FULL);
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: running.signal,
       body: JSON.stringify({
         model: $("model").value, messages: conversation(), stream: true,
         stream_options: { include_usage: true },
         temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-        max_tokens: Number($("max-tokens").value),
+        max_tokens: maxTokens,
       }),
     });
-    if (!response.ok) throw new Error(await errorMessage(response));
+    if (!response.ok) throw await serverError(response);
     await readEvents(response, (event) => {
-      if (event.error) throw new Error(event.error.message);
+      if (event.error) throw new ServerError(event.error.message, event.error.code);
       if (event.usage) usage = event.usage;
       for (const choice of event.choices) {
         if (choice.delta && choice.delta.content) {
@@ -93,7 +107,8 @@ async function send(text) {
       question.remove();
       messages.pop();   // the failed message leaves the conversation and goes back to the box
       $("input").value = text;
-      addBubble("error", error.message);
+      if (error.code === CONTEXT_FULL) showContextFull(true);
+      else addBubble("error", error.message);
       setStatus("");
       refreshTokens();
       return;
@@ -111,7 +126,40 @@ async function send(text) {
   note.textContent = finish === "length" ? "(cut: max tokens or the context ran out)" : finish === "stopped" ? "(stopped)" : "";
   bubble.appendChild(note);
   setStatus(usage ? `${usage.prompt_tokens} prompt tokens, ${usage.completion_tokens} reply tokens` : "");
+  if (usage && usage.prompt_tokens + usage.completion_tokens >= contextLength()) showContextFull(true);
   refreshTokens();
+}
+
+// --- the model's context --------------------------------------------------------------------
+function contextLength() { return contexts[$("model").value]; }
+
+function defaultMaxTokens(context) { return Math.min(MAX_DEFAULT_REPLY, Math.floor(context / 2)); }
+
+function showContextFull(full) { $("context-full").hidden = !full; }
+
+// The max tokens field of the chosen model: at most its context less one token, and half of it
+// unless the user has set another value.
+function applyModelLimits() {
+  const context = contextLength();
+  if (!context) return;
+  $("max-tokens").max = context - 1;
+  if (localStorage.getItem("picochat.max-tokens") === null) $("max-tokens").value = defaultMaxTokens(context);
+  showContextFull(false);
+}
+
+// The max_tokens to send with the conversation `all`: the setting, capped at the room that `all`
+// leaves in the model's context (0: none); undefined (the server's default, the room) when the
+// context is unknown.
+async function replyLimit(all) {
+  const context = contextLength();
+  if (!context) return undefined;
+  const setting = Math.floor(Number($("max-tokens").value));
+  const wanted = setting >= 1 ? setting : defaultMaxTokens(context);
+  const response = await fetch("/v1/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: all }) });
+  if (response.ok) return Math.max(0, Math.min(wanted, context - (await response.json()).count));
+  const error = await serverError(response);
+  if (error.code === CONTEXT_FULL) return 0;
+  throw error;
 }
 
 // Server-sent events: "data: {json}" blocks separated by blank lines, ending with "data: [DONE]".
@@ -141,6 +189,7 @@ function newChat() {
   if (running) running.abort();
   chatNumber += 1;
   messages = [];
+  showContextFull(false);
   $("messages").innerHTML = '<p id="empty-hint">New conversation.</p>';
   setStatus("");
   refreshTokens();
@@ -148,6 +197,7 @@ function newChat() {
 
 // --- the token view -------------------------------------------------------------------------
 async function refreshTokens() {
+  const mine = ++tokenViews;
   const draft = $("input").value.trim();
   const all = conversation(draft);
   if (all.length === 0 || all[all.length - 1].role === "system") {
@@ -155,11 +205,16 @@ async function refreshTokens() {
     return;
   }
   const response = await fetch("/v1/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: all }) });
-  if (!response.ok) {
-    $("token-count").textContent = await errorMessage(response);
+  const view = response.ok ? await response.json() : null;
+  if (mine !== tokenViews) return;  // a later refresh has started: this conversation is out of date
+  if (!view) {
+    showTokens({ tokens: [], count: 0, text: "" }, "");
+    $("token-count").textContent = (await serverError(response)).message;
     return;
   }
-  showTokens(await response.json(), draft ? " (with the message you are typing)" : "");
+  showTokens(view, draft ? " (with the message you are typing)" : "");
+  const context = contextLength();
+  if (context) $("max-tokens").max = Math.max(1, context - view.count);
 }
 
 function showTokens(view, note) {
@@ -187,7 +242,7 @@ function showTokens(view, note) {
 async function loadModels() {
   const response = await fetch("/v1/models", { headers: headers() });
   if (!response.ok) {
-    setStatus(await errorMessage(response) + (response.status === 401 ? " (enter the API key in Settings)" : ""));
+    setStatus((await serverError(response)).message + (response.status === 401 ? " (enter the API key in Settings)" : ""));
     return;
   }
   const select = $("model");
@@ -197,8 +252,10 @@ async function loadModels() {
     const option = document.createElement("option");
     option.value = option.textContent = model.id;
     select.appendChild(option);
+    contexts[model.id] = model.context_length;
   }
   if (current) select.value = current;
+  applyModelLimits();
   setStatus("");
 }
 
@@ -208,6 +265,9 @@ function restoreSettings() {
     if (saved !== null) $(id).value = saved;
     $(id).addEventListener("change", () => localStorage.setItem("picochat." + id, $(id).value));
   }
+  localStorage.removeItem(KEY);  // where earlier versions of this page kept it
+  $("api-key").value = sessionStorage.getItem(KEY) || "";
+  $("api-key").addEventListener("change", () => sessionStorage.setItem(KEY, $("api-key").value));
   for (const id of ["temperature", "top-p"]) {
     const show = () => { $(id + "-value").textContent = $(id).value; };
     $(id).addEventListener("input", show);
@@ -233,4 +293,5 @@ $("new-chat").addEventListener("click", newChat);
 $("show-ids").addEventListener("change", refreshTokens);
 $("system").addEventListener("change", refreshTokens);
 $("api-key").addEventListener("change", loadModels);
+$("model").addEventListener("change", () => { applyModelLimits(); refreshTokens(); });
 loadModels();
