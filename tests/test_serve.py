@@ -19,7 +19,8 @@ from picochat.checkpoint import save_model
 from picochat.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ContinuousBatch, GenerationError, Sampling, generate
 from picochat.model import ModelConfig, Transformer
 from picochat.serve.app import create_app, load_models
-from picochat.serve.text import StopStrings, TextStream
+from picochat.serve.text import StopStrings
+from picochat.tokenizer import TextStream
 from picochat.tokenizer import iter_text
 
 CONTEXT = 128

@@ -191,6 +191,14 @@ def to_text(messages: Sequence[Message], add_generation_prompt: bool = False) ->
 
 
 # --- parsing ----------------------------------------------------------------------------------------
+def token_view(messages: Sequence[dict], tokenizer) -> tuple[list[int], str]:
+    """A conversation as the model sees it now, (ids, protocol text): rendered whole when it ends with
+    an assistant reply, else with the `<|im_start|>assistant<|im_sep|>` that primes the next one."""
+    if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_call") is None:
+        return render(messages, tokenizer)[0], to_text(messages)
+    return render_for_reply(messages, tokenizer), to_text(messages, add_generation_prompt=True)
+
+
 def parse(ids: Sequence[int], tokenizer) -> list[Message]:
     """The messages of a rendered sequence (the inverse of `render`); ConversationError if malformed."""
     ids = list(ids)

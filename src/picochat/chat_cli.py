@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from picochat.chat import parse, render, render_for_reply
+from picochat.chat import parse, render_for_reply, token_view
 from picochat.engine import Sampling, context_room, stream
 from picochat.run import Run
 from picochat.tokenizer import Tokenizer, iter_text, render_pieces
@@ -55,12 +55,7 @@ class ChatSession:
 
     def token_view(self) -> str:
         """The conversation so far as the model sees it: coloured pieces, ids, count."""
-        if not self.messages:
-            ids = [self.tok.eot_id]
-        elif self.messages[-1]["role"] == "assistant":
-            ids = render(self.messages, self.tok)[0]
-        else:
-            ids = render_for_reply(self.messages, self.tok)
+        ids = token_view(self.messages, self.tok)[0] if self.messages else [self.tok.eot_id]
         return "\n".join([render_pieces(self.tok, ids, colour=sys.stdout.isatty()), str(ids), f"{len(ids)} tokens"])
 
 

@@ -170,21 +170,43 @@ class Tokenizer:
         return (n_bytes / n_tokens if n_tokens else float("nan")), n_bytes, n_tokens
 
 
-def iter_text(tok: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
-    """Turn a stream of token ids into a stream of text holding whole UTF-8 characters only.
+MAX_PENDING_TOKENS = 8  # bytes that never form a character are released after this many tokens
+
+
+class TextStream:
+    """Token ids pushed one at a time in, text made of whole UTF-8 characters out.
 
     A character can span tokens; text is held back while the decoded tail is an incomplete
-    character (U+FFFD) and released as soon as it completes.
-    """
-    pending: list[int] = []
+    character (U+FFFD) and released as soon as it completes."""
+
+    def __init__(self, tok: Tokenizer):
+        self._tok = tok
+        self._pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        """The text that this token completes ("" while a character is still incomplete)."""
+        self._pending.append(token_id)
+        text = self._tok.decode(self._pending)
+        if text.endswith("\ufffd") and len(self._pending) <= MAX_PENDING_TOKENS:
+            return ""
+        self._pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back, once no token will follow."""
+        text = self._tok.decode(self._pending) if self._pending else ""
+        self._pending = []
+        return text
+
+
+def iter_text(tok: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """A stream of token ids as a stream of text holding whole UTF-8 characters only (`TextStream`)."""
+    stream = TextStream(tok)
     for token_id in ids:
-        pending.append(token_id)
-        text = tok.decode(pending)
-        if not text.endswith("\ufffd") or len(pending) > 8:  # 8: give up on bytes that never form a character
+        if text := stream.push(token_id):
             yield text
-            pending = []
-    if pending:
-        yield tok.decode(pending)
+    if text := stream.flush():
+        yield text
 
 
 def _bytes_to_unicode() -> dict[int, str]:

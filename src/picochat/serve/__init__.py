@@ -4,6 +4,6 @@
     schemas.py      the request bodies the API accepts and its error type
     completions.py  chat and text completions: prompts, stop strings, usage, streamed events
     batcher.py      the worker thread that decodes every request of a model in continuous batches
-    text.py         token ids to whole UTF-8 characters, cut at stop strings
+    text.py         stop strings: cut the reply text where one appears
     static/         the web page (plain HTML, CSS and JavaScript; no build step, no network)
 """

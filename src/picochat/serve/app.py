@@ -31,7 +31,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from picochat.chat import ConversationError, render, render_for_reply, to_text
+from picochat.chat import ConversationError
+from picochat.chat import token_view as chat_token_view
 from picochat.checkpoint import load_model
 from picochat.run import STAGES, Run
 from picochat.serve.batcher import Batcher, Overloaded, RequestFailed
@@ -211,10 +212,7 @@ def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) 
         text = SPECIAL_TOKENS[tokenizer.eot_id] + request.prompt
     else:
         try:
-            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_call") is None:
-                ids, text = render(messages, tokenizer)[0], to_text(messages)
-            else:
-                ids, text = render_for_reply(messages, tokenizer), to_text(messages, add_generation_prompt=True)
+            ids, text = chat_token_view(messages, tokenizer)
         except ConversationError as error:
             raise APIError(400, str(error), param="messages") from None
     if len(ids) > max_tokens:

@@ -24,9 +24,15 @@ from dataclasses import dataclass
 from picochat.chat import ConversationError, render_for_reply
 from picochat.engine import Sampling, context_room
 from picochat.serve.batcher import RequestFailed, Submission
-from picochat.serve.schemas import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
-from picochat.serve.text import StopStrings, TextStream
-from picochat.tokenizer import SPECIAL_TOKENS
+from picochat.serve.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingRequest,
+)
+from picochat.serve.text import StopStrings
+from picochat.tokenizer import SPECIAL_TOKENS, TextStream
 
 DEFAULT_TEXT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 CHAT, TEXT = "chat", "text"

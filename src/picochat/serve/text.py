@@ -1,39 +1,11 @@
-"""From a stream of token ids to the text a client is sent: whole UTF-8 characters, cut at stop strings.
-
-`TextStream` is the push form of `picochat.tokenizer.iter_text` (tokens arrive one at a time from
-the batcher, so the pull-based generator cannot wait for them): text is held back while the
-decoded tail is an incomplete character and released once it completes. `StopStrings` holds back
-text that might be the start of a stop string and cuts the reply where one appears.
+"""The text a client is sent, cut at stop strings: `StopStrings` holds back text that might be the
+start of a stop string and cuts the reply where one appears. (Token ids become whole UTF-8
+characters in `picochat.tokenizer.TextStream`.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-MAX_PENDING_TOKENS = 8  # as iter_text: bytes that never form a character are released anyway
-
-
-class TextStream:
-    """Decodes token ids pushed one by one into text made of whole characters."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self._pending: list[int] = []
-
-    def push(self, token_id: int) -> str:
-        """The text that this token completes ("" while a character is still incomplete)."""
-        self._pending.append(token_id)
-        text = self._tokenizer.decode(self._pending)
-        if text.endswith("\ufffd") and len(self._pending) <= MAX_PENDING_TOKENS:
-            return ""
-        self._pending = []
-        return text
-
-    def flush(self) -> str:
-        """Whatever is still held back, once no token will follow."""
-        text = self._tokenizer.decode(self._pending) if self._pending else ""
-        self._pending = []
-        return text
 
 
 class StopStrings:
