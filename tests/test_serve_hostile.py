@@ -14,7 +14,6 @@ import torch
 import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from starlette.testclient import TestClient
 
 import picochat.serve.app

@@ -11,7 +11,8 @@ disconnects) cancels its sequences, which frees their rows at the next step.
 A step that fails (a sampling error, out of memory) loses the batch's state. The worker then
 decodes each request of that batch alone for one step: those that fail again end with
 `RequestFailed`, the others resume in a new batch from the tokens they have (re-prefilled; a
-seeded request's random stream restarts there). When none fails alone, they all end with it.
+seeded request's random stream restarts there, and one cut in the middle of a calculator result
+samples the rest of it). When none fails alone, they all end with it.
 """
 
 from __future__ import annotations
