@@ -205,6 +205,19 @@ def rl_run(tiny_run, tmp_path_factory):
     return run
 
 
+def dies_in_step_three(cfg: RLConfig):
+    """odd_length_reward that raises KeyboardInterrupt (a kill) once step three starts rewarding."""
+    calls = []
+
+    def reward(text, problem):
+        calls.append(1)
+        if len(calls) > 2 * cfg.problems_per_step * cfg.group_size:
+            raise KeyboardInterrupt
+        return odd_length_reward(text, problem)
+
+    return reward
+
+
 def copy_run(rl_run, tmp_path, name):
     import shutil
 
@@ -226,16 +239,8 @@ def test_rl_run_writes_the_stage_and_a_killed_run_resumes_to_the_same_weights(rl
     assert any(not torch.equal(start[name], final[name]) for name in start)  # it learned something
 
     killed = copy_run(rl_run, tmp_path, "killed")
-    calls = []
-
-    def dies_in_step_three(text, problem):
-        calls.append(1)
-        if len(calls) > 2 * TINY_RL.problems_per_step * TINY_RL.group_size:
-            raise KeyboardInterrupt
-        return odd_length_reward(text, problem)
-
     with pytest.raises(KeyboardInterrupt):
-        run_rl(killed, cfg=TINY_RL, device="cpu", reward_fn=dies_in_step_three)
+        run_rl(killed, cfg=TINY_RL, device="cpu", reward_fn=dies_in_step_three(TINY_RL))
     assert latest_checkpoint(killed / "rl").name == "step-000002" and not (killed / "rl" / "done.json").exists()
     with pytest.raises(TrainingError, match="--resume"):
         run_rl(killed, cfg=TINY_RL, device="cpu", reward_fn=odd_length_reward)
@@ -260,16 +265,8 @@ def test_replay_adds_the_sft_loss_and_a_killed_run_resumes_to_the_same_weights(r
     assert any(not torch.equal(final[name], plain[name]) for name in final)
 
     killed = copy_run(rl_run, tmp_path, "killed")
-    calls = []
-
-    def dies_in_step_three(text, problem):
-        calls.append(1)
-        if len(calls) > 2 * cfg.problems_per_step * cfg.group_size:
-            raise KeyboardInterrupt
-        return odd_length_reward(text, problem)
-
     with pytest.raises(KeyboardInterrupt):
-        run_rl(killed, cfg=cfg, device="cpu", reward_fn=dies_in_step_three)
+        run_rl(killed, cfg=cfg, device="cpu", reward_fn=dies_in_step_three(cfg))
     run_rl(killed, cfg=cfg, device="cpu", reward_fn=odd_length_reward, resume=True)
     resumed = load_file(str(killed / "rl" / "model.safetensors"))
     for name in final:  # the replayed rows continue where the checkpoint left them

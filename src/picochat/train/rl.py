@@ -318,7 +318,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
     cfg = cfg or get_preset(preset).rl
     check_config(cfg)
     init = Path(init) if init else run.stage("sft")
-    problems = [str(spec) for spec in problems] if problems else run.world_rl_problems
+    specs = [str(spec) for spec in problems] if problems else run.world_rl_problems
     heldout_path = Path(heldout_path) if heldout_path else run.eval_problems
     rt = setup_runtime(device, join_group)
     try:
@@ -326,7 +326,6 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
             raise TrainingError("rl runs in one process; start it without torchrun")
         tok = Tokenizer.load(run.tokenizer)
         model, _ = load_model(init, rt.device)
-        specs = problems
         problems, prompts, too_long = training_problems(tok, specs, model.config.max_seq_len, cfg.seed)
         heldout = read_problems(heldout_path)[: cfg.eval_problems] if cfg.eval_problems else []
         reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
