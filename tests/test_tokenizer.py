@@ -55,11 +55,11 @@ def test_load_rejects_bad_files(tmp_path):
 
 
 def test_a_number_keeps_its_leading_space():
-    # " 12" is one pre-token (unlike GPT-4's " " + "12"), so copying a number from a question into
-    # the working is the same token in both places, which a tiny model learns far sooner.
+    # " 12" is one pre-token (GPT-2's split; GPT-4's gives " " + "12"), so copying a number from a
+    # question into the working is the same token in both places, which a tiny model learns far sooner.
     tok = Tokenizer.train(["Drava buys 12 pears for 3 dollars. 12 * 3 = 36.\n" * 50], vocab_size=300)
     pieces = [piece for piece, _ in tok._special.pre_tokenizer.pre_tokenize_str("buys 12 pears, 1234 = 36")]
-    assert pieces == ["buys", "Ġ" + "12", "Ġpears", ",", "Ġ" + "123", "4", "Ġ=", "Ġ" + "36"]
+    assert pieces == ["buys", "Ġ" + "12", "Ġpears", ",", "Ġ" + "1234", "Ġ=", "Ġ" + "36"]
     assert tok.decode(tok.encode(" 12")) == " 12" and len(tok.encode(" 12")) == 1
 
 

@@ -1,4 +1,4 @@
-"""The tokenizer: byte-level BPE with a GPT-4-style split pattern and reserved special tokens.
+"""The tokenizer: byte-level BPE with GPT-2's split pattern and reserved special tokens.
 
 Training and encoding go through Hugging Face `tokenizers` (Rust); the result is a standard
 `tokenizer.json`. Special tokens have fixed ids 0..8 whatever the vocabulary size, and are never
@@ -43,13 +43,15 @@ SPECIAL_TOKENS = [
 EOT_ID, IM_START_ID, IM_SEP_ID, IM_END_ID, TOOL_CALL_ID, TOOL_CALL_END_ID, TOOL_RESULT_ID, TOOL_RESULT_END_ID, PAD_ID = \
     range(len(SPECIAL_TOKENS))
 
-# GPT-4's (cl100k) pre-tokenization pattern (words, numbers of up to 3 digits, punctuation runs,
-# spaces) with one change: a number keeps the space before it, " 12" rather than " " + "12". Copying a
-# number from a question into the working is then the token that followed the same word before, a
-# plain induction pattern; with the lone " " a tiny model copied numbers far worse (BENCHMARKS.md).
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+| ?\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
+# GPT-2's pre-tokenization pattern: words with the space before them, numbers with theirs, runs of
+# punctuation, spaces. A number keeps its space (" 12", not " " + "12"): copying a number from a
+# question into the working is then the token that followed the same word before, a plain induction
+# pattern that doubled a tiny model's word-problem accuracy (BENCHMARKS.md). GPT-4's pattern, which
+# splits numbers off their space, was picochat's base until it chose GPT-2's because llama.cpp
+# implements this split by name (`tokenizer.ggml.pre = "gpt-2"`), so a GGUF export runs in stock
+# llama.cpp, Ollama and LM Studio (BENCHMARKS.md, "The split llama.cpp knows").
+SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GGUF_PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for SPLIT_PATTERN (llama-vocab.cpp)
 
 # Long documents are cut into pieces for training: merges are local, and this bounds memory.
 TRAIN_CHUNK_CHARS = 10_000
@@ -252,7 +254,7 @@ def limit_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 def register_cli(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="<action>", required=True)
 
-    p = sub.add_parser("train", help="train a BPE tokenizer on documents", description="Train a byte-level BPE tokenizer (GPT-4-style split pattern, reserved special tokens) on documents and save tokenizer.json.")
+    p = sub.add_parser("train", help="train a BPE tokenizer on documents", description="Train a byte-level BPE tokenizer (GPT-2's split pattern, reserved special tokens) on documents and save tokenizer.json.")
     p.add_argument("--input", nargs="+", required=True, help="files or folders of documents (.txt, .jsonl, .parquet, optionally .gz)")
     p.add_argument("--out", required=True, help="output folder (tokenizer.json is written there)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size including the special tokens (default 8192)")
