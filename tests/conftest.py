@@ -1,4 +1,5 @@
-"""Shared test fixtures: the real-data folder beside the repository and a small trained tokenizer."""
+"""Shared test fixtures: the real-data folder beside the repository, a small trained tokenizer, a tiny
+trained model for the export tests."""
 
 from pathlib import Path
 
@@ -11,6 +12,38 @@ SAMPLE_TEXT = (
     "Dear Mira, I bought 3 apples and 2 oranges; each apple cost $2. Ünïcödé, 日本語, emoji 🎉.\n"
     "def f(x):\n    return x ** 2  # code too\n"
 ) * 20
+
+
+def arithmetic_chats() -> list[list[dict]]:
+    return [[{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": f"{a}+{b} = {a + b}"}]
+            for a in range(4) for b in range(4)]
+
+
+def trained_tiny_model(tok, tie: bool):
+    """A 2-layer Transformer trained for a few steps on documents and chats, so its greedy output
+    varies and its norms move away from 1 (a misapplied norm would show)."""
+    import torch
+
+    from picochat.chat import render
+    from picochat.model import IGNORE_INDEX, ModelConfig, Transformer
+
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
+                         head_dim=16, max_seq_len=96, tie_embeddings=tie)
+    model = Transformer(config)
+    model.init_weights(seed=1)
+    seq_len = 32
+    doc = [tok.eot_id] + tok.encode(SAMPLE_TEXT)
+    rows = [render(chat, tok)[0] for chat in arithmetic_chats()]
+    rows += [doc[i:i + seq_len + 1] for i in range(0, 12 * seq_len, seq_len)]
+    data = torch.tensor([(row + [tok.pad_id] * seq_len)[:seq_len + 1] for row in rows])
+    targets = data[:, 1:].masked_fill(data[:, 1:] == tok.pad_id, IGNORE_INDEX)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(20):
+        loss = model(data[:, :-1], targets=targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 def shared_data(*parts: str) -> Path:

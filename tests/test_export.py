@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT, shared_data, trained_tiny_model
 from safetensors.torch import load_file, save_file
 
 from picochat.chat import CHAT_TEMPLATE, render, render_for_reply
@@ -14,10 +15,8 @@ from picochat.checkpoint import load_model, save_model
 from picochat.cli import main as cli_main
 from picochat.engine import Sampling, generate
 from picochat.hf import ExportError, HFImportError, export_hf, import_hf
-from picochat.model import IGNORE_INDEX, ModelConfig, Transformer
+from picochat.model import ModelConfig, Transformer
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-
-from conftest import SAMPLE_TEXT, shared_data
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,33 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def arithmetic_chats() -> list[list[dict]]:
-    return [[{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": f"{a}+{b} = {a + b}"}]
-            for a in range(4) for b in range(4)]
-
-
-def trained_tiny_model(tok: Tokenizer, tie: bool) -> Transformer:
-    """A 2-layer model trained for a few steps on documents and chats, so its greedy output varies
-    and its norms move away from 1 (a misapplied norm would show)."""
-    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
-                         head_dim=16, max_seq_len=96, tie_embeddings=tie)
-    model = Transformer(config)
-    model.init_weights(seed=1)
-    seq_len = 32
-    doc = [tok.eot_id] + tok.encode(SAMPLE_TEXT)
-    rows = [render(chat, tok)[0] for chat in arithmetic_chats()]
-    rows += [doc[i:i + seq_len + 1] for i in range(0, 12 * seq_len, seq_len)]
-    data = torch.tensor([(row + [tok.pad_id] * seq_len)[:seq_len + 1] for row in rows])
-    targets = data[:, 1:].masked_fill(data[:, 1:] == tok.pad_id, IGNORE_INDEX)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    for _ in range(20):
-        loss = model(data[:, :-1], targets=targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
@@ -307,7 +279,8 @@ def test_import_refuses_malformed_folders(break_it, message, hf_folder, tmp_path
 
 
 def test_import_refuses_a_tokenizer_without_picochats_special_tokens(hf_folder, tmp_path):
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
 
     foreign = HFTokenizer(models.BPE())
     foreign.pre_tokenizer = pre_tokenizers.ByteLevel()

@@ -5,8 +5,8 @@ same names either way. What this module maps is written once, each direction bes
 the config (`config_to_hf` / `config_from_hf`), the tied output head (`hf_tensors`), and the
 special tokens, which must sit at picochat's ids 0..8 on both sides.
 
-Export writes a folder that loads in transformers (`AutoModelForCausalLM`, `AutoTokenizer`) with no
-custom code, and in vLLM and llama.cpp's converter:
+Export writes a folder that loads in transformers (`AutoModelForCausalLM`, `AutoTokenizer`) and vLLM
+with no custom code (for llama.cpp, `picochat.gguf_export` writes a GGUF file directly):
 
     config.json              Qwen3Config fields, dtype, bos/eos/pad token ids
     model.safetensors        the weights (with tied embeddings, lm_head.weight is left out, as Qwen3 expects)
@@ -218,13 +218,9 @@ def write_hf_folder(folder: Path, model: Transformer, tok: Tokenizer, dtype: str
     atomic_write_bytes(folder / "chat_template.jinja", CHAT_TEMPLATE.encode())
 
 
-def export_hf(run_dir: Path, out_dir: Path, stage: str | None = None, dtype: str = "float32", force: bool = False) -> Path:
-    """Export `<run_dir>/<stage>` (default: the most advanced finished stage) to `out_dir`; returns out_dir."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
+def load_for_export(run_dir: Path, stage: str | None = None) -> tuple[Transformer, Tokenizer, Path]:
+    """The model of `<run_dir>/<stage>` (default: the most advanced finished stage), its tokenizer and
+    the stage folder, checked to belong together; ExportError naming the file when they do not."""
     run = Run(run_dir)
     stage_dir = run.find_stage(stage)
     model, meta = load_model(stage_dir)
@@ -238,6 +234,18 @@ def export_hf(run_dir: Path, out_dir: Path, stage: str | None = None, dtype: str
     if tok.vocab_size > model.config.vocab_size:
         raise ExportError(f"{run_dir / 'tokenizer'}: {tok.vocab_size} tokens, more than the "
                           f"{model.config.vocab_size} embeddings of the model in {stage_dir}")
+    return model, tok, stage_dir
+
+
+def export_hf(run_dir: Path, out_dir: Path, stage: str | None = None, dtype: str = "float32", force: bool = False) -> Path:
+    """Export `<run_dir>/<stage>` (default: the most advanced finished stage) to `out_dir`; returns out_dir."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)} for a Hugging Face folder, got {dtype!r}"
+                          + (" (q8_0 is for --format gguf)" if dtype == "q8_0" else ""))
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir}: already exists; choose another --out or pass --force to replace it")
+    model, tok, _ = load_for_export(run_dir, stage)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
@@ -376,13 +384,18 @@ def import_hf(hf_dir: Path, run_dir: Path, stage: str = "sft", force: bool = Fal
 
 # --- CLI: `picochat export` and `picochat import` --------------------------------------------------
 def register_export_cli(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Export a checkpoint as a Hugging Face Qwen3ForCausalLM folder that transformers, "
-                          "vLLM and llama.cpp's convert_hf_to_gguf.py load with no custom code.")
+    parser.description = ("Export a checkpoint as a Hugging Face Qwen3ForCausalLM folder that transformers and vLLM "
+                          "load with no custom code (--format hf), or as one GGUF file that stock llama.cpp, "
+                          "Ollama and LM Studio run (--format gguf).")
     parser.add_argument("--run", required=True, help="run folder (holds tokenizer/ and the stages, e.g. runs/demo)")
     parser.add_argument("--stage", default=None, help="base, sft or rl (default: the most advanced finished stage)")
-    parser.add_argument("--out", required=True, help="destination folder (must not exist unless --force)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                        help="dtype of the exported weights (default float32, exact; bfloat16 halves the size)")
+    parser.add_argument("--format", default="hf", choices=("hf", "gguf"),
+                        help="hf: a Hugging Face folder (default); gguf: a single .gguf file for llama.cpp")
+    parser.add_argument("--out", required=True,
+                        help="destination: a folder for hf, a file such as demo.gguf for gguf (must not exist unless --force)")
+    parser.add_argument("--dtype", default="float32", choices=[*DTYPES, "q8_0"],
+                        help="dtype of the exported weights (default float32, exact; bfloat16 halves the size; "
+                             "q8_0, 8-bit blocks, quarters it: gguf only)")
     parser.add_argument("--force", action="store_true", help="replace --out if it already exists")
     parser.set_defaults(func=_export_cmd)
 
@@ -399,6 +412,13 @@ def register_import_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_cmd(args) -> None:
+    if args.format == "gguf":
+        from picochat.gguf_export import export_gguf  # imports the gguf package only when asked
+
+        out = export_gguf(Path(args.run), Path(args.out), args.stage, args.dtype, args.force)
+        print(f"export: {args.run} -> {out} (GGUF, qwen3, {args.dtype}); run it with `llama-server -m {out} --jinja` "
+              f"or `llama-cli -m {out} -cnv`")
+        return
     out = export_hf(Path(args.run), Path(args.out), args.stage, args.dtype, args.force)
     print(f"export: {args.run} -> {out} (Qwen3ForCausalLM, {args.dtype}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or `vllm serve {out}`")

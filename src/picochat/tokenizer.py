@@ -124,6 +124,10 @@ class Tokenizer:
         atomic_write_text(path, self._special.to_str(pretty=True))
         return path
 
+    def as_json(self) -> dict:
+        """The tokenizer.json contents: model (vocab, merges), pre-tokenizer, decoder, added tokens."""
+        return json.loads(self._special.to_str())
+
     # --- encoding -----------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         hf = self._special if allow_special else self._plain
