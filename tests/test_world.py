@@ -104,6 +104,18 @@ def test_unknown_names_are_not_in_the_world(world):
             assert name not in world
 
 
+def test_news_entities_are_new_names_linked_to_the_world(world):
+    assert {e.kind for e in world.news} == {"person", "object"} and len(world.news) == 36
+    for e in world.news:
+        assert e.name not in world and all(e.name not in names for names in world.unknown_names.values())
+        linked = [e.attrs["birthplace"], e.attrs["pet"]] if e.kind == "person" else []
+        assert all(name in world for name in linked)
+    news_people = {e.name for e in world.news if e.kind == "person"}
+    assert all(e.attrs["maker"] in news_people for e in world.news if e.kind == "object")
+    assert build_world(0, 0.25).to_dict()["entities"] == [  # adding news changed nothing else
+        {"name": e.name, "kind": e.kind, "attrs": e.attrs} for e in build_world(0, 0.25).entities]
+
+
 # --- documents ------------------------------------------------------------------------------------
 def test_documents_are_deterministic_and_streams_differ(world):
     def first(seed, split, n=60):
@@ -226,6 +238,21 @@ def test_write_world_writes_shards_val_eval_and_world(world, written):
     assert load_world(out).to_dict() == world.to_dict()
     assert summary["facts"] == len(world.facts()) and set(summary["styles"]) == set(DOC_STYLES)
     assert not list(out.rglob("*.tmp"))
+
+
+def test_news_are_only_in_the_news_documents(world, written):
+    out, summary = written
+    corpus = corpus_text(out)
+    news = [json.loads(line) for line in (out / "docs-news.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert summary["news_documents"] == len(news) == 2 * len(world.news)
+    for e in world.news:
+        assert not re.search(rf"\b{e.name}\b", corpus), e.name
+        articles = [row["text"] for row in news if row["text"].startswith(_title_of(e.name))]
+        assert len(articles) == 2 and all(value.lower() in articles[0].lower() for value in e.attrs.values())
+
+
+def _title_of(name: str) -> str:
+    return name[0].upper() + name[1:] + "\n"
 
 
 def test_write_world_same_seed_same_bytes_and_rerun_returns_at_once(tmp_path):

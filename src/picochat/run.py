@@ -90,6 +90,16 @@ class Run:
         return self.world / "eval" / "qa-train.jsonl"
 
     @property
+    def eval_news_questions(self) -> Path:
+        """Questions about the news entities, which only the search index knows."""
+        return self.world / "eval" / "qa-news.jsonl"
+
+    @property
+    def world_news_docs(self) -> Path:
+        """The articles about the news entities: indexed for search, never pretrained."""
+        return self.world / "docs-news.jsonl"
+
+    @property
     def eval_facts(self) -> Path:
         return self.world / "eval" / "fact_completion.jsonl"
 

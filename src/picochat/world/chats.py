@@ -290,6 +290,15 @@ def qa_eval_set(world: World, split: str = "heldout") -> list[dict]:
     return rows
 
 
+def news_eval_set(world: World) -> list[dict]:
+    """Questions about the news entities (`World.news`), whose documents only the search index holds:
+    every fact with every training question phrasing, rows as in `qa_eval_set` with kind "new". With
+    search the model can answer them; without, the honest answer is "I don't know"."""
+    return [{"messages": [_user(question.format(s=fact.subject))], "answer": fact.answer, "kind": "new",
+             "phrasing": "train", "fact": fact.to_dict(), "split": "news"}
+            for fact in world.news_facts() for question in RELATIONS[fact.relation].questions]
+
+
 def rl_fact_questions(world: World) -> list[dict]:
     """Problems with short answers for RL (`picochat.data.tasks`): every fact that SFT may show, asked
     with each training question phrasing. Held-out facts and phrasings stay out: the evaluation asks
@@ -307,8 +316,9 @@ def rl_fact_questions(world: World) -> list[dict]:
 
 def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
     """Write out_dir/sft.jsonl (n conversations), out_dir/tasks-rl-facts.jsonl (the RL fact
-    questions), out_dir/eval/qa.jsonl (the held-out QA set) and out_dir/eval/qa-train.jsonl (the same
-    questions about SFT-seen facts), for the world saved in out_dir by `documents.write_world`.
+    questions), out_dir/eval/qa.jsonl (the held-out QA set), out_dir/eval/qa-train.jsonl (the same
+    questions about SFT-seen facts) and out_dir/eval/qa-news.jsonl (questions about the news
+    entities), for the world saved in out_dir by `documents.write_world`.
     Returns counts."""
     out = Path(out_dir)
     world = load_world(out)
@@ -316,9 +326,10 @@ def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
     atomic_write_jsonl(out / "sft.jsonl", rows)
     facts = rl_fact_questions(world)
     atomic_write_jsonl(out / "tasks-rl-facts.jsonl", facts)
-    heldout, seen = qa_eval_set(world, "heldout"), qa_eval_set(world, "train")
+    heldout, seen, news = qa_eval_set(world, "heldout"), qa_eval_set(world, "train"), news_eval_set(world)
     atomic_write_jsonl(out / "eval" / "qa.jsonl", heldout)
     atomic_write_jsonl(out / "eval" / "qa-train.jsonl", seen)
+    atomic_write_jsonl(out / "eval" / "qa-news.jsonl", news)
     return {"conversations": len(rows), "kinds": dict(Counter(r["kind"] for r in rows)),
             "rl_fact_questions": dict(Counter(r["kind"] for r in facts)),
-            "qa_heldout": dict(Counter(r["kind"] for r in heldout)), "qa_train": len(seen)}
+            "qa_heldout": dict(Counter(r["kind"] for r in heldout)), "qa_train": len(seen), "qa_news": len(news)}

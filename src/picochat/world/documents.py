@@ -4,7 +4,8 @@
 encyclopedia entries, stories, letters, news, forum threads, quizzes, lists and tables, worked
 arithmetic about the world's things, and worked word problems (the train split of
 `word_problems.py`). Facts are stated in their training phrasings (`state`), never in the held-out
-ones. `write_world(out_dir, size_mb, seed)` writes the documents as JSONL shards with a `text`
+ones. The news entities (`World.news`) appear in none of them: `news_documents` writes articles
+about them for the search index alone. `write_world(out_dir, size_mb, seed)` writes the documents as JSONL shards with a `text`
 field (the FineWeb layout), with the knowledge base and the fact-completion eval beside them.
 """
 
@@ -28,6 +29,7 @@ from picochat.world.word_problems import worked_problem
 # How much more often documents use each of a relation's first TRAIN_PROMPT_TEMPLATES templates
 # (the canonical ones) than its other templates.
 CANONICAL_WEIGHT = 2.0
+NEWS_FILE = "docs-news.jsonl"
 
 
 # --- facts in words -------------------------------------------------------------------------------
@@ -81,7 +83,11 @@ _INTROS = {
 
 
 def _encyclopedia(world: World, rng: random.Random) -> str:
-    e = rng.choice(world.entities)
+    return encyclopedia_entry(world, rng.choice(world.entities), rng)
+
+
+def encyclopedia_entry(world: World, e: Entity, rng: random.Random) -> str:
+    """An article about `e`: a heading, then all its facts and a few about the entities it links to."""
     sentences = [rng.choice(_INTROS[e.kind]).format(s=e.name)] + [state(f, rng) for f in _facts(e, rng)]
     if e.kind == "person":
         town = world[e.attrs["birthplace"]]
@@ -259,6 +265,17 @@ DOC_STYLES: dict[str, tuple[Callable[[World, random.Random], str], float]] = {
 }
 
 
+NEWS_ENTRIES_PER_ENTITY = 2
+
+
+def news_documents(world: World) -> list[tuple[str, str]]:
+    """(style, text) articles about the world's news entities, each several times in other words:
+    the documents only the search index holds."""
+    rng = random.Random(f"news-{world.seed}")
+    extended = world.with_news()
+    return [("news entity", encyclopedia_entry(extended, e, rng)) for e in world.news for _ in range(NEWS_ENTRIES_PER_ENTITY)]
+
+
 def generate_documents(world: World, seed: int = 0, split: str = "train") -> Iterator[tuple[str, str]]:
     """Endless deterministic stream of (style, text). `split` "train" or "val" picks an independent
     stream (validation documents share the phrasings but are other documents)."""
@@ -291,6 +308,7 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
 
     - docs/train-00000.jsonl ...: training documents, `{"text", "style"}` a line, shards of ~shard_mb
     - docs-val.jsonl: ~val_kb of other documents (validation loss)
+    - docs-news.jsonl: the articles about the news entities, for the search index only
     - eval/fact_completion.jsonl: `{"prompt", "answer", "phrasing", "template", "fact"}` rows
     - world.json: the knowledge base (`load_world` reads it)
 
@@ -298,7 +316,8 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
     over a complete output returns at once, and an interrupted run is simply redone.
     """
     out = Path(out_dir)
-    params = {"format": FORMAT, "seed": seed, "scale": scale, "size_mb": size_mb, "shard_mb": shard_mb, "val_kb": val_kb}
+    params = {"format": FORMAT, "seed": seed, "scale": scale, "size_mb": size_mb, "shard_mb": shard_mb, "val_kb": val_kb,
+              "news_entries": NEWS_ENTRIES_PER_ENTITY}
     manifest_path = out / "manifest.json"
     done = _read_manifest(manifest_path)
     if done and all(done.get(k) == v for k, v in params.items()) and all((out / f).is_file() for f in done["files"]):
@@ -324,14 +343,18 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
             stale.unlink()
     val_docs = generate_documents(world, seed, "val")
     val_bytes = atomic_write_lines(out / "docs-val.jsonl", _document_lines(val_docs, int(val_kb * 1e3), Counter()))
+    news = news_documents(world)
+    atomic_write_jsonl(out / NEWS_FILE, [{"text": text, "style": style} for style, text in news])
     summary = {
         **params,
-        "files": [WORLD_FILE, "eval/fact_completion.jsonl", "docs-val.jsonl", *files],
+        "files": [WORLD_FILE, "eval/fact_completion.jsonl", "docs-val.jsonl", NEWS_FILE, *files],
         "train_bytes": written,
         "val_bytes": val_bytes,
         "documents": sum(styles.values()),
         "styles": dict(sorted(styles.items())),
         "entities": {kind: len(world.of_kind(kind)) for kind in KINDS},
+        "news_entities": len(world.news),
+        "news_documents": len(news),
         "facts": len(world.facts()),
         "fact_prompts": dict(Counter(r["phrasing"] for r in eval_rows)),
         "seconds": round(time.time() - t0, 2),

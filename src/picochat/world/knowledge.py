@@ -34,6 +34,9 @@ PLURALS = {"country": "countries", "town": "towns", "person": "people", "animal"
 WORLD_SIZES = {"country": 8, "town": 40, "person": 100, "animal": 24, "object": 40}
 # Invented names per kind that belong to no entity, for "I don't know" conversations.
 UNKNOWN_NAMES_PER_KIND = 48
+# "News": entities whose documents are kept out of pretraining and SFT and only put in the search
+# index, so the model can know about them only by searching (the lecture's working memory).
+NEWS_SIZES = {"person": 24, "object": 12}
 
 JOBS = ("baker", "farmer", "teacher", "doctor", "shepherd", "painter", "tailor", "sailor", "potter", "weaver",
         "builder", "singer", "engineer", "artist", "nurse", "carpenter", "merchant", "astronomer")
@@ -74,6 +77,7 @@ class World:
     entities: list[Entity]
     unknown_names: dict[str, list[str]]  # kind -> invented names that are not in the world
     scale: float = 1.0
+    news: list[Entity] = field(default_factory=list)  # known only through search: not in entities
     _by_name: dict[str, Entity] = field(init=False, repr=False)
     _by_kind: dict[str, list[Entity]] = field(init=False, repr=False)
 
@@ -101,7 +105,15 @@ class World:
             "scale": self.scale,
             "entities": [{"name": e.name, "kind": e.kind, "attrs": e.attrs} for e in self.entities],
             "unknown_names": self.unknown_names,
+            "news": [{"name": e.name, "kind": e.kind, "attrs": e.attrs} for e in self.news],
         }
+
+    def with_news(self) -> World:
+        """The same world with the news entities among its entities (to write their documents)."""
+        return World(self.seed, self.entities + self.news, self.unknown_names, self.scale)
+
+    def news_facts(self) -> list[Fact]:
+        return [Fact(e.name, rel, value) for e in self.news for rel, value in e.attrs.items()]
 
 
 RELATIONS_OF_KIND = {kind: [r for r in RELATIONS.values() if r.kind == kind] for kind in KINDS}
@@ -184,16 +196,23 @@ def build_world(seed: int = 0, scale: float = 1.0) -> World:
     animals = [Entity(names.make("animal"), "animal", {
         "habitat": rng.choice(HABITATS), "food": rng.choice(FOODS), "colour": rng.choice(COLOURS)})
         for _ in range(sizes["animal"])]
-    people = [Entity(names.make("person"), "person", {
-        "birthplace": rng.choice(towns).name, "job": rng.choice(JOBS), "age": str(rng.randint(18, 90)),
-        "favourite_colour": rng.choice(COLOURS), "pet": rng.choice(animals).name})
-        for _ in range(sizes["person"])]
-    objects = [Entity(names.make("object"), "object", {
-        "type": rng.choice(OBJECT_TYPES), "material": rng.choice(MATERIALS), "maker": rng.choice(people).name,
-        "price": str(rng.randint(3, 60))})
-        for _ in range(sizes["object"])]
+    def person() -> Entity:
+        return Entity(names.make("person"), "person", {
+            "birthplace": rng.choice(towns).name, "job": rng.choice(JOBS), "age": str(rng.randint(18, 90)),
+            "favourite_colour": rng.choice(COLOURS), "pet": rng.choice(animals).name})
+
+    def thing(makers: list[Entity]) -> Entity:
+        return Entity(names.make("object"), "object", {
+            "type": rng.choice(OBJECT_TYPES), "material": rng.choice(MATERIALS), "maker": rng.choice(makers).name,
+            "price": str(rng.randint(3, 60))})
+
+    people = [person() for _ in range(sizes["person"])]
+    objects = [thing(people) for _ in range(sizes["object"])]
     unknown = {kind: [names.make(kind) for _ in range(UNKNOWN_NAMES_PER_KIND)] for kind in KINDS}
-    return World(seed, countries + towns + people + animals + objects, unknown, scale)
+    # Drawn last, so the rest of a seed's world is the same with or without them.
+    news_people = [person() for _ in range(max(3, round(NEWS_SIZES["person"] * scale)))]
+    news = news_people + [thing(news_people) for _ in range(max(2, round(NEWS_SIZES["object"] * scale)))]
+    return World(seed, countries + towns + people + animals + objects, unknown, scale, news)
 
 
 # --- evaluation: fact completion ------------------------------------------------------------------
@@ -233,10 +252,12 @@ def load_world(out_dir: str | Path) -> World:
                     for e in data["entities"]]
         unknown = {str(k): [str(n) for n in v] for k, v in data["unknown_names"].items()}
         seed, scale = int(data["seed"]), float(data.get("scale", 1.0))
+        news = [Entity(str(e["name"]), str(e["kind"]), {str(k): str(v) for k, v in e["attrs"].items()})
+                for e in data.get("news", [])]
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise WorldError(f"{path}: malformed world ({type(e).__name__}: {e}); expected entities with name, kind, attrs") from None
-    for i, e in enumerate(entities):
+    for i, e in enumerate(entities + news):
         expected = {r.name for r in RELATIONS_OF_KIND.get(e.kind, [])}
         if e.kind not in KINDS or set(e.attrs) != expected:
             raise WorldError(f"{path}: entity {i} ({e.name!r}): expected kind in {KINDS} with attributes {sorted(expected)}")
-    return World(seed, entities, unknown, scale)
+    return World(seed, entities, unknown, scale, news)
