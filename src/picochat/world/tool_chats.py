@@ -1,0 +1,138 @@
+"""Conversations in which the assistant uses its tools, the lecture's remedies for a model's holes.
+
+- Word problems with the calculator: every arithmetic step is a `calc:` call and the assistant
+  copies the result instead of doing the sum in its head:
+
+      4 kites cost <|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8<|/tool_result|>8 dollars. ...
+
+- Questions about facts with search: the assistant searches for the question's subject, then
+  answers from what the search put in its context window (its working memory), or says it does not
+  know when the search found nothing about it:
+
+      <|tool_call|>search: Dekfusesh<|/tool_call|><|tool_result|>[1] Dekfusesh ...<|/tool_result|>The capital ...
+
+Each conversation starts with the system message TOOLS_SYSTEM_PROMPT: tools are used when the
+system message offers them, so the same model answers without tools (from memory, as it learnt
+without this line) when they are not offered, and the report can compare the two.
+
+The search results are the real ones: the world's documents (with the news entities' articles) are
+indexed exactly as the speedrun indexes them, and each question's result is rendered as the engine
+renders it, cut to SEARCH_RESULT_TOKENS (counted at CHARS_PER_TOKEN: the tokenizer does not exist
+yet when the world is written). No held-out fact, held-out unknown name or news entity is used.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from picochat.data.index import SearchIndex, build_index
+from picochat.tools import NO_RESULTS_TEXT, calculate, render_passages
+from picochat.world.chats import _answer, _idk_reply, _question, _vary, heldout_facts, unknown_names
+from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World
+from picochat.world.word_problems import task_problems
+
+TOOLS_SYSTEM_PROMPT = "Tools: calc, search."
+SEARCH_RESULT_TOKENS = 160  # about what a 256-token context leaves for a result after a question
+CHARS_PER_TOKEN = 4.2  # the cpu preset's tokenizer on the world's documents (BENCHMARKS.md, "The split")
+SEARCH_RESULTS = 3
+UNKNOWN_SHARE = 0.25  # of the search conversations: questions about names the search cannot find
+# An arithmetic step of a worked solution: "4 * 2 = 8", "12 - 3 + 4 = 13".
+_STEP = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")
+
+
+def _system() -> dict:
+    return {"role": "system", "content": TOOLS_SYSTEM_PROMPT}
+
+
+def calc_messages(prompt: str, solution: str) -> list[dict]:
+    """A worked word problem with a `calc:` call for every step (the result checked against the
+    solution's own), as messages: system, user, then the assistant's turn in pieces."""
+    messages = [_system(), {"role": "user", "content": prompt}]
+    pending = ""
+    for line in solution.split("\n"):
+        position = 0
+        for step in _STEP.finditer(line):
+            expression, stated = step.groups()
+            result = calculate(expression)
+            if result != stated:
+                raise ValueError(f"the solution says {expression} = {stated}, the calculator {result}")
+            messages += [{"role": "assistant", "content": pending + line[position:step.start()], "tool_call": f"calc: {expression}"},
+                         {"role": "tool", "content": result}]
+            pending, position = "", step.end() - len(stated)
+        pending += line[position:] + "\n"
+    messages.append({"role": "assistant", "content": pending.rstrip("\n")})
+    return messages
+
+
+def calc_conversations(world: World, n: int, seed: int = 0) -> list[dict]:
+    """n SFT rows of train-split word problems solved with the calculator (other instances than the
+    plain ones of word_problems.task_conversations)."""
+    problems = task_problems(world, n, seed=f"calc-{seed}", split="train")
+    return [{"messages": calc_messages(p["prompt"], p["solution"]), "kind": "calc", "level": p["level"]} for p in problems]
+
+
+def search_result(index: SearchIndex, query: str) -> str:
+    """The search tool's answer to `query`, as the engine renders it within SEARCH_RESULT_TOKENS."""
+    passages = index.search(query, SEARCH_RESULTS)
+    if not passages:
+        return NO_RESULTS_TEXT
+    return render_passages([p.text for p in passages], SEARCH_RESULT_TOKENS, lambda text: round(len(text) / CHARS_PER_TOKEN))
+
+
+def search_query(subject: str) -> str:
+    """What the assistant searches for: the question's subject, by name."""
+    return subject
+
+
+def _searched(question: str, query: str, result: str, reply: str) -> list[dict]:
+    return [_system(), {"role": "user", "content": question},
+            {"role": "assistant", "content": "", "tool_call": f"search: {query}"},
+            {"role": "tool", "content": result}, {"role": "assistant", "content": reply}]
+
+
+def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0) -> list[dict]:
+    """n SFT rows: questions about facts SFT may show, answered from the search result (only those
+    whose result holds the answer), and questions about unknown names, whose search finds nothing."""
+    rng = random.Random(f"search-chat-{seed}")
+    held = heldout_facts(world)
+    facts = [f for f in world.facts() if f not in held]
+    rows: list[dict] = []
+    while len(rows) < n:
+        if rng.random() < UNKNOWN_SHARE:
+            kind = rng.choice(KINDS)
+            name = rng.choice(unknown_names(world, kind, "train"))
+            question = rng.choice(rng.choice(RELATIONS_OF_KIND[kind]).questions).format(s=name)
+            result = search_result(index, search_query(name))
+            if result != NO_RESULTS_TEXT:
+                continue
+            messages, kind_name = _searched(_vary(question, rng), name, result, _idk_reply(kind, name, rng)), "search-unknown"
+        else:
+            fact = rng.choice(facts)
+            result = search_result(index, search_query(fact.subject))
+            if fact.answer.lower() not in result.lower():
+                continue
+            messages, kind_name = _searched(_vary(_question(fact, rng), rng), fact.subject, result, _answer(fact)), "search"
+        rows.append({"messages": messages, "kind": kind_name})
+    return rows
+
+
+def with_tools(messages: list[dict]) -> list[dict]:
+    """A conversation with the tools offered: TOOLS_SYSTEM_PROMPT as (or before) its system message."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{TOOLS_SYSTEM_PROMPT}\n{messages[0]['content']}"}, *messages[1:]]
+    return [_system(), *messages]
+
+
+def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_search: int, seed: int = 0) -> list[dict]:
+    """The calculator and search conversations, with `documents` indexed as the speedrun indexes them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        build_index(list(documents), tmp, progress=False)
+        index = SearchIndex(tmp)
+        try:
+            return calc_conversations(world, n_calc, seed) + search_conversations(world, index, n_search, seed)
+        finally:
+            index.close()
