@@ -3,10 +3,12 @@ queries, missing and corrupt indexes, the tool's answers and errors, the CLI."""
 
 import json
 import sqlite3
+import threading
 
 import pytest
 
 from picochat.cli import main as cli_main
+from picochat.data import index as index_module
 from picochat.data.index import (
     INDEX_FILE,
     INFO_FILE,
@@ -14,6 +16,7 @@ from picochat.data.index import (
     SearchIndexError,
     build_index,
     match_expression,
+    query_words,
 )
 from picochat.data.passages import split_passages
 from picochat.run import Run
@@ -117,8 +120,37 @@ def test_any_text_is_a_plain_term_query(index, query):
 def test_query_syntax_in_the_text_is_a_word_like_any_other(index):
     assert index.search('NEAR("capital" AND Dekfusesh*')[0].text == DOCS[0]
     assert index.search("-Kimere")[0].text in (DOCS[0], DOCS[3])  # "-" is no NOT: Kimere is looked for
-    assert match_expression('say "AND" NEAR(x) a:b') == '"say" OR "and" OR "near" OR "x" OR "a" OR "b"'
-    assert match_expression("?!*") is None
+    assert match_expression(query_words('say "AND" NEAR(x) a:b AND')) == '"say" OR "and" OR "near" OR "x" OR "a" OR "b"'
+    assert query_words("?!* _") == []
+
+
+def test_common_words_are_left_out_of_queries(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "COMMON_PASSAGES", 1)  # a word in 2 passages is common
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": text}) + "\n" for text in DOCS))
+    build_index(docs, tmp_path / "index", progress=False)
+    index = SearchIndex(tmp_path / "index")
+    assert index.informative_words(["what", "is", "the", "capital", "of", "dekfusesh"]) == ["what", "dekfusesh"]
+    assert index.informative_words(["the", "capital"]) == ["capital"]  # every word common: the rarest alone
+    assert index.informative_words(["shepherds", "the"]) == ["shepherds"]  # stemmed as the index stems
+    assert index.search("the capital of Dekfusesh")[0].text == DOCS[0]
+    index.close()
+
+
+def test_threads_sharing_an_index_get_their_own_results(index):
+    queries = ["capital of Dekfusesh", "river Tam", "shepherd colour", "astronomer", "trindard mushrooms"]
+    expected = {q: index.search(q) for q in queries}
+    results: list[bool] = []
+
+    def search_many(offset: int):
+        results.extend(index.search(q) == expected[q] for q in (queries[offset:] + queries[:offset]) * 40)
+
+    threads = [threading.Thread(target=search_many, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 600 and all(results)
 
 
 # --- missing and corrupt indexes -----------------------------------------------------------------

@@ -4,10 +4,12 @@
     picochat index search --index DIR "capital of Dekfusesh"
 
 Layout of DIR:
-    index.sqlite   one FTS5 table `passages(text, document)`: every passage of every document
-                   (`picochat.data.passages`), `document` being the document's number in input order.
-                   Tokenized by FTS5's `porter unicode61 remove_diacritics 2` (case, accents and
-                   English word endings folded), ranked by FTS5's built-in bm25().
+    index.sqlite   the FTS5 table `passages(text, document)`: every passage of every document
+                   (`picochat.data.passages`), `document` being the document's number in input order,
+                   tokenized by FTS5's `porter unicode61 remove_diacritics 2` (case, accents and
+                   English word endings folded) and ranked by FTS5's built-in bm25(); and the table
+                   `common_terms(term, documents)`: the terms found in more than COMMON_PASSAGES
+                   passages, with their passage counts.
     index.json     what was indexed (sources, counts, settings); written last, so its presence
                    marks a finished build.
 Both are written atomically (a temporary file in DIR, then a rename), so a reader never sees half an
@@ -17,6 +19,15 @@ so memory does not grow with the index (BENCHMARKS.md, "Search index").
 Queries never become SQL or FTS5 syntax: the query is a bound parameter, and its text is reduced to
 its words, each a quoted FTS5 string, joined by OR (`match_expression`). Quotes, `AND`, `NEAR(`,
 `*`, `-`, `:` are plain words or nothing; a passage ranks higher the more of the rarer words it holds.
+
+Common words are left out of the query (all but the rarest when every word is common): FTS5 scores
+every passage that holds any word of the query, about a microsecond each, so "the" would make a
+search over a gigabyte of text take seconds. A word is common when it is in more than
+COMMON_PASSAGES passages, measured on the indexed text after FTS5's own stemming
+(`SearchIndex.informative_words`), not taken from a list: a small index keeps every word (and full
+BM25); in a large one, the words left out are those that say least about a passage (BM25's inverse
+document frequency is lowest for them). BENCHMARKS.md ("Search index") measures what this costs in
+answers found and saves in time.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,7 +45,7 @@ from tqdm import tqdm
 
 from picochat.data.passages import MAX_PASSAGE_CHARS, split_passages
 from picochat.data.sources import PathLike, iter_documents, list_source_files
-from picochat.io import atomic_path, atomic_write_json, read_json
+from picochat.io import atomic_path, atomic_write_json
 
 INDEX_FILE = "index.sqlite"
 INFO_FILE = "index.json"
@@ -42,8 +54,12 @@ FORMAT_VERSION = 1
 FTS_TOKENIZER = "porter unicode61 remove_diacritics 2"
 DEFAULT_RESULTS = 3
 MAX_QUERY_WORDS = 32
+COMMON_PASSAGES = 10_000  # a term in more passages than this is left out of queries (BENCHMARKS.md)
 
 _SCHEMA = f"CREATE VIRTUAL TABLE passages USING fts5(text, document UNINDEXED, tokenize = '{FTS_TOKENIZER}')"
+# In each connection: the query's words go through the index's tokenizer to find their terms.
+_QUERY_TABLES = (f"CREATE VIRTUAL TABLE temp.query_words USING fts5(word, tokenize = '{FTS_TOKENIZER}')",
+                 "CREATE VIRTUAL TABLE temp.query_terms USING fts5vocab(temp, query_words, instance)")
 _WORD = re.compile(r"[^\W_]+")  # letters and digits: what FTS5's unicode61 tokenizer keeps
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -89,11 +105,12 @@ def build_index(inputs: PathLike | Iterable[PathLike], out: PathLike, max_passag
             with tqdm(desc="indexing", unit="char", unit_scale=True, disable=not progress) as bar:
                 db.executemany("INSERT INTO passages (text, document) VALUES (?, ?)", rows(bar))
             db.execute("INSERT INTO passages (passages) VALUES ('optimize')")  # one b-tree: faster queries
+            _record_common_terms(db)
             db.commit()
         finally:
             db.close()
     info = {"format": FORMAT, "version": FORMAT_VERSION, "sources": [str(f) for f in files], **counts,
-            "max_passage_chars": max_passage_chars, "fts5_tokenizer": FTS_TOKENIZER,
+            "max_passage_chars": max_passage_chars, "fts5_tokenizer": FTS_TOKENIZER, "common_passages": COMMON_PASSAGES,
             "build_seconds": round(time.perf_counter() - started, 2)}
     atomic_write_json(out / INFO_FILE, info)
     return info
@@ -109,18 +126,28 @@ def _create_fts5_table(db: sqlite3.Connection) -> None:
         raise
 
 
-def match_expression(query: str) -> str | None:
-    """The FTS5 query for `query`: its distinct words (at most MAX_QUERY_WORDS), each a quoted string,
-    joined by OR; None when it has no word. Nothing in `query` can act as FTS5 syntax."""
-    words = list(dict.fromkeys(word.lower() for word in _WORD.findall(query)))[:MAX_QUERY_WORDS]
-    return " OR ".join(f'"{word}"' for word in words) or None
+def _record_common_terms(db: sqlite3.Connection) -> None:
+    db.execute("CREATE VIRTUAL TABLE temp.vocabulary USING fts5vocab(main, passages, row)")
+    db.execute("CREATE TABLE common_terms (term TEXT PRIMARY KEY, documents INTEGER NOT NULL) WITHOUT ROWID")
+    db.execute("INSERT INTO common_terms SELECT term, doc FROM temp.vocabulary WHERE doc > ?", (COMMON_PASSAGES,))
+
+
+def query_words(query: str) -> list[str]:
+    """The distinct words of a query (letters and digits, lowercased), at most MAX_QUERY_WORDS."""
+    return list(dict.fromkeys(word.lower() for word in _WORD.findall(query)))[:MAX_QUERY_WORDS]
+
+
+def match_expression(words: list[str]) -> str:
+    """The FTS5 query that matches passages holding any of `words` (from `query_words`: only letters
+    and digits), each a quoted string, so that none can act as FTS5 syntax."""
+    return " OR ".join(f'"{word}"' for word in words)
 
 
 class SearchIndex:
     """A built index, opened read-only; `search` returns the best passages for a query.
 
-    One connection, usable from any one thread at a time (the server's decoding thread opens none
-    of its own)."""
+    One connection, shared by the threads that search (the server's decoding threads): searches
+    take turns."""
 
     def __init__(self, directory: PathLike):
         self.directory = Path(directory)
@@ -129,11 +156,16 @@ class SearchIndex:
             raise SearchIndexError(f"{self.path}: no search index there; build one with "
                                    f"`picochat index build --input DOCS --out {self.directory}`")
         _check_header(self.path)
-        self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+        self._lock = threading.RLock()
         try:
-            row = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'passages'").fetchone()
-            if row is None or "fts5" not in row[0].lower():
-                raise SearchIndexError(f"{self.path}: not a picochat search index (it has no FTS5 table 'passages')")
+            tables = dict(self._db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+            if "fts5" not in tables.get("passages", "").lower() or "common_terms" not in tables:
+                raise SearchIndexError(f"{self.path}: not a picochat search index (it lacks the FTS5 table 'passages' "
+                                       "or the table 'common_terms')")
+            for statement in _QUERY_TABLES:
+                self._db.execute(statement)
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise SearchIndexError(f"{self.path}: not a readable SQLite database ({e})") from None
@@ -143,19 +175,35 @@ class SearchIndex:
 
     def search(self, query: str, k: int = DEFAULT_RESULTS) -> list[Passage]:
         """The k passages that match `query` best, best first (none when it has no word)."""
-        match = match_expression(query)
-        if match is None:
-            return []
+        with self._lock:
+            return self._search(query, k)
+
+    def _search(self, query: str, k: int) -> list[Passage]:
         try:
+            words = self.informative_words(query_words(query))
+            if not words:
+                return []
             rows = self._db.execute("SELECT text, document, bm25(passages) FROM passages WHERE passages MATCH ? "
-                                    "ORDER BY rank LIMIT ?", (match, k)).fetchall()
+                                    "ORDER BY rank LIMIT ?", (match_expression(words), k)).fetchall()
         except sqlite3.DatabaseError as e:
             raise SearchIndexError(f"{self.path}: the search failed ({e})") from None
         return [Passage(text, document, -score) for text, document, score in rows]  # FTS5's bm25 is negated
 
-    def info(self) -> dict:
-        """index.json: what was indexed."""
-        return read_json(self.directory / INFO_FILE, SearchIndexError)
+    def informative_words(self, words: list[str]) -> list[str]:
+        """`words` less the common ones (all of whose terms are in common_terms), or, when every word is
+        common, the rarest one alone. A word the tokenizer finds no term in is left out."""
+        with self._lock:
+            self._db.executemany("INSERT INTO temp.query_words (rowid, word) VALUES (?, ?)", enumerate(words))
+            terms = self._db.execute("SELECT q.doc, coalesce(c.documents, 0) FROM temp.query_terms AS q "
+                                     "LEFT JOIN common_terms AS c ON c.term = q.term").fetchall()
+            self._db.execute("DELETE FROM temp.query_words")
+        passages = {}  # word index -> passages that hold its rarest term (0: no term of it is common)
+        for index, documents in terms:
+            passages[index] = min(passages.get(index, documents), documents)
+        if not passages:
+            return []
+        kept = [words[i] for i in sorted(passages) if passages[i] == 0]
+        return kept or [words[min(passages, key=passages.get)]]
 
     def close(self) -> None:
         self._db.close()
