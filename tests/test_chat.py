@@ -1,5 +1,7 @@
 """The chat protocol: the lecture's exact format, loss masks, parsing back, validation, the Jinja template."""
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -8,10 +10,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from picochat.chat import (
     CHAT_TEMPLATE,
     ConversationError,
+    ToolCallError,
+    from_openai_tool_call,
     parse,
+    parse_tool_call,
     render,
     render_batch,
     render_for_reply,
+    to_openai_tool_call,
     to_text,
     validate,
 )
@@ -26,13 +32,20 @@ WITH_SYSTEM = [
 ]
 WITH_TOOL = [
     {"role": "user", "content": "What is 12*7?"},
-    {"role": "assistant", "content": "Let me compute.", "tool_call": "12*7"},
+    {"role": "assistant", "content": "Let me compute.", "tool_call": "calc: 12*7"},
     {"role": "tool", "content": "84"},
-    {"role": "assistant", "content": "", "tool_call": "84+1"},
+    {"role": "assistant", "content": "", "tool_call": "calc: 84+1"},
     {"role": "tool", "content": "85"},
     {"role": "assistant", "content": "It is 84 (and 85 plus one)."},
 ]
-CONVERSATIONS = [LECTURE, WITH_SYSTEM, WITH_TOOL]
+WITH_SEARCH = [
+    {"role": "user", "content": "What is the capital of Dekfusesh?"},
+    {"role": "assistant", "content": "", "tool_call": "search: capital of Dekfusesh"},
+    {"role": "tool", "content": "[1] Kimere is the capital of Dekfusesh.\n[2] Dekfusesh speaks Bian."},
+    {"role": "assistant", "content": "Kimere."},
+]
+CONVERSATIONS = [LECTURE, WITH_SYSTEM, WITH_TOOL, WITH_SEARCH]
+CONVERSATION_IDS = ["lecture", "system", "tool", "search"]
 EOT, IM_START, IM_SEP, IM_END, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END = range(8)
 
 
@@ -50,7 +63,7 @@ def test_lecture_format_exactly(small_tokenizer):
     assert mask == [0] * (1 + len(header_user) + len(question) + 1 + len(header_assistant)) + [1] * (len(answer) + 1)
 
 
-@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["lecture", "system", "tool"])
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=CONVERSATION_IDS)
 def test_mask_covers_exactly_the_assistant_text(small_tokenizer, conversation):
     tok = small_tokenizer
     ids, mask = render(conversation, tok)
@@ -67,8 +80,8 @@ def test_tool_results_are_inline_and_not_trained(small_tokenizer):
     tok = small_tokenizer
     text = to_text(WITH_TOOL)
     assert text.endswith(
-        "<|im_start|>assistant<|im_sep|>Let me compute.<|tool_call|>12*7<|/tool_call|><|tool_result|>84<|/tool_result|>"
-        "<|tool_call|>84+1<|/tool_call|><|tool_result|>85<|/tool_result|>It is 84 (and 85 plus one).<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>Let me compute.<|tool_call|>calc: 12*7<|/tool_call|><|tool_result|>84<|/tool_result|>"
+        "<|tool_call|>calc: 84+1<|/tool_call|><|tool_result|>85<|/tool_result|>It is 84 (and 85 plus one).<|im_end|>"
     )
     assert text.count("<|im_start|>assistant") == 1  # one assistant turn, continued after each tool result
     ids, mask = render(WITH_TOOL, tok)
@@ -78,7 +91,19 @@ def test_tool_results_are_inline_and_not_trained(small_tokenizer):
     assert mask[ids.index(TOOL_CALL)] == mask[ids.index(TOOL_CALL_END)] == 1
 
 
-@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["lecture", "system", "tool"])
+def test_search_results_are_context_not_training_targets(small_tokenizer):
+    tok = small_tokenizer
+    ids, mask = render(WITH_SEARCH, tok)
+    start, end = ids.index(TOOL_RESULT), ids.index(TOOL_RESULT_END)
+    assert tok.decode(ids[start + 1:end]) == WITH_SEARCH[2]["content"]
+    assert mask[start:end + 1] == [0] * (end + 1 - start)
+    call, call_end = ids.index(TOOL_CALL), ids.index(TOOL_CALL_END)
+    assert tok.decode([i for i, m in zip(ids[call:call_end + 1], mask[call:call_end + 1]) if m]) == (
+        "<|tool_call|>search: capital of Dekfusesh<|/tool_call|>")  # the call is the model's: trained
+    assert tok.decode([i for i, m in zip(ids[end + 1:], mask[end + 1:]) if m]) == "Kimere.<|im_end|>"
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=CONVERSATION_IDS)
 def test_parse_inverts_render(small_tokenizer, conversation):
     ids, _ = render(conversation, small_tokenizer)
     assert parse(ids, small_tokenizer) == conversation
@@ -192,6 +217,47 @@ def test_parse_requires_a_result_after_a_tool_call(small_tokenizer):
         parse(ids[:cut] + [IM_END], small_tokenizer)
 
 
+@pytest.mark.parametrize("text, call", [("calc: 8 + 6", ("calc", "8 + 6")), ("search:capital of Dekfusesh ", ("search", "capital of Dekfusesh")),
+                                        (" calc :  a: b", ("calc", "a: b"))])
+def test_a_tool_call_is_a_name_and_an_argument(text, call):
+    assert parse_tool_call(text) == call
+
+
+@pytest.mark.parametrize("text, error", [("12*7", "a call is `tool: argument`"), (": x", "a call is"),
+                                         ("wiki: x", "unknown tool 'wiki'"), ("search:  ", "search needs an argument")])
+def test_malformed_tool_calls_are_refused(text, error):
+    with pytest.raises(ToolCallError, match=error):
+        parse_tool_call(text)
+
+
+def test_a_malformed_call_the_model_wrote_is_still_a_valid_conversation(small_tokenizer):
+    conversation = [LECTURE[0], {"role": "assistant", "content": "", "tool_call": "12*7"},
+                    {"role": "tool", "content": "error: a call is `tool: argument`"}, {"role": "assistant", "content": "84"}]
+    assert parse(render(conversation, small_tokenizer)[0], small_tokenizer) == conversation
+
+
+def test_tool_calls_map_to_and_from_openai_function_calls():
+    call = to_openai_tool_call("search: capital of Dekfusesh", "call_1")
+    assert call == {"id": "call_1", "type": "function",
+                    "function": {"name": "search", "arguments": '{"query": "capital of Dekfusesh"}'}}
+    assert from_openai_tool_call(call) == "search: capital of Dekfusesh"
+    assert from_openai_tool_call(to_openai_tool_call("calc: 8 + 6", "c")) == "calc: 8 + 6"
+    assert json.loads(to_openai_tool_call("calc: 8 + 6", "c")["function"]["arguments"]) == {"expression": "8 + 6"}
+
+
+@pytest.mark.parametrize("call, error", [
+    ({"function": {"name": "wiki", "arguments": "{}"}}, "one of calc, search; got 'wiki'"),
+    ({"function": {"name": "calc", "arguments": "not json"}}, "a JSON object with a non-empty string 'expression'"),
+    ({"function": {"name": "search", "arguments": '{"q": "x"}'}}, "non-empty string 'query'"),
+    ({"function": {"name": "search", "arguments": '{"query": 5}'}}, "non-empty string 'query'"),
+    ({"function": {"name": "search"}}, "'query'"),
+    ("search: x", "names a function"),
+])
+def test_malformed_openai_tool_calls_are_refused(call, error):
+    with pytest.raises(ToolCallError, match=error):
+        from_openai_tool_call(call)
+
+
 def test_parse_checks_turn_order(small_tokenizer):
     ids, _ = render(LECTURE, small_tokenizer)
     user_turn = ids[1 : ids.index(IM_END) + 1]
@@ -207,7 +273,7 @@ def jinja_render(messages, add_generation_prompt=False):
     )
 
 
-@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["lecture", "system", "tool"])
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=CONVERSATION_IDS)
 def test_jinja_template_matches_render(small_tokenizer, conversation):
     tok = small_tokenizer
     text = jinja_render(conversation)

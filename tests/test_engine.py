@@ -4,7 +4,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT
 
+from picochat.data.index import SearchIndex, build_index
 from picochat.engine import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -18,7 +20,8 @@ from picochat.engine import (
     stream,
 )
 from picochat.model import ModelConfig, Transformer
-from picochat.tools import CalculatorError, calculate
+from picochat.tokenizer import Tokenizer
+from picochat.tools import CalculatorError, Tools, calculate
 
 VOCAB = 101
 PROMPTS = [[5, 17, 33, 2, 9, 60, 1], [42, 7], [88], [3, 14, 15, 92]]
@@ -197,11 +200,11 @@ def test_calculator_refuses(expression):
         calculate(expression)
 
 
-def bigram_model(tokenizer, successors: dict[int, int]) -> Transformer:
+def bigram_model(tokenizer, successors: dict[int, int], context: int = 64) -> Transformer:
     """A real Transformer whose weights make it predict successors[current token] (attention and
     MLP outputs are zeroed, so the residual stream is the current token's embedding)."""
     config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=64, n_head=2, n_kv_head=1,
-                         max_seq_len=64)
+                         max_seq_len=context)
     model = Transformer(config)
     model.init_weights(seed=0)
     with torch.no_grad():
@@ -215,27 +218,68 @@ def bigram_model(tokenizer, successors: dict[int, int]) -> Transformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("expression, result", [("6*7", "42"), ("6/0", "error")])
-def test_tool_call_result_is_forced_into_the_sequence(small_tokenizer, expression, result):
-    tok = small_tokenizer
-    call, end_call, res, end_res, im_end = (tok.special_id(s) for s in (
-        "<|tool_call|>", "<|/tool_call|>", "<|tool_result|>", "<|/tool_result|>", "<|im_end|>"))
-    prompt_token, after_result, quick_prompt = 100, 200, 150
-    chain = [prompt_token, call, *tok.encode(expression), end_call]
-    assert len(set(chain)) == len(chain), "the hand-made bigram model needs distinct tokens"
-    successors = dict(zip(chain, chain[1:])) | {end_res: after_result, after_result: im_end, quick_prompt: im_end}
-    model = bigram_model(tok, successors)
+@pytest.fixture(scope="module")
+def tool_tokenizer():
+    """A tokenizer in which the tool names are single tokens, so a bigram model can write a call."""
+    return Tokenizer.train([SAMPLE_TEXT + "calc: 2+3 search: capital of Varnia\n" * 30], vocab_size=512)
 
+
+def tool_ids(tok):
+    return (tok.special_id(s) for s in ("<|tool_call|>", "<|/tool_call|>", "<|tool_result|>", "<|/tool_result|>", "<|im_end|>"))
+
+
+def calling_model(tok, call: str, context: int = 64) -> tuple[Transformer, list[int]]:
+    """A bigram model that, after token 100, writes `<|tool_call|>call<|/tool_call|>`, and after a tool
+    result token 200 then <|im_end|>; the chain of tokens it writes from token 100."""
+    call_id, end_call, _, end_res, im_end = tool_ids(tok)
+    chain = [100, call_id, *tok.encode(call), end_call]
+    assert len(set(chain)) == len(chain), "the hand-made bigram model needs distinct tokens"
+    return bigram_model(tok, dict(zip(chain, chain[1:])) | {end_res: 200, 200: im_end, 150: im_end}, context), chain
+
+
+@pytest.mark.parametrize("call, result", [("calc: 6*7", "42"), ("calc: 6/0", "error: division by zero")])
+def test_tool_call_result_is_forced_into_the_sequence(tool_tokenizer, call, result):
+    tok = tool_tokenizer
+    _, _, res, end_res, im_end = tool_ids(tok)
+    model, chain = calling_model(tok, call)
     forced = [res, *tok.encode(result), end_res]
-    expected = Completion([*chain[1:], *forced, after_result], FINISH_STOP)
-    prompts = [[prompt_token], [7, quick_prompt]]
+    expected = Completion([*chain[1:], *forced, 200], FINISH_STOP)
+    prompts = [[100], [7, 150]]
     until_end = Sampling(temperature=0, stop_ids=[im_end])
-    batch = generate(model, prompts, 30, until_end, tokenizer=tok)
+    batch = generate(model, prompts, 50, until_end, tokenizer=tok)
     assert batch == [[expected], [Completion([], FINISH_STOP)]]
-    assert list(stream(model, [prompt_token], 30, until_end, tokenizer=tok)) == expected.tokens
+    assert list(stream(model, [100], 50, until_end, tokenizer=tok)) == expected.tokens
     # without a tokenizer there are no tools: nothing is forced after <|/tool_call|>
-    [[plain]] = generate(model, [[prompt_token]], 30, until_end)
+    [[plain]] = generate(model, [[100]], 50, until_end)
     assert plain.tokens[:len(chain) - 1] == chain[1:] and plain.tokens[len(chain) - 1:len(chain) + 2] != forced
     # forced tokens count toward max_new_tokens
-    [[short]] = generate(model, [[prompt_token]], len(chain) + 1, GREEDY, tokenizer=tok)
+    [[short]] = generate(model, [[100]], len(chain) + 1, GREEDY, tokenizer=tok)
     assert short == Completion([*chain[1:], *forced[:2]], FINISH_LENGTH)
+
+
+def test_a_search_call_gets_the_passages_fed_back(tool_tokenizer, tmp_path):
+    tok = tool_tokenizer
+    _, _, res, end_res, im_end = tool_ids(tok)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "Oskel is the capital of Varnia."}\n{"text": "The river Tam is long."}\n')
+    build_index(docs, tmp_path / "index", progress=False)
+    index = SearchIndex(tmp_path / "index")
+    model, chain = calling_model(tok, "search: capital of Varnia", context=256)
+    until_end = Sampling(temperature=0, stop_ids=[im_end])
+    [[completion]] = generate(model, [[100]], 200, until_end, tools=Tools(tok, index))
+    forced = [res, *tok.encode("[1] Oskel is the capital of Varnia."), end_res]
+    assert completion == Completion([*chain[1:], *forced, 200], FINISH_STOP)
+    # without an index the model reads why there is no result
+    [[no_index]] = generate(model, [[100]], 200, until_end, tokenizer=tok)
+    assert tok.decode(no_index.tokens[len(chain) - 1:-1]) == "<|tool_result|>error: no search index is available<|/tool_result|>"
+    index.close()
+
+
+def test_an_unterminated_call_is_closed_with_an_error(tool_tokenizer):
+    tok = tool_tokenizer
+    call_id, end_call, res, end_res, im_end = tool_ids(tok)
+    model = bigram_model(tok, {100: call_id, call_id: 101, 101: 101, end_res: 200, 200: im_end})  # 101 forever
+    tools = Tools(tok, max_call_tokens=5)
+    [[completion]] = generate(model, [[100]], 40, Sampling(temperature=0, stop_ids=[im_end]), tools=tools)
+    error = tok.encode("error: the call is longer than 5 tokens")
+    assert completion == Completion([call_id, *[101] * 6, end_call, res, *error, end_res, 200], FINISH_STOP)

@@ -13,6 +13,7 @@ import pytest
 
 from picochat import speedrun as sr
 from picochat.data.sources import SourceError
+from picochat.run import Run
 
 TINY_PRESET_SCRIPT = """
 import sys
@@ -156,8 +157,13 @@ def test_docs_make_the_tokenizer_and_the_shards(tmp_path):
     for shard in (run / "world" / "docs").glob("*.jsonl"):
         shard.unlink()
     (run / "world" / "docs" / "train-00000.jsonl").write_text('{"text": "Quetzal is a town."}\n')  # a world of one document
+    plan["index"](run)
     plan["tokenizer"](run)
     plan["shards"](run)
+    index = Run(run).open_index()
+    assert [p.text for p in index.search("Quetzal town")] == ["Quetzal is a town."]  # the world's documents only
+    assert index.search("merchants copper coins") == []
+    index.close()
     tok = Tokenizer.load(run / "tokenizer")
     assert len(tok.encode(" Quetzalcoatlus")) == 1  # learnt from --docs
     manifest = read_manifest(run / "shards")
@@ -178,7 +184,7 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     for stage in ("base", "sft", "rl"):
         assert (run / stage / "done.json").exists() and (run / stage / "eval.json").exists(), stage
     assert (run / "report.md").exists() and not (run / sr.FAILED).exists()
-    assert out.stdout.count("[4/10] base ...") == 1  # one rank tells the story
+    assert out.stdout.count("[5/11] base ...") == 1  # one rank tells the story
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
     assert str(chats) in sft_data[-1]
     assert Path(sft_data[2]).name == "train-00000.jsonl"  # the world's documents replayed: pretraining read them too

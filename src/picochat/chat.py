@@ -9,14 +9,22 @@ first only), user and assistant (alternating), and tool. Content is encoded as p
 (`allow_special=False`): a user who types `<|im_end|>` gets those characters, never the token.
 
 Tool use happens inside one assistant turn, the way the engine runs it: the assistant message
-carries `"tool_call": "<expression>"`, the next message is the tool's result (role tool), and the
+carries `"tool_call": "name: argument"`, the next message is the tool's result (role tool), and the
 assistant's turn goes on in the message after that, without a new header:
 
-    <|im_start|>assistant<|im_sep|>Let me compute.<|tool_call|>12*7<|/tool_call|><|tool_result|>84<|/tool_result|>It is 84.<|im_end|>
+    <|im_start|>assistant<|im_sep|>Let me compute.<|tool_call|>calc: 12*7<|/tool_call|><|tool_result|>84<|/tool_result|>It is 84.<|im_end|>
 
-    [{"role": "assistant", "content": "Let me compute.", "tool_call": "12*7"},
+    [{"role": "assistant", "content": "Let me compute.", "tool_call": "calc: 12*7"},
      {"role": "tool", "content": "84"},
      {"role": "assistant", "content": "It is 84."}]
+
+A call is a tool's name, a colon and its argument (`TOOLS` names them): `calc: 8 + 6` (an arithmetic
+expression; result "14") or `search: capital of Dekfusesh` (words to look up in the search index;
+result the best passages, `[1] ...` one per line, or "no results"). A call the tools refuse gets
+`error: <what was wrong>` as its result (picochat.tools says how each tool answers). Validation does
+not check the call's text: a conversation may hold a malformed call the model wrote and the error it
+read back. In OpenAI-style messages a call is a function call whose JSON arguments hold one field,
+`{"expression": ...}` or `{"query": ...}` (`to_openai_tool_call`, `from_openai_tool_call`).
 
 Loss mask: `mask[i] == 1` means token i is trained (predicted from the tokens before it). Only what
 the assistant writes is trained: its content, its tool calls and its closing `<|im_end|>`; headers,
@@ -27,6 +35,7 @@ user/system text and tool results (which the engine inserts) have mask 0.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Literal
 
@@ -37,12 +46,19 @@ ROLES = ("system", "user", "assistant", "tool")
 # Roles written in a `<|im_start|>role<|im_sep|>` header (tool results are inline in the assistant turn).
 HEADER_ROLES = ("system", "user", "assistant")
 
+# Tool name -> the name of its one argument in OpenAI-style function calls.
+TOOLS = {"calc": "expression", "search": "query"}
+
 Message = dict
 Segment = tuple[int | str, bool]  # (special token id or plain text, trained?)
 
 
 class ConversationError(ValueError):
     """A conversation (or a rendered token sequence) that breaks the chat protocol."""
+
+
+class ToolCallError(ValueError):
+    """A tool call's text or OpenAI-style form that is not a call of a known tool."""
 
 
 # --- validation -------------------------------------------------------------------------------------
@@ -247,10 +263,52 @@ def _show(token_id: int) -> str:
     return SPECIAL_TOKENS[token_id] if 0 <= token_id < len(SPECIAL_TOKENS) else f"text token {token_id}"
 
 
+# --- tool calls -------------------------------------------------------------------------------------
+def parse_tool_call(text: str) -> tuple[str, str]:
+    """(tool name, argument) of a call's text `name: argument`, both stripped; ToolCallError if it is
+    not the call of a known tool with a non-empty argument."""
+    name, colon, argument = text.partition(":")
+    name, argument = name.strip(), argument.strip()
+    if not colon or not name:
+        raise ToolCallError(f"a call is `tool: argument`, the tool one of {', '.join(TOOLS)}")
+    if name not in TOOLS:
+        raise ToolCallError(f"unknown tool {name[:20]!r}; the tools are {', '.join(TOOLS)}")
+    if not argument:
+        raise ToolCallError(f"{name} needs an argument after the `:`")
+    return name, argument
+
+
+def to_openai_tool_call(text: str, call_id: str) -> dict:
+    """A call's text as an OpenAI-style tool call: `search: x` -> function "search", arguments `{"query": "x"}`."""
+    name, argument = parse_tool_call(text)
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps({TOOLS[name]: argument}, ensure_ascii=False)}}
+
+
+def from_openai_tool_call(call: dict) -> str:
+    """The call text `name: argument` of an OpenAI-style tool call (the inverse of `to_openai_tool_call`)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if name not in TOOLS:
+        raise ToolCallError(f"a tool call names a function, one of {', '.join(TOOLS)}; got {name!r}")
+    try:
+        arguments = json.loads(function.get("arguments") or "")
+    except (TypeError, json.JSONDecodeError):
+        arguments = None
+    field = TOOLS[name]
+    if not isinstance(arguments, dict) or not isinstance(arguments.get(field), str) or not arguments[field].strip():
+        raise ToolCallError(f"the arguments of {name} are a JSON object with a non-empty string {field!r}")
+    return f"{name}: {arguments[field].strip()}"
+
+
 # --- Hugging Face chat template ---------------------------------------------------------------------
 # The same rendering as `to_text`, in the Jinja dialect transformers' `apply_chat_template` runs
 # (a sandboxed environment; `bos_token` must be "<|endoftext|>" in the exported tokenizer config).
 CHAT_TEMPLATE = (
+    "{#- picochat's chat protocol (picochat.chat): <|im_start|>role<|im_sep|>content<|im_end|> per message. An"
+    " assistant message may end in a tool call instead, its 'tool_call' being 'name: argument' ('calc: 8 + 6',"
+    " 'search: capital of Dekfusesh'); the next message (role tool) holds the result, inline between"
+    " <|tool_result|> and <|/tool_result|>, and the assistant's turn goes on without a new header. -#}"
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'tool' -%}"

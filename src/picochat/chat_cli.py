@@ -20,6 +20,7 @@ from picochat.chat import parse, render_for_reply, token_view
 from picochat.engine import Sampling, context_room, stream
 from picochat.run import Run
 from picochat.tokenizer import Tokenizer, iter_text, render_pieces
+from picochat.tools import Tools
 
 HELP = "commands: /reset (new conversation), /tokens (show the tokens the model sees), /quit"
 
@@ -27,8 +28,9 @@ HELP = "commands: /reset (new conversation), /tokens (show the tokens the model 
 class ChatSession:
     """A conversation with a model: holds the messages and streams each reply."""
 
-    def __init__(self, model, tok: Tokenizer, sampling: Sampling, system: str | None = None, max_tokens: int = 256):
-        self.model, self.tok, self.system = model, tok, system
+    def __init__(self, model, tok: Tokenizer, sampling: Sampling, system: str | None = None, max_tokens: int = 256,
+                 tools: Tools | None = None):
+        self.model, self.tok, self.system, self.tools = model, tok, system, tools
         self.sampling = dataclasses.replace(sampling, stop_ids=[tok.im_end_id])  # a reply ends at <|im_end|>
         self.max_tokens = max_tokens
         self.reset()
@@ -45,7 +47,7 @@ class ChatSession:
         generated: list[int] = []
 
         def tokens():
-            for token_id in stream(self.model, prompt, self.max_tokens, self.sampling, tokenizer=self.tok):
+            for token_id in stream(self.model, prompt, self.max_tokens, self.sampling, tokenizer=self.tok, tools=self.tools):
                 generated.append(token_id)
                 yield token_id
 
@@ -83,11 +85,13 @@ def _print_reply(session: ChatSession, text: str) -> None:
 def _cmd(args) -> int:
     model, tok, stage_dir = Run(args.run).load(args.stage, args.device)
     sampling = Sampling(args.temperature, args.top_k or None, args.top_p, args.seed)
-    session = ChatSession(model, tok, sampling, args.system, args.max_tokens)
+    tools = Tools(tok, Run(args.run).open_index())
+    session = ChatSession(model, tok, sampling, args.system, args.max_tokens, tools)
     if args.prompt is not None:
         _print_reply(session, args.prompt)
         return 0
-    print(f"picochat: chatting with {stage_dir} ({model.num_params() / 1e6:.1f}M parameters). {HELP}")
+    searching = f", searching {tools.index.directory}" if tools.index else ""
+    print(f"picochat: chatting with {stage_dir} ({model.num_params() / 1e6:.1f}M parameters{searching}). {HELP}")
     while True:
         try:
             text = input("\nyou> ").strip()

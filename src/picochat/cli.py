@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("picochat.data.download", "download FineWeb-edu parquet shards from the Hugging Face Hub"),
     "tokenizer": ("picochat.tokenizer", "train / inspect the byte-level BPE tokenizer"),
     "data": ("picochat.data.shards", "tokenize documents into binary token shards"),
+    "index": ("picochat.data.index", "build / query a search index over documents (the search tool)"),
     "pretrain": ("picochat.train.pretrain", "pretrain the Transformer on token shards (base model)"),
     "sample": ("picochat.sample", "continue a document with the base model"),
     "sft": ("picochat.train.sft", "supervised fine-tuning on conversations (chat model)"),

@@ -11,10 +11,14 @@ is empty.
 `Sampling` says how tokens are chosen: greedy at temperature 0, otherwise softmax sampling with
 optional top-k / top-p, reproducible with a seed, and which ids end a completion.
 
-Tool calls: given a tokenizer, when a sequence emits `<|tool_call|>` expression `<|/tool_call|>`,
-the calculator (picochat.tools) computes it and `<|tool_result|>` result `<|/tool_result|>` is
-forced into the sequence, one token per step, before sampling goes on. Forced tokens are part of
-the completion and count toward max_new_tokens.
+Tool calls: given `tools` (picochat.tools.Tools: the calculator, and search when it holds an index)
+or just a tokenizer (the calculator alone), when a sequence emits
+`<|tool_call|>name: argument<|/tool_call|>` the tool runs and `<|tool_result|>` result
+`<|/tool_result|>` is forced into the sequence, one token per step, before sampling goes on. A search
+result is cut to the room the completion has left, less a reserve for the answer; a call still open
+after `Tools.max_call_tokens` tokens is closed by the engine with an error result. Forced tokens are
+part of the completion and count toward max_new_tokens. A tool runs inside the step, so the other
+sequences wait for it (a search takes milliseconds).
 
 A completion also ends when the model's context is full: `context_room` is the one rule for how
 many new tokens fit after a prompt, which the terminal chat and the server use too.
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from picochat.model import KVCache, Transformer
-from picochat.tools import ToolCalls
+from picochat.tools import Tools
 
 FINISH_STOP = "stop"  # a stop id was sampled (it is not part of the completion)
 FINISH_LENGTH = "length"  # max_new_tokens or the model's context ran out
@@ -200,10 +204,10 @@ class ContinuousBatch:
     decodes them.
     """
 
-    def __init__(self, model: Transformer, tokenizer=None):
+    def __init__(self, model: Transformer, tokenizer=None, tools: Tools | None = None):
+        """`tools` runs the model's tool calls; a tokenizer alone gives the calculator; neither, no tools."""
         self.model = model
-        self.tokenizer = tokenizer
-        self._tools = ToolCalls(tokenizer) if tokenizer is not None else None
+        self._tools = tools if tools is not None else Tools(tokenizer) if tokenizer is not None else None
         self._device = model.lm_head.weight.device
         self._next_id = 0
         self._pending: list[tuple[list[int], list[int]]] = []  # (prompt, its sequence ids)
@@ -340,7 +344,10 @@ class ContinuousBatch:
             if token == self._tools.call:
                 seq.tool_call = []
         elif token == self._tools.end_call:
-            seq.forced.extend(self._tools.result_ids(seq.tool_call))
+            seq.forced.extend(self._tools.result_ids(seq.tool_call, seq.limit - seq.produced))
+            seq.tool_call = None
+        elif len(seq.tool_call) == self._tools.max_call_tokens:
+            seq.forced.extend(self._tools.cut_off_ids())
             seq.tool_call = None
         else:
             seq.tool_call.append(token)
@@ -365,13 +372,14 @@ class ContinuousBatch:
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-             num_samples: int = 1, tokenizer=None) -> list[list[Completion]]:
+             num_samples: int = 1, tokenizer=None, tools: Tools | None = None) -> list[list[Completion]]:
     """Complete each prompt num_samples times; result[i][j] is sample j of prompt i.
 
     A completion ends at a stop id (excluded; finish_reason "stop") or after max_new_tokens, or
-    when the model's context is full ("length"). Pass the tokenizer to enable calculator tool calls.
+    when the model's context is full ("length"). Pass the tokenizer to enable calculator tool calls,
+    or `tools` for the tools it holds (search too, given an index).
     """
-    batch = ContinuousBatch(model, tokenizer)
+    batch = ContinuousBatch(model, tokenizer, tools)
     ids = batch.add_all(prompts, max_new_tokens, sampling, num_samples)
     tokens: dict[int, list[int]] = {sequence: [] for group in ids for sequence in group}
     reasons: dict[int, str] = {}
@@ -405,11 +413,11 @@ class TokenStream:
 
 
 def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-           tokenizer=None) -> TokenStream:
+           tokenizer=None, tools: Tools | None = None) -> TokenStream:
     """Yield the completion of one prompt token by token (the same tokens generate() returns).
 
     Arguments are checked at call time: a prompt that fills the context raises ContextLengthError.
     """
-    batch = ContinuousBatch(model, tokenizer)
+    batch = ContinuousBatch(model, tokenizer, tools)
     batch.add(prompt_ids, max_new_tokens, sampling)
     return TokenStream(batch)

@@ -27,6 +27,7 @@ from picochat.engine import Sampling, generate
 from picochat.io import atomic_write_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
+from picochat.tools import Tools
 
 EVAL_BATCH = 64  # prompts decoded together
 GREEDY = Sampling(temperature=0)
@@ -34,15 +35,16 @@ GREEDY = Sampling(temperature=0)
 
 @torch.inference_mode()
 def complete(model, tok: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, sampling: Sampling,
-             num_samples: int = 1, desc: str | None = None) -> list[list[str]]:
+             num_samples: int = 1, desc: str | None = None, tools: Tools | None = None) -> list[list[str]]:
     """Decode each prompt `num_samples` times; result[i][j] is sample j of prompt i as text. Prompts
-    decode in chunks, the chunk from prompt `start` with seed sampling.seed + start (0 + start if None)."""
+    decode in chunks, the chunk from prompt `start` with seed sampling.seed + start (0 + start if None).
+    `tools` runs tool calls (default: the calculator)."""
     out: list[list[str]] = []
     batch = max(1, EVAL_BATCH // num_samples)
     for start in tqdm(range(0, len(prompts), batch), desc=desc, disable=desc is None, leave=False):
         chunk = prompts[start : start + batch]
         chunk_sampling = dataclasses.replace(sampling, seed=(sampling.seed or 0) + start)
-        results = generate(model, chunk, max_new_tokens, chunk_sampling, num_samples=num_samples, tokenizer=tok)
+        results = generate(model, chunk, max_new_tokens, chunk_sampling, num_samples=num_samples, tokenizer=tok, tools=tools)
         out.extend([tok.decode(c.tokens) for c in samples] for samples in results)
     return out
 

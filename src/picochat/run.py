@@ -4,6 +4,7 @@
       world/            the synthetic world's files (documents, SFT data, problems, evaluation sets)
       tokenizer/        tokenizer.json
       shards/           token shards and manifest.json
+      index/            the search index over the world's documents (`picochat.data.index`)
       base/ sft/ rl/    one folder per training stage, laid out as `picochat.checkpoint` says;
                         `base` is pretraining's output, the base model
       speedrun.json     the inputs the speedrun was started with; timings.json: seconds per stage
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from picochat.checkpoint import CheckpointError, load_model
+from picochat.data.index import INDEX_FILE, SearchIndex
 from picochat.model import Transformer
 from picochat.tokenizer import Tokenizer
 
@@ -52,6 +54,14 @@ class Run:
     @property
     def shards(self) -> Path:
         return self.root / "shards"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    def open_index(self) -> SearchIndex | None:
+        """The run's search index, None when it has none (a corrupt one raises SearchIndexError)."""
+        return SearchIndex(self.index) if (self.index / INDEX_FILE).exists() else None
 
     @property
     def world(self) -> Path:

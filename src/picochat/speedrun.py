@@ -4,9 +4,10 @@
     torchrun --standalone --nproc_per_node=8 -m picochat -- speedrun --preset gpu-small --run runs/gpu \
         --docs data/fineweb --chat chats.jsonl
 
-world -> tokenizer -> shards -> pretrain -> eval -> SFT -> eval -> RL -> eval -> report. A stage whose
-output is complete is skipped; an interrupted training stage resumes from its last checkpoint, so
-rerunning the same command after a crash picks up where it stopped. The run folder remembers its
+world -> index -> tokenizer -> shards -> pretrain -> eval -> SFT -> eval -> RL -> eval -> report (the
+index is the search tool's, over the world's documents). A stage whose output is complete is
+skipped; an interrupted training stage resumes from its last checkpoint, so rerunning the same
+command after a crash picks up where it stopped. The run folder remembers its
 inputs (`speedrun.json`: preset, `--docs`, `--val-docs`, `--chat`); a rerun with other inputs is
 refused before any work rather than resumed into a mix of two runs.
 
@@ -39,6 +40,7 @@ import torch
 
 from picochat.config import get_preset
 from picochat.data.conversations import parse_data_spec, read_conversations
+from picochat.data.index import INFO_FILE, build_index
 from picochat.data.shards import prepare
 from picochat.data.sources import iter_documents, list_source_files
 from picochat.evaluate import evaluate_stage
@@ -66,6 +68,12 @@ class SpeedrunError(RuntimeError):
 
 def _world(run: Run, preset) -> None:
     generate(run.world, preset.world_mb, preset.world_scale, seed=0, shard_mb=max(1.0, preset.world_mb / 4))
+
+
+def _index(run: Run) -> None:
+    """The search tool's index over the world's documents (not --docs: the world's facts are what the
+    chat model is asked about)."""
+    build_index(run.world_docs, run.index)
 
 
 def _tokenizer(run: Run, preset, docs: Path | None) -> None:
@@ -115,6 +123,7 @@ def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[s
     stage_file = lambda stage, name: (lambda run: (run.stage(stage) / name).exists())  # noqa: E731
     plan = [
         ("world", lambda run: _world(run, preset), lambda run: run.eval_problems.exists()),
+        ("index", _index, lambda run: (run.index / INFO_FILE).exists()),
         ("tokenizer", lambda run: _tokenizer(run, preset, docs), lambda run: (run.tokenizer / "tokenizer.json").exists()),
         ("shards", lambda run: _shards(run, docs, val_docs), lambda run: (run.shards / "manifest.json").exists()),
         ("base", lambda run: _pretrain(run, preset_name, device, seed), stage_file("base", "done.json")),

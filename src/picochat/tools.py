@@ -1,10 +1,25 @@
-"""The tools the engine runs for the model: a safe calculator.
+"""The tools the engine runs for the model: a safe calculator and a search over documents.
 
-A model calls a tool by writing `<|tool_call|>` expression `<|/tool_call|>`; the engine hands the
-expression's ids to `ToolCalls.result_ids` and feeds the answer back into the sequence as
-`<|tool_result|>` result `<|/tool_result|>`. The calculator parses the expression with `ast` and
-evaluates only numbers and arithmetic operators (never `eval`); an expression it refuses or cannot
-compute gets TOOL_ERROR_TEXT back.
+A model calls a tool by writing `<|tool_call|>name: argument<|/tool_call|>` (picochat.chat defines
+the call); the engine hands the ids between the markers to `Tools.result_ids` and feeds the answer
+back into the sequence as `<|tool_result|>` result `<|/tool_result|>`:
+
+    <|tool_call|>calc: 8 + 6<|/tool_call|><|tool_result|>14<|/tool_result|>
+    <|tool_call|>search: capital of Dekfusesh<|/tool_call|><|tool_result|>[1] Kimere is the capital of
+    Dekfusesh. ...
+    [2] ...<|/tool_result|>
+
+- `calc: EXPRESSION` parses the expression with `ast` and evaluates only numbers and arithmetic
+  operators (never `eval`), with bounded exponents and magnitudes.
+- `search: QUERY` looks the query up in the search index (`picochat.data.index`) and answers with
+  the best passages, numbered `[1] ...`, one per line, best first, as many as fit in the token
+  budget (the room left for the completion minus ANSWER_RESERVE_TOKENS for the answer); a passage
+  that does not fit whole is cut at a word and ends with "...". No match: "no results".
+
+Anything else gets a short error the model can read, `error: <what was wrong>`: no `:` (or no
+name), an unknown tool, an empty or over-long argument, an expression the calculator refuses
+(`9**9**9`), no search index, a call still open after MAX_CALL_TOKENS tokens (the engine closes it).
+A tool never raises into the engine.
 """
 
 from __future__ import annotations
@@ -13,16 +28,28 @@ import ast
 import math
 import operator
 
+from picochat.chat import ToolCallError, parse_tool_call
+from picochat.data.index import SearchIndex, SearchIndexError
 from picochat.tokenizer import TOOL_CALL_END_ID, TOOL_CALL_ID, TOOL_RESULT_END_ID, TOOL_RESULT_ID
 
 MAX_EXPRESSION_CHARS = 200
+MAX_QUERY_CHARS = 200
+MAX_CALL_TOKENS = 256  # a call still open after this many tokens is closed with an error
 MAX_EXPONENT = 100
 MAX_MAGNITUDE = 10**18  # larger intermediate or final values are refused
-TOOL_ERROR_TEXT = "error"  # what the model sees when its expression cannot be computed
+SEARCH_RESULTS = 3
+ANSWER_RESERVE_TOKENS = 64  # room a search result leaves for the model's answer after it
+MIN_CUT_PASSAGE_TOKENS = 16  # a passage cut shorter than this is left out instead
+NO_RESULTS_TEXT = "no results"
+CUT_MARK = "..."
 
 
 class CalculatorError(ValueError):
     """An expression the calculator refuses or cannot compute."""
+
+
+class ToolError(ValueError):
+    """A call a tool refuses; its message is what the model reads after "error: "."""
 
 
 _BINARY_OPS = {
@@ -53,7 +80,7 @@ def _evaluate(node: ast.AST) -> int | float:
         except OverflowError:
             raise CalculatorError("result too large") from None
     else:
-        raise CalculatorError(f"only numbers, + - * / // % ** and parentheses are allowed, not {ast.dump(node)[:60]}")
+        raise CalculatorError(f"only numbers, + - * / // % ** and parentheses are allowed, not {type(node).__name__}")
     if isinstance(value, complex):
         raise CalculatorError("the result is not a real number")
     if isinstance(value, float) and not math.isfinite(value):
@@ -73,24 +100,91 @@ def calculate(expression: str) -> str:
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except (SyntaxError, ValueError) as err:  # ValueError: null bytes in the source
-        raise CalculatorError(f"not an arithmetic expression: {expression!r}") from err
+        raise CalculatorError("not an arithmetic expression") from err
     value = _evaluate(tree.body)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value) if isinstance(value, int) else f"{value:.10g}"
 
 
-class ToolCalls:
-    """A tokenizer's tool-call token ids, and the tool's answer to a call as ids to feed back."""
+class Tools:
+    """The tools one engine runs: the calculator, and search when given an index (`SearchIndex`)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, index: SearchIndex | None = None, max_call_tokens: int = MAX_CALL_TOKENS):
+        self.tokenizer, self.index, self.max_call_tokens = tokenizer, index, max_call_tokens
         self.call, self.end_call, self.result, self.end_result = TOOL_CALL_ID, TOOL_CALL_END_ID, TOOL_RESULT_ID, TOOL_RESULT_END_ID
 
-    def result_ids(self, expression_ids: list[int]) -> list[int]:
-        """`<|tool_result|>` answer `<|/tool_result|>` for the ids between a call's markers."""
+    def result_ids(self, call_ids: list[int], room: int) -> list[int]:
+        """`<|tool_result|>` answer `<|/tool_result|>` for the ids between a call's markers, `room`
+        being how many tokens the completion may still take (a search result fits in it, less
+        ANSWER_RESERVE_TOKENS)."""
+        return self._wrap(self.answer(self.tokenizer.decode(call_ids), room - 2 - ANSWER_RESERVE_TOKENS))
+
+    def cut_off_ids(self) -> list[int]:
+        """What the engine feeds after a call that has run on for max_call_tokens tokens: the call's
+        end, then an error result."""
+        return [self.end_call, *self._wrap(f"error: the call is longer than {self.max_call_tokens} tokens")]
+
+    def answer(self, call: str, budget: int) -> str:
+        """The result text of a call; a search result takes at most `budget` tokens."""
         try:
-            answer = calculate(self.tokenizer.decode(expression_ids))
-        except CalculatorError:
-            answer = TOOL_ERROR_TEXT
-        return [self.result, *self.tokenizer.encode(answer), self.end_result]
+            name, argument = parse_tool_call(call)
+            if name == "calc":
+                return calculate(argument)
+            return self._search(argument, budget)
+        except (ToolCallError, ToolError, CalculatorError) as e:
+            return f"error: {e}"
+
+    def _search(self, query: str, budget: int) -> str:
+        if self.index is None:
+            raise ToolError("no search index is available")
+        if len(query) > MAX_QUERY_CHARS:
+            raise ToolError(f"the query is longer than {MAX_QUERY_CHARS} characters")
+        try:
+            passages = self.index.search(query, SEARCH_RESULTS)
+        except SearchIndexError:
+            raise ToolError("the search index cannot be read") from None
+        if not passages:
+            return NO_RESULTS_TEXT
+        text = render_passages([p.text for p in passages], budget, self._count)
+        if not text:
+            raise ToolError("no room left in the context for search results")
+        return text
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def _wrap(self, text: str) -> list[int]:
+        return [self.result, *self.tokenizer.encode(text), self.end_result]
+
+
+def render_passages(passages: list[str], budget: int, count_tokens) -> str:
+    """Passages numbered `[1] ...`, one per line, best first, in at most `budget` tokens as
+    `count_tokens` counts them: whole while they fit, then the next one cut at a word (with
+    CUT_MARK) when at least MIN_CUT_PASSAGE_TOKENS of it fit; "" when nothing fits."""
+    lines: list[str] = []
+    for number, passage in enumerate(passages, 1):
+        line = f"[{number}] {' '.join(passage.split())}"  # one line: the passage's own line breaks become spaces
+        if count_tokens("\n".join([*lines, line])) <= budget:
+            lines.append(line)
+            continue
+        cut = _cut_to_fit(line, lambda text: count_tokens("\n".join([*lines, text])) <= budget)
+        if cut is not None and count_tokens(cut) >= MIN_CUT_PASSAGE_TOKENS:
+            lines.append(cut)
+        break
+    return "\n".join(lines)
+
+
+def _cut_to_fit(line: str, fits) -> str | None:
+    """The longest cut of `line` at a word, CUT_MARK appended, that `fits`; None if no cut fits."""
+    words = line.split(" ")
+    low, high = 1, len(words) - 2  # words kept after the number "[n]": at least one, not all
+    best = None
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = " ".join(words[:middle + 1]) + CUT_MARK
+        if fits(candidate):
+            best, low = candidate, middle + 1
+        else:
+            high = middle - 1
+    return best

@@ -49,6 +49,7 @@ from picochat.serve.errors import add_error_handlers
 from picochat.serve.limits import DEFAULT_MAX_BODY_MB, BodyLimit
 from picochat.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from picochat.tools import Tools
 
 STATIC = Path(__file__).parent / "static"
 CLIENT_GONE = 499  # the status logged for a request whose client left before its answer (as nginx)
@@ -72,14 +73,15 @@ class _EventStream(StreamingResponse):
 
 
 def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
-               max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)) -> FastAPI:
+               max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20), tools: Tools | None = None) -> FastAPI:
     """The server for `models` (model id -> Transformer, first = the default chat model); ids that
-    name the same Transformer share its batcher. Batchers start and stop with the app."""
+    name the same Transformer share its batcher. Batchers start and stop with the app. `tools` runs
+    the models' tool calls (default: the calculator)."""
     batchers: dict[int, Batcher] = {}
     served: dict[str, Batcher] = {}
     for model_id, model in models.items():
         if id(model) not in batchers:
-            batchers[id(model)] = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+            batchers[id(model)] = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, tools=tools)
         served[model_id] = batchers[id(model)]
     created = int(time.time())
 
@@ -271,11 +273,13 @@ def _cmd(args) -> None:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     tokenizer, models, stage_dir = load_models(run, args.stage, args.device)
+    tools = Tools(tokenizer, Run(run).open_index())
     app = create_app(tokenizer, models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_body_bytes=int(args.max_body_mb * 2**20))
+                     max_body_bytes=int(args.max_body_mb * 2**20), tools=tools)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"picochat serve: warning: listening on {args.host} without an API key; anyone who can reach it can use it")
-    print(f"picochat serve: {stage_dir} as {', '.join(models)}; web chat at http://{args.host}:{args.port}/, API at /v1")
+    searching = f"; the search tool reads {tools.index.directory}" if tools.index else ""
+    print(f"picochat serve: {stage_dir} as {', '.join(models)}{searching}; web chat at http://{args.host}:{args.port}/, API at /v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from picochat.engine import ContinuousBatch, StepEvent
+from picochat.tools import Tools
 
 # What a request's queue receives: (choice, token or None, finish reason or None) for the choices
 # that moved in one step, or the error that ended the request.
@@ -59,11 +60,13 @@ class _Job:
 class Batcher:
     """Decodes the requests of one model in a background thread, many at a time."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, tools: Tools | None = None):
+        """`tools`: what runs the model's tool calls (default: the calculator)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
-        self._batch = ContinuousBatch(model, tokenizer)
+        self.tools = tools
+        self._batch = ContinuousBatch(model, tokenizer, tools)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[_Job] = deque()
         self._jobs: dict[int, tuple[_Job, int]] = {}  # batch sequence id -> its job and choice
@@ -189,7 +192,7 @@ class Batcher:
             if choice not in job.cancelled:
                 running.setdefault(job, []).append(choice)
         self._jobs.clear()
-        self._batch = ContinuousBatch(self.model, self.tokenizer)
+        self._batch = ContinuousBatch(self.model, self.tokenizer, self.tools)
         failures = {job: self._failure_alone(job, choices) for job, choices in running.items()}
         if not any(failures.values()):
             failures = dict.fromkeys(running, error)
@@ -206,7 +209,7 @@ class Batcher:
     def _failure_alone(self, job: _Job, choices: list[int]) -> Exception | None:
         """The error that one step of these choices raises when they decode alone, if any."""
         for choice in choices:
-            probe = ContinuousBatch(self.model, self.tokenizer)
+            probe = ContinuousBatch(self.model, self.tokenizer, self.tools)
             try:
                 probe.add(job.prompt + job.tokens[choice], **dict(job.options, max_new_tokens=1))
                 probe.step()
@@ -219,7 +222,7 @@ class Batcher:
             job.send(error)
         self._jobs.clear()
         self._waiting.clear()
-        self._batch = ContinuousBatch(self.model, self.tokenizer)
+        self._batch = ContinuousBatch(self.model, self.tokenizer, self.tools)
 
 
 class Submission:

@@ -52,6 +52,7 @@ from picochat.evaluate import problem_metrics
 from picochat.model import Transformer
 from picochat.run import Run
 from picochat.tokenizer import TOOL_RESULT_END_ID, TOOL_RESULT_ID, Tokenizer
+from picochat.tools import Tools
 from picochat.train.loop import Runtime, TrainingError, autocast, build_optimizers, run_steps, setup_runtime, teardown_runtime
 
 RewardFn = Callable[[str, dict], float]
@@ -189,11 +190,12 @@ class Rollouts:
 
 
 def sample_groups(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[int]], problems: Sequence[dict],
-                  cfg: RLConfig, seed: int, reward_fn: RewardFn = reward) -> Rollouts:
-    """Sample `group_size` replies per prompt in one batched call and reward each."""
+                  cfg: RLConfig, seed: int, reward_fn: RewardFn = reward, tools: Tools | None = None) -> Rollouts:
+    """Sample `group_size` replies per prompt in one batched call and reward each; `tools` runs the
+    replies' tool calls (default: the calculator)."""
     model.eval()
     sampling = Sampling(cfg.temperature, seed=seed, stop_ids=[tok.im_end_id])
-    completions = generate(model, prompts, cfg.max_new_tokens, sampling, num_samples=cfg.group_size, tokenizer=tok)
+    completions = generate(model, prompts, cfg.max_new_tokens, sampling, num_samples=cfg.group_size, tokenizer=tok, tools=tools)
     model.train()
     rewards = torch.tensor([[reward_fn(tok.decode(c.tokens), problem) for c in group]
                             for group, problem in zip(completions, problems, strict=True)], dtype=torch.float)
