@@ -147,6 +147,7 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
 
 def test_docs_make_the_tokenizer_and_the_shards(tmp_path):
     from picochat.data.shards import read_manifest
+    from picochat.data.sources import iter_documents
     from picochat.tokenizer import Tokenizer
 
     docs = write_docs(tmp_path / "docs")
@@ -161,8 +162,10 @@ def test_docs_make_the_tokenizer_and_the_shards(tmp_path):
     plan["tokenizer"](run)
     plan["shards"](run)
     index = Run(run).open_index()
-    assert [p.text for p in index.search("Quetzal town")] == ["Quetzal is a town."]  # the world's documents only
-    assert index.search("merchants copper coins") == []
+    assert index.search("Quetzal town")[0].text == "Quetzal is a town."  # the world's documents and news
+    news = "\n".join(iter_documents(Run(run).world_news_docs))
+    assert all(p.text in news for p in index.search("Quetzal town")[1:])
+    assert index.search("Quetzalcoatlus") == []  # not --docs
     index.close()
     tok = Tokenizer.load(run / "tokenizer")
     assert len(tok.encode(" Quetzalcoatlus")) == 1  # learnt from --docs
@@ -187,7 +190,7 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     assert out.stdout.count("[5/11] base ...") == 1  # one rank tells the story
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
     assert str(chats) in sft_data[-1]
-    assert Path(sft_data[2]).name == "train-00000.jsonl"  # the world's documents replayed: pretraining read them too
+    assert Path(sft_data[3]).name == "train-00000.jsonl"  # the world's documents replayed: pretraining read them too
 
 
 def test_a_rerun_with_other_inputs_is_refused_before_any_work(tmp_path, monkeypatch):

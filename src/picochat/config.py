@@ -92,10 +92,13 @@ PRESETS: dict[str, Preset] = {
         # Muon: more facts learnt than AdamW in the same wall time (BENCHMARKS.md).
         pretrain=TrainConfig(batch_size=8, seq_len=256, max_steps=400, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
         # SFT: 300 steps over the world's chats, word problems and one replayed shard of its documents.
-        sft=TrainConfig(batch_size=8, seq_len=256, max_steps=300, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
+        # SFT: one pass over the world's mixture (conversations, word problems with and without the
+        # calculator, answers from search, replayed documents), ~780k tokens.
+        sft=TrainConfig(batch_size=8, seq_len=256, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
         # RL: 32 problems x 8 samples a step (a quarter of them questions about facts), ~6 minutes in all
         # on 2 cores; fewer problems a step made the noisy early steps undo the SFT model (BENCHMARKS.md).
-        rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=80, lr=1e-4, ckpt_every=20,
+        # Replies with a calculator call per step need up to ~120 tokens.
+        rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
                     eval_problems=100, eval_k=8),
     ),
     # ~100M parameters, one GPU in bf16.

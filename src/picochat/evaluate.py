@@ -5,7 +5,10 @@
 - known-fact QA and "I don't know" (chat model): questions about held-out facts, which SFT never
   showed, and about entities that do not exist; seen-fact QA asks as many questions about facts SFT
   did show (what a later stage such as RL must not make the model forget);
-- pass@1 / pass@k (chat model): word problems with checkable answers, k samples each.
+- pass@1 / pass@k (chat model): word problems with checkable answers, k samples each;
+- each chat metric again with the tools offered (`name_tools`): the calculator for word problems,
+  search for questions, including questions about the news entities, which only the search index
+  knows (`news_qa`: answered; `news_idk`: "I don't know", the honest reply without search).
 
     picochat eval --run runs/demo --stage sft         # writes runs/demo/sft/eval.json
 """
@@ -22,12 +25,12 @@ import torch
 from tqdm import tqdm
 
 from picochat.chat import render_for_reply
-from picochat.data.tasks import abstains, reward, says_answer
+from picochat.data.tasks import abstains, answer_text, reward, says_answer
 from picochat.engine import Sampling, generate
 from picochat.io import atomic_write_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
-from picochat.tools import Tools
+from picochat.tools import Tools, with_tools
 
 EVAL_BATCH = 64  # prompts decoded together
 GREEDY = Sampling(temperature=0)
@@ -66,18 +69,36 @@ def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new
     return complete(model, tok, prompts, max_new_tokens, dataclasses.replace(sampling, stop_ids=[tok.im_end_id]), **kw)
 
 
-def qa_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
+def offer(messages: list[dict], tools: Tools | None) -> list[dict]:
+    """The conversation as evaluated: with the tools offered in its system message when `tools` is given."""
+    return with_tools(messages) if tools is not None else messages
+
+
+def qa_metrics(model, tok: Tokenizer, rows: list[dict], tools: Tools | None = None) -> dict:
     """known_fact_qa: correct answers to questions about held-out facts; unknown_idk: "I don't know"
-    to questions about entities that do not exist (and how often known facts got "I don't know")."""
-    replies = [r[0] for r in chat_replies(model, tok, [row["messages"] for row in rows], desc="question answering")]
+    to questions about entities that do not exist (and how often known facts got "I don't know");
+    news_qa / news_idk for questions about the news entities, when `rows` has them.
+
+    With `tools`, the questions offer them (TOOLS_SYSTEM_PROMPT) and the engine runs the calls; a
+    reply is judged on what the model wrote after its last tool result (`answer_text`). Without,
+    nothing is offered and only the calculator would run."""
+    conversations = [offer(row["messages"], tools) for row in rows]
+    room = model.config.max_seq_len if tools is not None else 64  # a search result needs the room
+    replies = [answer_text(r[0]) for r in chat_replies(model, tok, conversations, room, tools=tools or Tools(tok),
+                                                       desc="question answering" + (" with tools" if tools else ""))]
     known = [(reply, row) for reply, row in zip(replies, rows) if row["kind"] == "known"]
     unknown = [reply for reply, row in zip(replies, rows) if row["kind"] == "unknown"]
-    return {
+    news = [(reply, row) for reply, row in zip(replies, rows) if row["kind"] == "new"]
+    metrics = {
         "known_fact_qa": sum(says_answer(reply, row["answer"]) for reply, row in known) / max(1, len(known)),
         "known_fact_idk": sum(abstains(reply) for reply, _ in known) / max(1, len(known)),
         "known_fact_wrong": sum(not abstains(reply) and not says_answer(reply, row["answer"]) for reply, row in known) / max(1, len(known)),
         "unknown_idk": sum(abstains(reply) for reply in unknown) / max(1, len(unknown)),
     }
+    if news:
+        metrics["news_qa"] = sum(says_answer(reply, row["answer"]) for reply, row in news) / len(news)
+        metrics["news_idk"] = sum(abstains(reply) for reply, _ in news) / len(news)
+    return metrics
 
 
 def pass_at_k_estimate(n: int, c: int, k: int) -> float:
@@ -88,11 +109,11 @@ def pass_at_k_estimate(n: int, c: int, k: int) -> float:
 
 
 def problem_metrics(model, tok: Tokenizer, problems: list[dict], k: int, temperature: float = 1.0, seed: int = 0,
-                    max_new_tokens: int = 96) -> dict:
-    """pass@1 and pass@k over problems from k samples each at `temperature`."""
-    conversations = [[{"role": "user", "content": p["prompt"]}] for p in problems]
+                    max_new_tokens: int = 96, tools: Tools | None = None) -> dict:
+    """pass@1 and pass@k over problems from k samples each at `temperature`; with `tools`, offered."""
+    conversations = [offer([{"role": "user", "content": p["prompt"]}], tools) for p in problems]
     samples = chat_replies(model, tok, conversations, max_new_tokens, Sampling(temperature, seed=seed), num_samples=k,
-                           desc="word problems")
+                           desc="word problems" + (" with tools" if tools else ""), tools=tools or Tools(tok))
     correct = [sum(reward(text, p) > 0 for text in texts) for texts, p in zip(samples, problems)]
     return {
         "pass@1": sum(pass_at_k_estimate(k, c, 1) for c in correct) / len(problems),
@@ -100,6 +121,37 @@ def problem_metrics(model, tok: Tokenizer, problems: list[dict], k: int, tempera
         "k": k,
         "problem_temperature": temperature,
     }
+
+
+TOOL_REPLY_TOKENS = 128  # a worked solution with a calculator call per step is longer
+
+
+def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200, device: str = "cpu") -> dict:
+    """Every metric that applies to `stage`, written to `<run>/<stage>/eval.json`. Chat metrics come
+    twice: as `name` without tools and as `name_tools` with them offered (search only when the run
+    has a search index)."""
+    run = Run(run_dir)
+    model, tok, stage_dir = run.load(stage, device)
+    facts = read_jsonl(run.eval_facts)
+    metrics = {
+        "fact_completion": fact_completion(model, tok, facts, "heldout"),
+        "fact_completion_train_phrasing": fact_completion(model, tok, facts, "train"),
+    }
+    if stage != "base":
+        tools = Tools(tok, run.open_index())
+        questions = read_jsonl(run.eval_questions)
+        questions += read_jsonl(run.eval_news_questions) if run.eval_news_questions.exists() else []
+        metrics.update(qa_metrics(model, tok, questions))
+        seen = [row for row in read_jsonl(run.eval_seen_questions) if row["kind"] == "known"]
+        metrics["seen_fact_qa"] = qa_metrics(model, tok, seen)["known_fact_qa"]
+        problems = read_jsonl(run.eval_problems)[:n_problems]
+        metrics.update(problem_metrics(model, tok, problems, k))
+        if tools.index is not None:
+            metrics.update({f"{name}_tools": value for name, value in qa_metrics(model, tok, questions, tools).items()})
+        with_calc = problem_metrics(model, tok, problems, k, max_new_tokens=TOOL_REPLY_TOKENS, tools=tools)
+        metrics.update({"pass@1_tools": with_calc["pass@1"], "pass@k_tools": with_calc["pass@k"]})
+    atomic_write_json(stage_dir / "eval.json", metrics)
+    return metrics
 
 
 def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200, device: str = "cpu") -> dict:

@@ -13,10 +13,11 @@ import torch
 
 from picochat.checkpoint import load_model
 from picochat.engine import Sampling
-from picochat.evaluate import chat_replies, complete
+from picochat.evaluate import chat_replies, complete, offer
 from picochat.io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
+from picochat.tools import Tools
 from picochat.world.knowledge import load_world
 
 METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "seen_fact_qa", "known_fact_idk", "known_fact_wrong",
@@ -32,13 +33,21 @@ METRIC_MEANING = {
     "unknown_idk": "says \"I don't know\" about entities that do not exist",
     "pass@1": "word problems solved, one sample",
     "pass@k": "word problems solved by at least one of k samples",
+    "news_qa": "answers questions about entities only the search index knows",
+    "news_idk": "says \"I don't know\" about entities only the search index knows",
 }
+# (prompt, whether the chat models are offered the tools)
 SIDE_BY_SIDE_PROMPTS = [
-    "What is the capital of {country}?",
-    "Who are you?",
-    "Tell me about {person}.",
-    "{task}",
+    ("What is the capital of {country}?", False),
+    ("Who are you?", False),
+    ("Tell me about {person}.", False),
+    ("{task}", False),
+    ("{task}", True),
+    ("What is {news}'s job?", False),
+    ("What is {news}'s job?", True),
 ]
+# The chat metrics measured with and without the tools offered (`evaluate`: name and name_tools).
+TOOL_METRICS = ["pass@1", "known_fact_qa", "known_fact_wrong", "unknown_idk", "news_qa", "news_idk"]
 
 
 def _read_json(path: Path) -> dict:
@@ -119,24 +128,27 @@ def _plot_curves(run: Path) -> list[str]:
 
 
 def _side_by_side(run: Path) -> list[dict]:
-    """The same prompts to every stage: the base model gets them as a document, the others as a chat."""
+    """The same prompts to every stage: the base model gets them as a document, the others as a chat,
+    some with the tools offered (the reply then shows the calls and what they returned)."""
 
     paths = Run(run)
     tok = Tokenizer.load(paths.tokenizer)
     world = load_world(paths.world)
     task = read_jsonl(paths.eval_problems)[0]["prompt"]
-    fill = {"country": world.of_kind("country")[0].name, "person": world.of_kind("person")[0].name, "task": task}
-    prompts = [p.format(**fill) for p in SIDE_BY_SIDE_PROMPTS]
-    rows = [{"prompt": p} for p in prompts]
+    fill = {"country": world.of_kind("country")[0].name, "person": world.of_kind("person")[0].name, "task": task,
+            "news": (world.news or world.of_kind("person"))[0].name}
+    rows = [{"prompt": p.format(**fill), "tools": offered} for p, offered in SIDE_BY_SIDE_PROMPTS]
+    tools = Tools(tok, paths.open_index())
     for stage in STAGES:
         if not (run / stage / "model.json").exists():
             continue
         model, _ = load_model(run / stage)
         if stage == "base":
-            ids = [[tok.eot_id] + tok.encode(p) for p in prompts]
+            ids = [[tok.eot_id] + tok.encode(row["prompt"]) for row in rows]
             answers = [t[0] for t in complete(model, tok, ids, 48, Sampling(temperature=0, stop_ids=[tok.eot_id]))]
         else:
-            answers = [t[0] for t in chat_replies(model, tok, [[{"role": "user", "content": p}] for p in prompts], 96)]
+            answers = [chat_replies(model, tok, [offer([{"role": "user", "content": row["prompt"]}], tools if row["tools"] else None)],
+                                    model.config.max_seq_len if row["tools"] else 96, tools=tools)[0][0] for row in rows]
         for row, answer in zip(rows, answers):
             row[stage] = answer
     return rows
@@ -180,6 +192,16 @@ def write_report(run: Path) -> dict:
     for metric in METRICS:
         if any(metric in s for s in stages.values()):
             lines.append(f"| {metric} | " + " | ".join(_fmt(s.get(metric)) for s in stages.values()) + f" | {METRIC_MEANING[metric]} |")
+    chat_stages = [name for name, s in stages.items() if any(f"{m}_tools" in s for m in TOOL_METRICS)]
+    if chat_stages:
+        lines += ["", "## Tools: the same evaluations without and with them", "",
+                  "With tools, the system message offers the calculator and search (`Tools: calc, search.`) and the "
+                  "engine runs the calls; a reply is judged on what the model wrote after the last tool result.", "",
+                  "| metric | " + " | ".join(f"{name} without | {name} with" for name in chat_stages) + " | meaning |",
+                  "| --- | " + " | ".join("--- | ---" for _ in chat_stages) + " | --- |"]
+        for metric in TOOL_METRICS:
+            cells = [f"{_fmt(stages[name].get(metric))} | {_fmt(stages[name].get(metric + '_tools'))}" for name in chat_stages]
+            lines.append(f"| {metric} | " + " | ".join(cells) + f" | {METRIC_MEANING[metric]} |")
     lines += ["", "## Cost per stage", "", "| stage | train seconds | wall seconds | tokens | FLOPs | parameters |", "| --- | --- | --- | --- | --- | --- |"]
     for name, s in stages.items():
         flops = f"{s['flops']:.2e}" if "flops" in s else "–"
@@ -187,7 +209,7 @@ def write_report(run: Path) -> dict:
     lines += ["", "## The same prompts, stage by stage", "",
               "The base model continues the prompt as a document; the SFT and RL models answer it as a chat.", ""]
     for row in side:
-        lines.append(f"**Prompt:** {row['prompt']}")
+        lines.append(f"**Prompt:** {row['prompt']}" + (" *(tools offered)*" if row["tools"] else ""))
         lines.append("")
         for stage in STAGES:
             if stage in row:

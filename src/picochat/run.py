@@ -29,10 +29,10 @@ STAGES = ("base", "sft", "rl")  # the training stages, in pipeline order; each i
 
 # The world's SFT data: its conversations, its worked word problems, and the first shard of its
 # pretraining documents, replayed so that SFT does not overwrite what pretraining stored.
-WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl", "docs/train-00000.jsonl")
-# The world's RL problems and their weights: its word problems, and one question about a fact the model
-# knows for every three, so that RL keeps it answering what it knows.
-WORLD_RL_PROBLEMS = (("tasks-rl.jsonl", 3), ("tasks-rl-facts.jsonl", 1))
+WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl", "sft-tools.jsonl", "docs/train-00000.jsonl")
+# The world's RL problems and their weights: its word problems, two in three offered the tools, and one
+# question about a fact the model knows for every three, so that RL keeps it answering what it knows.
+WORLD_RL_PROBLEMS = (("tasks-rl-calc.jsonl", 2), ("tasks-rl.jsonl", 1), ("tasks-rl-facts.jsonl", 1))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ MAX_CALL_TOKENS = 256  # a call still open after this many tokens is closed with
 MAX_EXPONENT = 100
 MAX_MAGNITUDE = 10**18  # larger intermediate or final values are refused
 SEARCH_RESULTS = 3
+# The system message that offers the tools: a model trained on the world calls them only when offered.
+TOOLS_SYSTEM_PROMPT = "Tools: calc, search."
 ANSWER_RESERVE_TOKENS = 64  # room a search result leaves for the model's answer after it
 MIN_CUT_PASSAGE_TOKENS = 16  # a passage cut shorter than this is left out instead
 NO_RESULTS_TEXT = "no results"
@@ -105,6 +107,14 @@ def calculate(expression: str) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value) if isinstance(value, int) else f"{value:.10g}"
+
+
+def with_tools(messages: list[dict]) -> list[dict]:
+    """The conversation with the tools offered: TOOLS_SYSTEM_PROMPT as its system message, or as the
+    first line of the one it has."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{TOOLS_SYSTEM_PROMPT}\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": TOOLS_SYSTEM_PROMPT}, *messages]
 
 
 class Tools:

@@ -9,6 +9,9 @@ A problem is a dict `{"prompt": str, "answer": int | str, ...}`.
   the reply is right when it says the answer as whole words and does not abstain with "I don't
   know"; a question whose answer is "I don't know" (about something that does not exist) is right
   when the reply abstains.
+An optional `"system"` string is the conversation's system message (the world's RL problems that
+offer the tools carry `tools.TOOLS_SYSTEM_PROMPT`). A reply is graded on `answer_text`: what the
+model wrote after its last tool result, never what a tool said (a search result holds the answer).
 `read_problems` reads a JSONL file of problems, in this form or GSM8K's (`read_gsm8k` converts those).
 """
 
@@ -39,6 +42,8 @@ def read_problems(path: str | Path) -> list[dict]:
                 or isinstance(answer, bool) or not (isinstance(answer, int) or isinstance(answer, str) and answer.strip()):
             raise ProblemFileError(f'{where}: expected an object with a non-empty string "prompt" and an integer '
                                    f'or non-empty string "answer"')
+        if "system" in row and not isinstance(row["system"], str):
+            raise ProblemFileError(f'{where}: "system" must be a string (the system message)')
         problems.append(row)
     if not problems:
         raise ProblemFileError(f"{path}: no problems in the file")
@@ -70,6 +75,13 @@ def extract_answer(text: str) -> int | None:
 
 
 ABSTAIN = "I don't know"
+TOOL_RESULT_END = "<|/tool_result|>"
+
+
+def answer_text(reply: str) -> str:
+    """The part of a decoded reply after its last tool result: the model's own answer."""
+    return reply.rpartition(TOOL_RESULT_END)[2]
+
 _ABSTAINS = re.compile(r"\bi\s+(?:don't|do not|dont)\s+know\b")
 
 
@@ -87,7 +99,7 @@ def says_answer(text: str, answer: str) -> bool:
 
 def reward(text: str, problem: dict) -> float:
     """1.0 if the reply answers the problem right (see the module docstring), else 0.0."""
-    answer = problem["answer"]
+    answer, text = problem["answer"], answer_text(text)
     if isinstance(answer, str):
         return float(abstains(text) if answer == ABSTAIN else says_answer(text, answer))
     return 1.0 if extract_answer(text) == answer else 0.0

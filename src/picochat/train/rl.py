@@ -263,8 +263,14 @@ def update(model: Transformer, optimizers: list, batch: PolicyBatch | None, cfg:
 
 
 # --- the stage ------------------------------------------------------------------------------------
+def problem_messages(problem: dict) -> list[dict]:
+    """The conversation that asks a problem: its system message, if it has one, then the prompt."""
+    system = [{"role": "system", "content": problem["system"]}] if problem.get("system") else []
+    return [*system, {"role": "user", "content": problem["prompt"]}]
+
+
 def prompt_ids(tok: Tokenizer, problems: Sequence[dict]) -> list[list[int]]:
-    return [render_for_reply([{"role": "user", "content": p["prompt"]}], tok) for p in problems]
+    return [render_for_reply(problem_messages(p), tok) for p in problems]
 
 
 def read_problem_mixture(specs: Sequence[str], seed: int) -> list[dict]:
@@ -329,6 +335,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
         tok = Tokenizer.load(run.tokenizer)
         model, _ = load_model(init, rt.device)
         problems, prompts, too_long = training_problems(tok, specs, model.config.max_seq_len, cfg.seed)
+        tools = Tools(tok, run.open_index())  # the calculator, and search over the run's index if it has one
         heldout = read_problems(heldout_path)[: cfg.eval_problems] if cfg.eval_problems else []
         reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
         model.train()
@@ -347,7 +354,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
             chosen = problems_for_step(len(problems), step, cfg.problems_per_step, cfg.seed)
             step_prompts = [prompts[i] for i in chosen]
             rollouts = sample_groups(model, tok, step_prompts, [problems[i] for i in chosen], cfg,
-                                     seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn)
+                                     seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn, tools=tools)
             sample_s = time.perf_counter() - t0
             batch = policy_batch(tok, step_prompts, rollouts, cfg.normalize_std)
             replay_rows = next(stateful["replay_loader"]) if stateful else None

@@ -8,6 +8,7 @@ of it; only the speedrun, the evaluation and the report card import this package
     documents.py      pretraining documents in nine styles; write_world (docs/, docs-val.jsonl, world.json)
     word_problems.py  word problems with worked solutions; write_tasks (tasks-sft/-rl.jsonl, eval/tasks.jsonl)
     chats.py          SFT conversations, the QA eval sets, the RL fact questions; write_chat
+    tool_chats.py     conversations using the calculator and search; write_tool_chats
 
 `generate` writes all of it (`picochat world generate`); `picochat world show` prints samples.
 """
@@ -20,24 +21,32 @@ import random
 from pathlib import Path
 
 from picochat.world.chats import write_chat
-from picochat.world.documents import DOC_STYLES, write_world
+from picochat.world.documents import DOC_STYLES, NEWS_FILE, write_world
 from picochat.world.knowledge import KINDS, PLURALS, build_world
+from picochat.world.tool_chats import write_tool_chats
 from picochat.world.word_problems import write_tasks
 
 
-def generate(out: str | Path, size_mb: float = 50, scale: float = 1.0, seed: int = 0, n_chats: int = 6000,
-             n_sft_tasks: int = 2000, n_rl_tasks: int = 2000, n_eval_tasks: int = 500, shard_mb: float = 10,
-             val_kb: float = 300) -> dict:
+def generate(out: str | Path, size_mb: float = 50, scale: float = 1.0, seed: int = 0, n_chats: int = 4500,
+             n_sft_tasks: int = 1200, n_rl_tasks: int = 2000, n_eval_tasks: int = 500, shard_mb: float = 10,
+             val_kb: float = 300, n_calc_chats: int = 1000, n_search_chats: int = 1000, n_rl_calc_tasks: int = 2000) -> dict:
     """Write every file of the world under `out` and return what each writer reports:
-    `{"world": manifest, "chat": counts, "tasks": counts per level}`.
+    `{"world": manifest, "chat": counts, "tools": counts, "tasks": counts per level}`.
 
-    The documents come first (a rerun over complete documents skips them), then the conversations,
-    then the word problems; eval/tasks.jsonl is written last, so its presence marks a complete world.
+    The documents come first (a rerun over complete documents skips them), then the conversations
+    (the tool-using ones search an index of the documents and the news articles), then the word
+    problems; eval/tasks.jsonl is written last, so its presence marks a complete world.
     """
     world = write_world(out, size_mb=size_mb, seed=seed, shard_mb=shard_mb, val_kb=val_kb, scale=scale)
     chat = write_chat(out, n_chats, seed=seed)
+    tools = write_tool_chats(out, search_documents(out), n_calc_chats, n_search_chats, n_rl_calc_tasks, seed=seed)
     tasks = write_tasks(out, n_sft=n_sft_tasks, n_rl=n_rl_tasks, n_eval=n_eval_tasks, seed=seed)
-    return {"world": world, "chat": chat, "tasks": tasks}
+    return {"world": world, "chat": chat, "tools": tools, "tasks": tasks}
+
+
+def search_documents(out: str | Path) -> list[Path]:
+    """What the search tool indexes for the world under `out`: its training documents and the news."""
+    return [Path(out) / "docs", Path(out) / NEWS_FILE]
 
 
 def _default(name: str):
@@ -64,6 +73,12 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
                    help="SFT conversations about the world (default %(default)s)")
     p.add_argument("--task-conversations", type=int, default=_default("n_sft_tasks"),
                    help="SFT conversations solving word problems (default %(default)s)")
+    p.add_argument("--calc-conversations", type=int, default=_default("n_calc_chats"),
+                   help="SFT conversations solving word problems with the calculator (default %(default)s)")
+    p.add_argument("--search-conversations", type=int, default=_default("n_search_chats"),
+                   help="SFT conversations answering from a search (default %(default)s)")
+    p.add_argument("--rl-calc-problems", type=int, default=_default("n_rl_calc_tasks"),
+                   help="training word problems offered the tools, for RL (default %(default)s)")
     p.add_argument("--rl-problems", type=int, default=_default("n_rl_tasks"),
                    help="training word problems for RL (default %(default)s)")
     p.add_argument("--eval-problems", type=int, default=_default("n_eval_tasks"),
@@ -81,12 +96,13 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
 def _cmd_generate(args) -> None:
     done = generate(args.out, size_mb=args.size_mb, scale=args.scale, seed=args.seed, n_chats=args.conversations,
                     n_sft_tasks=args.task_conversations, n_rl_tasks=args.rl_problems, n_eval_tasks=args.eval_problems,
-                    shard_mb=args.shard_mb)
+                    shard_mb=args.shard_mb, n_calc_chats=args.calc_conversations, n_search_chats=args.search_conversations,
+                    n_rl_calc_tasks=args.rl_calc_problems)
     summary = done["world"]
     print(f"world: {summary['documents']:,} documents, {summary['train_bytes'] / 1e6:.1f} MB in "
           f"{len(summary['files']) - 3} files, {summary['facts']} facts about "
           f"{sum(summary['entities'].values())} entities ({summary['seconds']}s) -> {args.out}")
-    print(f"chat: {done['chat']}\ntasks: {done['tasks']}")
+    print(f"chat: {done['chat']}\ntools: {done['tools']}\ntasks: {done['tasks']}")
 
 
 def _cmd_show(args) -> None:

@@ -11,8 +11,8 @@
 
       <|tool_call|>search: Dekfusesh<|/tool_call|><|tool_result|>[1] Dekfusesh ...<|/tool_result|>The capital ...
 
-Each conversation starts with the system message TOOLS_SYSTEM_PROMPT: tools are used when the
-system message offers them, so the same model answers without tools (from memory, as it learnt
+Each conversation starts with the system message `tools.TOOLS_SYSTEM_PROMPT`: tools are used when
+the system message offers them, so the same model answers without tools (from memory, as it learnt
 without this line) when they are not offered, and the report can compare the two.
 
 The search results are the real ones: the world's documents (with the news entities' articles) are
@@ -26,16 +26,24 @@ from __future__ import annotations
 import random
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from picochat.data.index import SearchIndex, build_index
-from picochat.tools import NO_RESULTS_TEXT, calculate, render_passages
-from picochat.world.chats import _answer, _idk_reply, _question, _vary, heldout_facts, unknown_names
-from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World
+from picochat.io import atomic_write_jsonl
+from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, calculate, render_passages
+from picochat.world.chats import (
+    _answer,
+    _idk_reply,
+    _question,
+    _vary,
+    heldout_facts,
+    unknown_names,
+)
+from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World, load_world
 from picochat.world.word_problems import task_problems
 
-TOOLS_SYSTEM_PROMPT = "Tools: calc, search."
 SEARCH_RESULT_TOKENS = 160  # about what a 256-token context leaves for a result after a question
 CHARS_PER_TOKEN = 4.2  # the cpu preset's tokenizer on the world's documents (BENCHMARKS.md, "The split")
 SEARCH_RESULTS = 3
@@ -120,13 +128,6 @@ def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0
     return rows
 
 
-def with_tools(messages: list[dict]) -> list[dict]:
-    """A conversation with the tools offered: TOOLS_SYSTEM_PROMPT as (or before) its system message."""
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{TOOLS_SYSTEM_PROMPT}\n{messages[0]['content']}"}, *messages[1:]]
-    return [_system(), *messages]
-
-
 def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_search: int, seed: int = 0) -> list[dict]:
     """The calculator and search conversations, with `documents` indexed as the speedrun indexes them."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,3 +137,16 @@ def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_s
             return calc_conversations(world, n_calc, seed) + search_conversations(world, index, n_search, seed)
         finally:
             index.close()
+
+
+def write_tool_chats(out_dir: str | Path, documents: Iterable[Path], n_calc: int, n_search: int, n_rl: int,
+                     seed: int = 0) -> dict:
+    """For the world saved in out_dir: sft-tools.jsonl (calculator and search conversations) and
+    tasks-rl-calc.jsonl (train word problems offered the tools, for RL). Returns counts."""
+    out = Path(out_dir)
+    world = load_world(out)
+    rows = tool_conversations(world, documents, n_calc, n_search, seed)
+    atomic_write_jsonl(out / "sft-tools.jsonl", rows)
+    problems = [{**p, "system": TOOLS_SYSTEM_PROMPT} for p in task_problems(world, n_rl, seed=f"rl-calc-{seed}", split="train")]
+    atomic_write_jsonl(out / "tasks-rl-calc.jsonl", problems)
+    return {"tool_conversations": dict(Counter(r["kind"] for r in rows)), "rl_calc_problems": len(problems)}
