@@ -200,8 +200,8 @@ def test_a_newest_message_too_long_for_the_context_is_refused(small_tokenizer):
     messages = LONG_CHAT[:1] + [{"role": "user", "content": "word " * 40}]
     length = len(render_for_reply(messages, small_tokenizer))
     assert fit_to_context(messages, small_tokenizer, context=length + 8, reserve=8) == (messages, 0)
-    with pytest.raises(ContextOverflowError, match=f"the system message and the newest message take {length} tokens; "
-                       f"with 8 kept for the reply they do not fit the model's context of {length + 7} tokens"):
+    with pytest.raises(ContextOverflowError, match=f"the newest message with the system message needs {length} tokens and "
+                       f"8 are kept for the reply: more than the model's context of {length + 7} tokens"):
         fit_to_context(messages, small_tokenizer, context=length + 7, reserve=8)
     assert issubclass(ContextOverflowError, ConversationError)
 

@@ -65,7 +65,7 @@ def test_the_session_keeps_the_system_prompt_and_the_newest_exchanges_within_the
 
 def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(cpu_context_run, monkeypatch, capsys):
     out = chat(cpu_context_run, ["word " * 300, "Hello?"], monkeypatch, capsys, "--max-tokens", "8")
-    assert "[the newest message take" in out and "do not fit the model's context of 256 tokens]" in out
+    assert "[the newest message needs" in out and "8 are kept for the reply: more than the model's context of 256 tokens]" in out
     assert out.count("picochat> ") == 1
 
 

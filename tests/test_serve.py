@@ -338,7 +338,7 @@ def test_truncation_keeps_a_conversation_that_fits_whole_and_refuses_a_message_t
     refused = httpx.post(f"{server}/v1/chat/completions", json={"model": "demo-sft", "messages": too_long, "truncation": "auto"})
     error = refused.json()["error"]
     assert refused.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
-    assert "the system message and the newest message take" in error["message"]
+    assert "the newest message with the system message needs" in error["message"]
     plain = httpx.post(f"{server}/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "truncation": "never"})
     assert plain.status_code == 400 and plain.json()["error"]["param"] == "truncation"
 

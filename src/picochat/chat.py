@@ -242,9 +242,9 @@ def fit_to_context(messages: Sequence[Message], tokenizer, context: int, reserve
         total -= sum(sizes[keep_from:start])
         keep_from = start
     if total + reserve > context:
-        what = "the system message and the newest message" if first else "the newest message"
-        raise ContextOverflowError(f"{what} take {total} tokens; with {reserve} kept for the reply they do not fit "
-                                   f"the model's context of {context} tokens")
+        with_system = " with the system message" if first else ""
+        raise ContextOverflowError(f"the newest message{with_system} needs {total} tokens and {reserve} are kept for "
+                                   f"the reply: more than the model's context of {context} tokens")
     return list(messages[:first]) + list(messages[keep_from:]), keep_from - first
 
 
