@@ -9,14 +9,17 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from picochat.chat import (
     CHAT_TEMPLATE,
+    ContextOverflowError,
     ConversationError,
     ToolCallError,
+    fit_to_context,
     from_openai_tool_call,
     parse,
     parse_tool_call,
     render,
     render_batch,
     render_for_reply,
+    reply_reserve,
     to_openai_tool_call,
     to_text,
     validate,
@@ -184,6 +187,53 @@ def test_too_long_for_the_context(small_tokenizer):
     assert render(LECTURE, small_tokenizer, max_len=len(ids))[0] == ids
     with pytest.raises(ConversationError, match=f"is {len(ids)} tokens, longer than the context of {len(ids) - 1}"):
         render(LECTURE, small_tokenizer, max_len=len(ids) - 1)
+
+
+# --- fitting a long conversation to the context -------------------------------------------------------
+LONG_CHAT = WITH_SYSTEM + [{"role": "user", "content": f"Tell me more, part {k}."} if i == 0 else
+                           {"role": "assistant", "content": f"Here is part {k} of the story, told at some length."}
+                           for k in range(4) for i in range(2)] + WITH_TOOL[:3]  # ends waiting on a tool result
+
+
+def exchange_starts(messages):
+    return [i for i, m in enumerate(messages) if m["role"] == "user"]
+
+
+def test_a_conversation_that_fits_is_kept_whole(small_tokenizer):
+    length = len(render_for_reply(LONG_CHAT, small_tokenizer))
+    assert fit_to_context(LONG_CHAT, small_tokenizer, context=length + 5, reserve=5) == (LONG_CHAT, 0)
+
+
+@pytest.mark.parametrize("reserve", [1, 20])
+def test_the_oldest_whole_exchanges_are_dropped_and_the_system_message_kept(small_tokenizer, reserve):
+    full = len(render_for_reply(LONG_CHAT, small_tokenizer))
+    newest = len(render_for_reply(LONG_CHAT[:1] + LONG_CHAT[exchange_starts(LONG_CHAT)[-1]:], small_tokenizer))
+    seen = set()
+    for context in range(newest + reserve, full + reserve):
+        kept, dropped = fit_to_context(LONG_CHAT, small_tokenizer, context, reserve)
+        start = len(LONG_CHAT) - (len(kept) - 1)
+        assert kept == LONG_CHAT[:1] + LONG_CHAT[start:] and dropped == start - 1
+        assert start in exchange_starts(LONG_CHAT)  # whole exchanges: the tool call stays with its result
+        assert len(render_for_reply(kept, small_tokenizer)) + reserve <= context
+        previous = max(s for s in exchange_starts(LONG_CHAT) if s < start)  # keeping one more would not fit
+        assert len(render_for_reply(LONG_CHAT[:1] + LONG_CHAT[previous:], small_tokenizer)) + reserve > context
+        seen.add(dropped)
+    assert len(seen) == len(exchange_starts(LONG_CHAT)) - 1  # every cut, down to the newest exchange alone
+
+
+def test_a_newest_message_too_long_for_the_context_is_refused(small_tokenizer):
+    messages = LONG_CHAT[:1] + [{"role": "user", "content": "word " * 40}]
+    length = len(render_for_reply(messages, small_tokenizer))
+    assert fit_to_context(messages, small_tokenizer, context=length + 8, reserve=8) == (messages, 0)
+    with pytest.raises(ContextOverflowError, match=f"the newest message with the system message needs {length} tokens and "
+                       f"8 are kept for the reply: more than the model's context of {length + 7} tokens"):
+        fit_to_context(messages, small_tokenizer, context=length + 7, reserve=8)
+    assert issubclass(ContextOverflowError, ConversationError)
+
+
+def test_the_reply_reserve_is_max_tokens_but_at_most_half_the_context():
+    assert [reply_reserve(m, 256) for m in (None, 1, 100, 128, 200, 10_000)] == [128, 1, 100, 128, 128, 128]
+    assert reply_reserve(None, 1) == 1
 
 
 def test_render_refuses_what_it_cannot_train_on(small_tokenizer):

@@ -14,11 +14,13 @@ import pytest
 import torch
 import uvicorn
 
-from picochat.chat import render_for_reply
+from picochat.chat import REPLY_STOP_IDS, render_for_reply
 from picochat.checkpoint import save_model
 from picochat.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ContinuousBatch, GenerationError, Sampling, generate
 from picochat.model import ModelConfig, Transformer
 from picochat.serve.app import create_app, load_models
+from picochat.serve.completions import conversation
+from picochat.serve.schemas import ChatMessage
 from picochat.serve.text import StopStrings
 from picochat.tokenizer import TextStream
 from picochat.tokenizer import iter_text
@@ -86,7 +88,7 @@ def greedy_reply(loaded, messages, max_tokens):
     """What the sft model says, decoded with generate() directly."""
     tokenizer, models, _ = loaded
     prompt = render_for_reply(messages, tokenizer)
-    [[completion]] = generate(models["demo-sft"], [prompt], max_tokens, Sampling(0, stop_ids=[tokenizer.im_end_id]), tokenizer=tokenizer)
+    [[completion]] = generate(models["demo-sft"], [prompt], max_tokens, Sampling(0, stop_ids=REPLY_STOP_IDS), tokenizer=tokenizer)
     return tokenizer.decode(completion.tokens), completion
 
 
@@ -248,7 +250,8 @@ def test_n_choices_with_a_seed_are_reproducible(client):
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
     assert len({c.message.content for c in first.choices}) > 1
-    assert first.usage.completion_tokens == 36
+    assert [c.finish_reason for c in first.choices] == [c.finish_reason for c in again.choices]
+    assert first.usage.completion_tokens == again.usage.completion_tokens <= 36  # 12 each, less for one that stopped
 
 
 def test_stop_strings_end_the_reply_where_they_appear(client, loaded):
@@ -283,6 +286,61 @@ def test_assistant_replies_with_inline_calculator_calls_are_read_back_as_tool_me
     assert [t["id"] for t in view["tokens"] if t["special"]].count(4) == 1  # one real <|tool_call|> token
     assert view["text"].endswith("<|im_start|>assistant<|im_sep|>")
     assert view["count"] == len(view["tokens"])
+
+
+# --- conversations longer than the context ---------------------------------------------------------
+SYSTEM = {"role": "system", "content": "You are picochat."}
+CALCULATED = "Let me see.<|tool_call|>2*3<|/tool_call|><|tool_result|>6<|/tool_result|>It is 6."
+
+
+def long_chat(turns: int) -> list[dict]:
+    """A system message, then `turns` exchanges (the first reply with a calculator call), then a question."""
+    messages = [SYSTEM]
+    for turn in range(turns):
+        messages += [{"role": "user", "content": f"Tell me about Oskel, part {turn}."},
+                     {"role": "assistant", "content": CALCULATED if turn == 0 else f"Oskel lies on the river Tam ({turn})."}]
+    return messages + [{"role": "user", "content": "And then?"}]
+
+
+def conversation_of(messages: list[dict]) -> list[dict]:
+    """Request messages in the chat protocol's form, as the server reads them."""
+    return conversation([ChatMessage(**m) for m in messages])
+
+
+def test_a_conversation_too_long_for_the_context_gets_a_400_unless_truncation_is_asked_for(server, loaded):
+    messages = long_chat(turns=8)
+    body = {"model": "demo-sft", "messages": messages, "max_tokens": 16, "temperature": 0}
+    refused = httpx.post(f"{server}/v1/chat/completions", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert "X-Picochat-Dropped-Messages" not in refused.headers
+    response = httpx.post(f"{server}/v1/chat/completions", json={**body, "truncation": "auto"})
+    assert response.status_code == 200, response.text
+    dropped = int(response.headers["X-Picochat-Dropped-Messages"])
+    assert dropped > 0 and dropped % 2 == 0  # whole exchanges, the calculator reply dropped as one message
+    kept = [SYSTEM] + messages[1 + dropped:]
+    tokenizer = loaded[0]
+    view = httpx.post(f"{server}/v1/tokenize", json={"messages": kept}).json()
+    assert view["count"] + 16 <= CONTEXT  # room for max_tokens was kept ...
+    longer = [SYSTEM] + messages[dropped - 1:]
+    assert len(render_for_reply(conversation_of(longer), tokenizer)) + 16 > CONTEXT  # ... and no more was dropped
+    expected, _ = greedy_reply(loaded, conversation_of(kept), 16)
+    assert response.json()["choices"][0]["message"]["content"] == expected
+    assert response.json()["usage"]["prompt_tokens"] == view["count"]
+    streamed = httpx.post(f"{server}/v1/chat/completions", json={**body, "truncation": "auto", "stream": True})
+    assert streamed.headers["X-Picochat-Dropped-Messages"] == str(dropped) and streamed.text.endswith("data: [DONE]\n\n")
+
+
+def test_truncation_keeps_a_conversation_that_fits_whole_and_refuses_a_message_too_long_alone(server):
+    fits = httpx.post(f"{server}/v1/chat/completions",
+                      json={"model": "demo-sft", "messages": HELLO, "max_tokens": 4, "truncation": "auto"})
+    assert fits.status_code == 200 and fits.headers["X-Picochat-Dropped-Messages"] == "0"
+    too_long = long_chat(turns=2)[:-1] + [{"role": "user", "content": "word " * 300}]
+    refused = httpx.post(f"{server}/v1/chat/completions", json={"model": "demo-sft", "messages": too_long, "truncation": "auto"})
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "the newest message with the system message needs" in error["message"]
+    plain = httpx.post(f"{server}/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "truncation": "never"})
+    assert plain.status_code == 400 and plain.json()["error"]["param"] == "truncation"
 
 
 @pytest.mark.parametrize("body, param, needle", [
@@ -342,6 +400,46 @@ class GatedTransformer(Transformer):
         return super().forward(*args, **kwargs)
 
 
+class ScriptedTransformer(Transformer):
+    """A Transformer that, decoding greedily, says `script`: after `after` (the prompt's last token)
+    and after each token of the script, the script's next token is made by far the likeliest."""
+
+    def __init__(self, source: Transformer, after: int, script: list[int]):
+        super().__init__(source.config)
+        self.load_state_dict(source.state_dict())
+        self.eval()
+        chain = [after] + script
+        assert len(set(chain)) == len(chain), "each token of the script must be different"
+        self.successor = dict(zip(chain, chain[1:]))
+
+    def forward(self, input_ids, *args, **kwargs):
+        logits = super().forward(input_ids, *args, **kwargs)
+        for row, last in enumerate(input_ids[:, -1].tolist()):
+            if last in self.successor:
+                logits[row, -1, self.successor[last]] = logits[row, -1].max() + 100
+        return logits
+
+
+def runs_on_into_a_document(model: Transformer, tokenizer) -> tuple[ScriptedTransformer, str]:
+    """`model` scripted to reply "Oskel lies on the Tam." then <|endoftext|> and a new document; and that reply."""
+    reply = "Oskel lies on the Tam."
+    script = tokenizer.encode(reply) + [tokenizer.eot_id] + tokenizer.encode("The capital of Varnia") + [tokenizer.im_end_id]
+    return ScriptedTransformer(model, tokenizer.im_sep_id, script), reply
+
+
+def test_endoftext_ends_a_chat_reply(loaded):
+    tokenizer, models, _ = loaded
+    model, reply = runs_on_into_a_document(models["demo-sft"], tokenizer)
+    with serving(create_app(tokenizer, {"demo-sft": model})) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        response = client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=40, temperature=0)
+        [choice] = response.choices
+        assert (choice.message.content, choice.finish_reason) == (reply, "stop")
+        assert response.usage.completion_tokens == len(tokenizer.encode(reply))
+        streamed = client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=40, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply
+
+
 @pytest.fixture
 def gated(loaded):
     tokenizer, models, _ = loaded
@@ -351,7 +449,7 @@ def gated(loaded):
 def test_concurrent_streaming_clients_are_decoded_together_and_correctly(gated, loaded):
     tokenizer, model = gated
     questions = [[{"role": "user", "content": f"Question number {i}: where is Oskel?"}] for i in range(6)]
-    expected = [greedy_reply(loaded, q, 20)[0] for q in questions]
+    expected = [greedy_reply(loaded, q, 20) for q in questions]
 
     def ask(url, messages):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -365,8 +463,8 @@ def test_concurrent_streaming_clients_are_decoded_together_and_correctly(gated, 
             model.permits.release(10_000)
             replies = [f.result(timeout=60) for f in futures]
         stats = health(url)
-    assert replies == expected
-    assert stats["tokens"] == 20 * len(questions)
+    assert replies == [text for text, _ in expected]
+    assert stats["tokens"] == sum(len(completion.tokens) for _, completion in expected)
     assert stats["steps"] <= 21 + 1  # the first request's prefill, then everyone together
 
 

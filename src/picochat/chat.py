@@ -30,6 +30,9 @@ Loss mask: `mask[i] == 1` means token i is trained (predicted from the tokens be
 the assistant writes is trained: its content, its tool calls and its closing `<|im_end|>`; headers,
 user/system text and tool results (which the engine inserts) have mask 0.
 
+A conversation longer than the model's context is fitted to it by `fit_to_context`, which drops
+whole exchanges, oldest first, and keeps the system message. A reply ends at any of `REPLY_STOP_IDS`.
+
 `CHAT_TEMPLATE` is the same format as a Hugging Face Jinja chat template.
 """
 
@@ -51,6 +54,10 @@ TOOLS = {"calc": "expression", "search": "query"}
 
 Message = dict
 Segment = tuple[int | str, bool]  # (special token id or plain text, trained?)
+
+# The ids that end an assistant reply: <|im_end|> closes the turn; <|endoftext|> would begin a new
+# document, which a reply must not run on into when a model emits it.
+REPLY_STOP_IDS = frozenset({IM_END, EOT})
 
 
 class ConversationError(ValueError):
@@ -136,23 +143,33 @@ def _a(role: str) -> str:
 def _segments(messages: Sequence[Message], reply_prompt: bool = False) -> list[Segment]:
     """The conversation as special tokens and plain texts, each marked trained or not."""
     segments: list[Segment] = [(EOT, False)]
-    for i, message in enumerate(messages):
-        role, content = message["role"], message["content"]
-        if role == "tool":
-            segments += [(TOOL_RESULT, False), (content, False), (TOOL_RESULT_END, False)]
-            continue
-        trained = role == "assistant"
-        continues_turn = trained and i > 0 and messages[i - 1]["role"] == "tool"
-        if not continues_turn:
-            segments += [(IM_START, False), (role, False), (IM_SEP, False)]
-        segments.append((content, trained))
-        if message.get("tool_call") is not None:
-            segments += [(TOOL_CALL, True), (message["tool_call"], True), (TOOL_CALL_END, True)]
-        else:
-            segments.append((IM_END, trained))
-    if reply_prompt and messages[-1]["role"] != "tool":
-        segments += [(IM_START, False), ("assistant", False), (IM_SEP, False)]
+    for i in range(len(messages)):
+        segments += _message_segments(messages, i)
+    if reply_prompt:
+        segments += _reply_header(messages)
     return segments
+
+
+def _message_segments(messages: Sequence[Message], i: int) -> list[Segment]:
+    """Message i's part of the rendered conversation."""
+    message = messages[i]
+    role, content = message["role"], message["content"]
+    if role == "tool":
+        return [(TOOL_RESULT, False), (content, False), (TOOL_RESULT_END, False)]
+    trained = role == "assistant"
+    continues_turn = trained and i > 0 and messages[i - 1]["role"] == "tool"
+    segments: list[Segment] = [] if continues_turn else [(IM_START, False), (role, False), (IM_SEP, False)]
+    segments.append((content, trained))
+    if message.get("tool_call") is not None:
+        segments += [(TOOL_CALL, True), (message["tool_call"], True), (TOOL_CALL_END, True)]
+    else:
+        segments.append((IM_END, trained))
+    return segments
+
+
+def _reply_header(messages: Sequence[Message]) -> list[Segment]:
+    """What opens the assistant's reply after `messages`: nothing after a tool result (the turn is open)."""
+    return [] if messages[-1]["role"] == "tool" else [(IM_START, False), ("assistant", False), (IM_SEP, False)]
 
 
 def _encode(conversations_segments: list[list[Segment]], tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -204,6 +221,47 @@ def to_text(messages: Sequence[Message], add_generation_prompt: bool = False) ->
     """The rendered conversation as a string with the special tokens visible (for the token view)."""
     validate(messages, end="prompt" if add_generation_prompt else "any")
     return "".join(piece if isinstance(piece, str) else SPECIAL_TOKENS[piece] for piece, _ in _segments(messages, add_generation_prompt))
+
+
+# --- fitting a conversation to the model's context --------------------------------------------------
+class ContextOverflowError(ConversationError):
+    """A conversation whose newest exchange (with the system message) leaves too little room for a reply."""
+
+
+def reply_reserve(max_tokens: int | None, context: int) -> int:
+    """The room `fit_to_context` keeps for a reply of at most `max_tokens` tokens: that many, but at most
+    half the context (half when max_tokens is None), so that long replies do not crowd out the conversation."""
+    half = max(1, context // 2)
+    return half if max_tokens is None else max(1, min(max_tokens, half))
+
+
+def fit_to_context(messages: Sequence[Message], tokenizer, context: int, reserve: int) -> tuple[list[Message], int]:
+    """(the messages to prompt with, how many were dropped) for a conversation that ends waiting for
+    the assistant: its oldest exchanges are dropped until the rendered prompt leaves `reserve` tokens
+    of the `context` for the reply.
+
+    A leading system message is always kept. An exchange is a user message with everything up to the
+    next one (the assistant's turn, its tool calls and their results), dropped whole, oldest first.
+    ContextOverflowError when even the newest exchange alone (with the system message) does not fit.
+    """
+    validate(messages, end="prompt")
+    reserve = max(1, reserve)
+    pieces = [_message_segments(messages, i) for i in range(len(messages))] + [[(EOT, False)] + _reply_header(messages)]
+    sizes = [len(ids) for ids, _ in _encode(pieces, tokenizer)]
+    total = sum(sizes)  # == len(render_for_reply(messages, tokenizer))
+    first = 1 if messages[0]["role"] == "system" else 0
+    starts = [i for i, message in enumerate(messages) if message["role"] == "user"]
+    keep_from = starts[0]
+    for start in starts[1:]:
+        if total + reserve <= context:
+            break
+        total -= sum(sizes[keep_from:start])
+        keep_from = start
+    if total + reserve > context:
+        with_system = " with the system message" if first else ""
+        raise ContextOverflowError(f"the newest message{with_system} needs {total} tokens and {reserve} are kept for "
+                                   f"the reply: more than the model's context of {context} tokens")
+    return list(messages[:first]) + list(messages[keep_from:]), keep_from - first
 
 
 # --- parsing ----------------------------------------------------------------------------------------

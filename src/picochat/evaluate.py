@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from picochat.chat import render_for_reply
+from picochat.chat import REPLY_STOP_IDS, render_for_reply
 from picochat.data.tasks import abstains, answer_text, reward, says_answer
 from picochat.engine import Sampling, generate
 from picochat.io import atomic_write_json, read_jsonl
@@ -64,9 +64,10 @@ def fact_completion(model, tok: Tokenizer, rows: list[dict], phrasing: str = "he
 
 def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
                  sampling: Sampling = GREEDY, **kw) -> list[list[str]]:
-    """The assistant's replies to each conversation, each ending at `<|im_end|>` (greedy by default)."""
+    """The assistant's replies to each conversation, each ending at `<|im_end|>` or `<|endoftext|>`
+    (greedy by default)."""
     prompts = [render_for_reply(messages, tok) for messages in conversations]
-    return complete(model, tok, prompts, max_new_tokens, dataclasses.replace(sampling, stop_ids=[tok.im_end_id]), **kw)
+    return complete(model, tok, prompts, max_new_tokens, dataclasses.replace(sampling, stop_ids=REPLY_STOP_IDS), **kw)
 
 
 def offer(messages: list[dict], tools: Tools | None) -> list[dict]:

@@ -60,8 +60,8 @@ class _EventStream(StreamingResponse):
     """A server-sent-event response that frees its request's batch rows however the stream ends:
     finished, failed, or cut short by a client that went away."""
 
-    def __init__(self, events, submission):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, events, submission, headers: dict[str, str]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         self._submission = submission
 
     async def __call__(self, scope, receive, send) -> None:
@@ -121,10 +121,10 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
         except Overloaded as error:
             raise APIError(503, str(error), type="server_error", code="overloaded") from None
         if generation.stream:
-            return _EventStream(sse_events(generation, submission, tokenizer), submission)
+            return _EventStream(sse_events(generation, submission, tokenizer), submission, generation.headers())
         try:
             body = await _unless_disconnected(complete(generation, submission, tokenizer), connection)
-            return Response(status_code=CLIENT_GONE) if body is None else body
+            return Response(status_code=CLIENT_GONE) if body is None else JSONResponse(body, headers=generation.headers())
         except ValueError as error:  # the engine refused the request
             raise APIError(400, str(error)) from None
         except RequestFailed as error:

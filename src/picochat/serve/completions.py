@@ -1,27 +1,40 @@
 """Chat and text completions: from a validated request to the OpenAI response, whole or streamed.
 
 A chat request's messages are rendered with the chat protocol (`chat.render_for_reply`) and the
-reply stops at `<|im_end|>`; a text completion continues a document (`<|endoftext|>` + the prompt)
-and stops at the next `<|endoftext|>`. Both decode through the model's `Batcher`, turn tokens into
-whole characters, cut at the request's stop strings, and count usage. Streams are server-sent
-events (`data: {json}`) ending with `data: [DONE]`.
+reply stops at `<|im_end|>` or `<|endoftext|>` (`chat.REPLY_STOP_IDS`); a text completion continues
+a document (`<|endoftext|>` + the prompt) and stops at the next `<|endoftext|>`. Both decode through
+the model's `Batcher`, turn tokens into whole characters, cut at the request's stop strings, and
+count usage. Streams are server-sent events (`data: {json}`) ending with `data: [DONE]`.
 
 Replies are limited to the room left in the model's context: a max_tokens larger than that room
-ends the reply with finish_reason "length" when the context is full. Preparing a request takes
-time that grows with its text, so the server runs `chat_generation` and `text_generation` in a
-worker thread, and they refuse text too long for the context before tokenizing it (`least_tokens`).
+ends the reply with finish_reason "length" when the context is full. A conversation too long for
+the context gets 400 (code context_length_exceeded), as from OpenAI, unless the request says
+`"truncation": "auto"`: then its oldest exchanges are dropped (`chat.fit_to_context`, the system
+message kept) until max_tokens fits, or half the context when max_tokens is unset or larger, and
+the header `X-Picochat-Dropped-Messages` says how many of the request's messages went. Preparing a
+request takes time that grows with its text, so the server runs `chat_generation` and
+`text_generation` in a worker thread, and they refuse text too long for the context before
+tokenizing it (`least_tokens`) unless truncation may shorten it.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 
-from picochat.chat import ConversationError, render_for_reply
+from picochat.chat import (
+    REPLY_STOP_IDS,
+    ContextOverflowError,
+    ConversationError,
+    fit_to_context,
+    render_for_reply,
+    reply_reserve,
+)
 from picochat.engine import Sampling, context_room
 from picochat.serve.batcher import RequestFailed, Submission
 from picochat.serve.schemas import (
@@ -35,6 +48,7 @@ from picochat.serve.text import StopStrings
 from picochat.tokenizer import SPECIAL_TOKENS, TextStream
 
 DEFAULT_TEXT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+DROPPED_MESSAGES_HEADER = "X-Picochat-Dropped-Messages"  # how many messages "truncation": "auto" dropped
 CHAT, TEXT = "chat", "text"
 
 # An assistant reply as this server returns it when the model used the calculator:
@@ -54,21 +68,28 @@ class Generation:
     stops: list[str]
     stream: bool
     include_usage: bool
+    dropped_messages: int | None = None  # request messages dropped to fit the context; None: no truncation asked
+
+    def headers(self) -> dict[str, str]:
+        """The response headers beyond the content type: how many messages truncation dropped."""
+        return {} if self.dropped_messages is None else {DROPPED_MESSAGES_HEADER: str(self.dropped_messages)}
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:
     """The request's messages in the chat protocol's form: "developer" is the system role, and
     calculator calls written inline in an assistant reply become the protocol's tool messages."""
-    converted = []
-    for message in messages:
-        role = "system" if message.role == "developer" else message.role
-        if role == "assistant" and message.tool_call is None:
-            converted += _split_tool_markup(message.text())
-            continue
-        converted.append({"role": role, "content": message.text()})
-        if message.tool_call is not None:
-            converted[-1]["tool_call"] = message.tool_call
-    return converted
+    return [converted for message in messages for converted in _protocol_messages(message)]
+
+
+def _protocol_messages(message: ChatMessage) -> list[dict]:
+    """One request message as the chat protocol's messages (several for a reply with calculator calls)."""
+    role = "system" if message.role == "developer" else message.role
+    if role == "assistant" and message.tool_call is None:
+        return _split_tool_markup(message.text())
+    converted = {"role": role, "content": message.text()}
+    if message.tool_call is not None:
+        converted["tool_call"] = message.tool_call
+    return [converted]
 
 
 def _split_tool_markup(content: str) -> list[dict]:
@@ -105,19 +126,46 @@ def least_conversation_tokens(messages: list[dict], tokenizer) -> int:
 
 
 def chat_generation(request: ChatCompletionRequest, model_id: str, tokenizer, context: int, max_batch: int) -> Generation:
-    messages = conversation(request.messages)
-    at_least = least_conversation_tokens(messages, tokenizer)
-    if at_least >= context:
-        raise _no_room("messages", f"at least {at_least}", context)
-    try:
-        prompt = render_for_reply(messages, tokenizer)
-    except ConversationError as error:
-        raise APIError(400, str(error), param="messages") from None
     if request.max_completion_tokens is not None:
         limit, limit_param = request.max_completion_tokens, "max_completion_tokens"
     else:
         limit, limit_param = request.max_tokens, "max_tokens"
-    return _generation(CHAT, request, model_id, prompt, "messages", limit, limit_param, [tokenizer.im_end_id], context, max_batch)
+    if request.truncation == "auto":
+        prompt, dropped = _fitted_prompt(request.messages, tokenizer, context, reply_reserve(limit, context))
+    else:
+        prompt, dropped = _whole_prompt(request.messages, tokenizer, context), None
+    generation = _generation(CHAT, request, model_id, prompt, "messages", limit, limit_param, REPLY_STOP_IDS, context, max_batch)
+    generation.dropped_messages = dropped
+    return generation
+
+
+def _whole_prompt(request_messages: list[ChatMessage], tokenizer, context: int) -> list[int]:
+    """The prompt of the whole conversation; one that cannot fit the context is refused before rendering."""
+    messages = conversation(request_messages)
+    at_least = least_conversation_tokens(messages, tokenizer)
+    if at_least >= context:
+        raise _no_room("messages", f"at least {at_least}", context)
+    try:
+        return render_for_reply(messages, tokenizer)
+    except ConversationError as error:
+        raise APIError(400, str(error), param="messages") from None
+
+
+def _fitted_prompt(request_messages: list[ChatMessage], tokenizer, context: int, reserve: int) -> tuple[list[int], int]:
+    """(the prompt of the newest exchanges that leave `reserve` tokens of the context for the reply,
+    how many of the request's messages were dropped)."""
+    parts = [_protocol_messages(message) for message in request_messages]
+    messages = [converted for part in parts for converted in part]
+    try:
+        kept, dropped = fit_to_context(messages, tokenizer, context, reserve)
+    except ContextOverflowError as error:
+        raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
+    except ConversationError as error:
+        raise APIError(400, str(error), param="messages") from None
+    system = 1 if messages[0]["role"] == "system" else 0
+    # Cuts fall before user messages, which are one protocol message each: request messages drop whole.
+    dropped_requests = sum(end <= system + dropped for end in itertools.accumulate(map(len, parts))) - system
+    return render_for_reply(kept, tokenizer), dropped_requests
 
 
 def text_generation(request: CompletionRequest, model_id: str, tokenizer, context: int, max_batch: int) -> Generation:
@@ -131,7 +179,7 @@ def text_generation(request: CompletionRequest, model_id: str, tokenizer, contex
 
 
 def _generation(kind: str, request: SamplingRequest, model_id: str, prompt: list[int], prompt_param: str, limit: int | None,
-                limit_param: str, stop_ids: list[int], context: int, max_batch: int) -> Generation:
+                limit_param: str, stop_ids: Collection[int], context: int, max_batch: int) -> Generation:
     room = context_room(context, len(prompt))
     if room < 1:
         raise _no_room(prompt_param, str(len(prompt)), context)

@@ -4,7 +4,10 @@ Fields follow the OpenAI API (chat completions and legacy completions); fields t
 not use are ignored, as OpenAI-compatible servers do. A field sent as null means its default.
 Text must be Unicode: JSON can carry lone UTF-16 surrogates ("\ud800"), which no encoder takes.
 Extensions: `top_k` (sample among the k most likely tokens), `tool_call` on assistant messages
-(the chat protocol's calculator call), and the `/v1/tokenize` body for the token view.
+(the chat protocol's calculator call), `truncation` on chat completions (named after the OpenAI
+Responses API's field: "auto" drops the oldest exchanges of a conversation too long for the context,
+the system message kept, and the response header `X-Picochat-Dropped-Messages` counts the request
+messages dropped; "disabled", the default, answers 400), and the `/v1/tokenize` body for the token view.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    truncation: Literal["auto", "disabled"] | None = None
 
 
 class CompletionRequest(SamplingRequest):

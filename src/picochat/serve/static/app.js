@@ -1,8 +1,9 @@
 // picochat web chat: streams replies from /v1/chat/completions and shows, beside the chat,
 // the conversation exactly as the model sees it (/v1/tokenize). Plain browser JavaScript.
-// Every request fits the model's context: max tokens defaults to half of it and is capped, when a
-// message is sent, at the room the conversation leaves (counted by /v1/tokenize); a conversation
-// that leaves none gets one notice instead of an error per message.
+// Every request fits the model's context: max tokens defaults to half of it, and each request asks
+// the server to drop the oldest exchanges when the conversation would leave too little room for the
+// reply ("truncation": "auto"); the page then leaves them out too, fades them, and says so once per
+// drop. Only a message too long for the context on its own gets a notice (and goes back to the box).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -10,6 +11,7 @@ const SETTINGS = ["system", "temperature", "top-p", "max-tokens"];  // kept in l
 const KEY = "picochat.api-key";  // kept in sessionStorage: this tab only, gone when it closes
 const MAX_DEFAULT_REPLY = 1024;  // tokens: the default max tokens is half the context, at most this
 const CONTEXT_FULL = "context_length_exceeded";  // the server's error code
+const DROPPED = "X-Picochat-Dropped-Messages";  // how many of the oldest messages the server dropped
 
 let messages = [];      // the conversation: {role, content}
 let running = null;     // AbortController of the reply being streamed
@@ -75,18 +77,18 @@ async function send(text) {
   setStatus("thinking…");
   let reply = "", finish = null, usage = null;
   try {
-    const maxTokens = await replyLimit(conversation());
-    if (maxTokens === 0) throw new ServerError("", CONTEXT_FULL);
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: running.signal,
       body: JSON.stringify({
         model: $("model").value, messages: conversation(), stream: true,
         stream_options: { include_usage: true },
         temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-        max_tokens: maxTokens,
+        max_tokens: replyLimit(), truncation: "auto",
       }),
     });
     if (!response.ok) throw await serverError(response);
+    showContextFull(false);
+    dropOldest(Number(response.headers.get(DROPPED) || 0), question);
     await readEvents(response, (event) => {
       if (event.error) throw new ServerError(event.error.message, event.error.code);
       if (event.usage) usage = event.usage;
@@ -119,15 +121,37 @@ async function send(text) {
     $("stop").hidden = true;
   }
   if (chat !== chatNumber) return;
-  messages.push({ role: "assistant", content: reply });
+  const blank = !reply.trim();
+  if (blank) {   // the protocol has no empty messages: the exchange is left out of the conversation
+    messages.pop();
+    question.classList.add("dropped");
+    bubble.classList.add("dropped");
+  } else {
+    messages.push({ role: "assistant", content: reply });
+  }
   bubble.dataset.done = "true";
   const note = document.createElement("span");
   note.className = "finish";
-  note.textContent = finish === "length" ? "(cut: max tokens or the context ran out)" : finish === "stopped" ? "(stopped)" : "";
+  note.textContent = [finish === "length" ? "(cut: max tokens or the context ran out)" : finish === "stopped" ? "(stopped)" : "",
+                      blank ? "(no reply: left out of the conversation)" : ""].join(" ").trim();
   bubble.appendChild(note);
   setStatus(usage ? `${usage.prompt_tokens} prompt tokens, ${usage.completion_tokens} reply tokens` : "");
-  if (usage && usage.prompt_tokens + usage.completion_tokens >= contextLength()) showContextFull(true);
   refreshTokens();
+}
+
+// The server dropped the `count` oldest messages to fit the model's context: they leave the
+// conversation here too, their bubbles fade, and a notice above `question` says so.
+function dropOldest(count, question) {
+  if (count < 1) return;
+  messages.splice(0, count);
+  const kept = document.querySelectorAll("#messages .message.user:not(.dropped), #messages .message.assistant:not(.dropped)");
+  for (const bubble of Array.from(kept).slice(0, count)) bubble.classList.add("dropped");
+  const context = contextLength();
+  const notice = document.createElement("p");
+  notice.className = "notice";
+  notice.textContent = `${count} older message${count === 1 ? " was" : "s were"} dropped to fit the model's ` +
+    (context ? `${context}-token context.` : "context.");
+  $("messages").insertBefore(notice, question);
 }
 
 // --- the model's context --------------------------------------------------------------------
@@ -147,19 +171,14 @@ function applyModelLimits() {
   showContextFull(false);
 }
 
-// The max_tokens to send with the conversation `all`: the setting, capped at the room that `all`
-// leaves in the model's context (0: none); undefined (the server's default, the room) when the
-// context is unknown.
-async function replyLimit(all) {
+// The max_tokens to send: the setting (half the context by default), at most the context less one
+// token; undefined (the server's default) when the context is unknown. The server keeps room for it,
+// or for half the context if that is less, by dropping the oldest messages.
+function replyLimit() {
   const context = contextLength();
   if (!context) return undefined;
   const setting = Math.floor(Number($("max-tokens").value));
-  const wanted = setting >= 1 ? setting : defaultMaxTokens(context);
-  const response = await fetch("/v1/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: all }) });
-  if (response.ok) return Math.max(0, Math.min(wanted, context - (await response.json()).count));
-  const error = await serverError(response);
-  if (error.code === CONTEXT_FULL) return 0;
-  throw error;
+  return Math.min(setting >= 1 ? setting : defaultMaxTokens(context), context - 1);
 }
 
 // Server-sent events: "data: {json}" blocks separated by blank lines, ending with "data: [DONE]".
@@ -213,8 +232,6 @@ async function refreshTokens() {
     return;
   }
   showTokens(view, draft ? " (with the message you are typing)" : "");
-  const context = contextLength();
-  if (context) $("max-tokens").max = Math.max(1, context - view.count);
 }
 
 function showTokens(view, note) {
