@@ -187,6 +187,10 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     for stage in ("base", "sft", "rl"):
         assert (run / stage / "done.json").exists() and (run / stage / "eval.json").exists(), stage
     assert (run / "report.md").exists() and not (run / sr.FAILED).exists()
+    evaluation = json.loads((run / "sft" / "eval.json").read_text())
+    assert {"pass@1_tools", "known_fact_qa_tools", "unknown_idk_tools", "news_qa", "news_qa_tools"} <= set(evaluation)
+    report = (run / "report.md").read_text()
+    assert "## Tools: the same evaluations without and with them" in report and "*(tools offered)*" in report
     assert out.stdout.count("[5/11] base ...") == 1  # one rank tells the story
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
     assert str(chats) in sft_data[-1]

@@ -155,25 +155,6 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
     return metrics
 
 
-def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200, device: str = "cpu") -> dict:
-    """Every metric that applies to `stage`, written to `<run>/<stage>/eval.json`."""
-    run = Run(run_dir)
-    model, tok, stage_dir = run.load(stage, device)
-    facts = read_jsonl(run.eval_facts)
-    metrics = {
-        "fact_completion": fact_completion(model, tok, facts, "heldout"),
-        "fact_completion_train_phrasing": fact_completion(model, tok, facts, "train"),
-    }
-    if stage != "base":
-        metrics.update(qa_metrics(model, tok, read_jsonl(run.eval_questions)))
-        seen = [row for row in read_jsonl(run.eval_seen_questions) if row["kind"] == "known"]
-        metrics["seen_fact_qa"] = qa_metrics(model, tok, seen)["known_fact_qa"]
-        problems = read_jsonl(run.eval_problems)[:n_problems]
-        metrics.update(problem_metrics(model, tok, problems, k))
-    atomic_write_json(stage_dir / "eval.json", metrics)
-    return metrics
-
-
 def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (e.g. runs/demo)")
     parser.add_argument("--stage", required=True, choices=STAGES, help="which model to evaluate")

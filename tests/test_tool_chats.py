@@ -1,0 +1,91 @@
+"""The world's tool conversations: the calculator steps reproduce the worked solution, search answers
+come from real search results, and the RL problems that offer the tools carry the system line."""
+
+import json
+
+import pytest
+
+from picochat.chat import render, to_text
+from picochat.data.tasks import answer_text, extract_answer, read_problems, reward
+from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, with_tools
+from picochat.world import generate
+from picochat.world.chats import heldout_facts, unknown_names
+from picochat.world.knowledge import load_world
+from picochat.world.tool_chats import calc_messages
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    generate(out, size_mb=0.3, scale=0.25, seed=0, n_chats=50, n_sft_tasks=20, n_rl_tasks=20, n_eval_tasks=10,
+             shard_mb=0.1, val_kb=20, n_calc_chats=40, n_search_chats=60, n_rl_calc_tasks=30)
+    return out
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_calculator_steps_rebuild_the_worked_solution():
+    solution = "4 kites cost 4 * 2 = 8 dollars.\n3 cups cost 3 * 2 = 6 dollars.\nIn total Vuktin spends 8 + 6 = 14 dollars.\nAnswer: 14"
+    messages = calc_messages("Vuktin buys ...", solution)
+    assert messages[0] == {"role": "system", "content": TOOLS_SYSTEM_PROMPT}
+    calls = [m["tool_call"] for m in messages if m.get("tool_call")]
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    assert calls == ["calc: 4 * 2", "calc: 3 * 2", "calc: 8 + 6"] and results == ["8", "6", "14"]
+    written = "".join(m["content"] for m in messages[2:] if m["role"] == "assistant")
+    assert written == "4 kites cost 8 dollars.\n3 cups cost 6 dollars.\nIn total Vuktin spends 14 dollars.\nAnswer: 14"
+    with pytest.raises(ValueError, match="the calculator 8"):
+        calc_messages("x", "4 kites cost 4 * 2 = 9 dollars.\nAnswer: 9")
+
+
+def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
+    world = load_world(world_dir)
+    chats = rows(world_dir / "sft-tools.jsonl")
+    kinds = [c["kind"] for c in chats]
+    assert kinds.count("calc") == 40 and kinds.count("search") + kinds.count("search-unknown") == 60
+    held = {(f.subject, f.answer) for f in heldout_facts(world)}
+    news = {e.name for e in world.news}
+    train_unknown = {name for kind in world.unknown_names for name in unknown_names(world, kind, "train")}
+    from picochat.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([json.dumps(c) for c in chats], vocab_size=400)
+    for chat in chats:
+        messages = chat["messages"]
+        render(messages, tok)  # a valid conversation in the chat protocol
+        assert messages[0] == {"role": "system", "content": TOOLS_SYSTEM_PROMPT}
+        if chat["kind"] == "calc":
+            assert extract_answer(messages[-1]["content"]) is not None
+            continue
+        query = messages[2]["tool_call"].removeprefix("search: ")
+        result, reply = messages[3]["content"], messages[4]["content"]
+        assert query not in news
+        if chat["kind"] == "search-unknown":
+            assert result == NO_RESULTS_TEXT and "I don't know" in reply and query in train_unknown
+        else:
+            assert result.startswith("[1] ") and query in result
+            assert not any(subject == query and answer in reply for subject, answer in held)
+
+
+def test_rl_problems_offering_the_tools_carry_the_system_line(world_dir):
+    problems = read_problems(world_dir / "tasks-rl-calc.jsonl")
+    assert len(problems) == 30 and all(p["system"] == TOOLS_SYSTEM_PROMPT for p in problems)
+    bad = world_dir / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "answer": 1, "system": 3}\n')
+    with pytest.raises(ValueError, match=r'bad.jsonl:1: "system" must be a string'):
+        read_problems(bad)
+
+
+def test_a_reply_is_graded_on_what_follows_the_last_tool_result():
+    reply = "<|tool_call|>search: Oskel<|/tool_call|><|tool_result|>[1] The capital of Varnia is Oskel.<|/tool_result|>I don't know."
+    assert answer_text(reply) == "I don't know."
+    assert reward(reply, {"prompt": "capital of Varnia?", "answer": "Oskel"}) == 0.0  # the search said it, not the model
+    calc = "4 kites cost <|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8<|/tool_result|>8 dollars.\nAnswer: 8"
+    assert reward(calc, {"prompt": "p", "answer": 8}) == 1.0
+
+
+def test_with_tools_offers_them_in_the_system_message():
+    assert with_tools([{"role": "user", "content": "hi"}])[0] == {"role": "system", "content": TOOLS_SYSTEM_PROMPT}
+    offered = with_tools([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert offered[0]["content"] == f"{TOOLS_SYSTEM_PROMPT}\nBe brief." and len(offered) == 2
+    assert to_text(offered).count("<|im_start|>system") == 1
