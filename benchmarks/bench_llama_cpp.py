@@ -106,7 +106,7 @@ def main() -> None:
         llms = {dtype: llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=args.threads,
                                        seed=0, verbose=False) for dtype, path in files.items()}
 
-        questions = [row["question"] for row in read_jsonl(run.eval_questions)][: args.questions]
+        questions = [row["messages"][-1]["content"] for row in read_jsonl(run.eval_questions)][: args.questions]
         texts = {"world held-out documents": list(iter_documents(run.world_val_docs)),
                  "eval questions": questions, "probes": PROBES}
         if SHARED_TEXT.is_dir():
