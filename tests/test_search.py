@@ -132,6 +132,9 @@ def test_common_words_are_left_out_of_queries(tmp_path, monkeypatch):
     index = SearchIndex(tmp_path / "index")
     assert index.informative_words(["what", "is", "the", "capital", "of", "dekfusesh"]) == ["what", "dekfusesh"]
     assert index.informative_words(["the", "capital"]) == ["capital"]  # every word common: the rarest alone
+    monkeypatch.setattr(index_module, "VAGUE_PASSAGES", 2)
+    assert index.informative_words(["the", "capital"]) == ["capital"]  # in 2 passages: searched
+    assert index.informative_words(["the", "is"]) == []  # in 3 each: too vague to search
     assert index.informative_words(["shepherds", "the"]) == ["shepherds"]  # stemmed as the index stems
     assert index.search("the capital of Dekfusesh")[0].text == DOCS[0]
     index.close()

@@ -20,14 +20,15 @@ Queries never become SQL or FTS5 syntax: the query is a bound parameter, and its
 its words, each a quoted FTS5 string, joined by OR (`match_expression`). Quotes, `AND`, `NEAR(`,
 `*`, `-`, `:` are plain words or nothing; a passage ranks higher the more of the rarer words it holds.
 
-Common words are left out of the query (all but the rarest when every word is common): FTS5 scores
-every passage that holds any word of the query, about a microsecond each, so "the" would make a
-search over a gigabyte of text take seconds. A word is common when it is in more than
-COMMON_PASSAGES passages, measured on the indexed text after FTS5's own stemming
-(`SearchIndex.informative_words`), not taken from a list: a small index keeps every word (and full
-BM25); in a large one, the words left out are those that say least about a passage (BM25's inverse
-document frequency is lowest for them). BENCHMARKS.md ("Search index") measures what this costs in
-answers found and saves in time.
+Common words are left out of the query: FTS5 scores every passage that holds any word of the
+query, about a microsecond each, so "the" would make a search over a gigabyte of text take seconds.
+A word is common when it is in more than COMMON_PASSAGES passages, measured on the indexed text
+after FTS5's own stemming (`SearchIndex.informative_words`), not taken from a list: a small index
+keeps every word (and full BM25); in a large one, the words left out are those that say least about
+a passage (BM25's inverse document frequency is lowest for them). When every word of a query is
+common, the rarest is searched alone, unless it is in more than VAGUE_PASSAGES passages: such a
+query ("the of a") finds nothing rather than take a second. BENCHMARKS.md ("Search index")
+measures what this costs in answers found and saves in time.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ FTS_TOKENIZER = "porter unicode61 remove_diacritics 2"
 DEFAULT_RESULTS = 3
 MAX_QUERY_WORDS = 32
 COMMON_PASSAGES = 10_000  # a term in more passages than this is left out of queries (BENCHMARKS.md)
+VAGUE_PASSAGES = 100_000  # a query whose every term is in more passages than this finds nothing
 
 _SCHEMA = f"CREATE VIRTUAL TABLE passages USING fts5(text, document UNINDEXED, tokenize = '{FTS_TOKENIZER}')"
 # In each connection: the query's words go through the index's tokenizer to find their terms.
@@ -191,7 +193,8 @@ class SearchIndex:
 
     def informative_words(self, words: list[str]) -> list[str]:
         """`words` less the common ones (all of whose terms are in common_terms), or, when every word is
-        common, the rarest one alone. A word the tokenizer finds no term in is left out."""
+        common, the rarest one alone if it is in at most VAGUE_PASSAGES passages. A word the tokenizer
+        finds no term in is left out."""
         with self._lock:
             self._db.executemany("INSERT INTO temp.query_words (rowid, word) VALUES (?, ?)", enumerate(words))
             terms = self._db.execute("SELECT q.doc, coalesce(c.documents, 0) FROM temp.query_terms AS q "
@@ -200,10 +203,11 @@ class SearchIndex:
         passages = {}  # word index -> passages that hold its rarest term (0: no term of it is common)
         for index, documents in terms:
             passages[index] = min(passages.get(index, documents), documents)
-        if not passages:
-            return []
         kept = [words[i] for i in sorted(passages) if passages[i] == 0]
-        return kept or [words[min(passages, key=passages.get)]]
+        rarest = min(passages, key=passages.get, default=None)
+        if kept or rarest is None or passages[rarest] > VAGUE_PASSAGES:
+            return kept
+        return [words[rarest]]
 
     def close(self) -> None:
         self._db.close()
