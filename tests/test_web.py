@@ -271,8 +271,9 @@ def test_a_tool_call_is_a_step_that_opens_to_its_result_and_the_token_view_shows
     assert browser.execute_script("return arguments[0].compareDocumentPosition(arguments[1]) & Node.DOCUMENT_POSITION_FOLLOWING",
                                   step, content)  # the step, then the text below it
 
+    step_sent = {"call": CALC_CALL, "result": CALC_RESULT, "offset": 0}
     conversation = [{"role": "user", "content": question},
-                    {"role": "assistant", "content": CALC_ANSWER, "tool_steps": [{"call": CALC_CALL, "result": CALC_RESULT, "offset": 0}]}]
+                    {"role": "assistant", "content": CALC_ANSWER, "tool_steps": [step_sent]}]
     view = httpx.post(f"{tool_server}/v1/tokenize", json={"messages": conversation}).json()
     WebDriverWait(browser, 30).until(lambda d: shown_token_count(d) == view["count"])
     specials = [t.get_property("textContent") for t in browser.find_elements(By.CSS_SELECTOR, "#tokens .tok.special")]
@@ -280,8 +281,10 @@ def test_a_tool_call_is_a_step_that_opens_to_its_result_and_the_token_view_shows
     assert TOOLS_SYSTEM_PROMPT in browser.find_element(By.ID, "rendered").get_property("textContent")
 
     send_and_wait(browser, "Thanks.")  # the page sent the step back: the server's prompt is the token view's
-    prompt = httpx.post(f"{tool_server}/v1/tokenize", json={"messages": conversation + [{"role": "user", "content": "Thanks."}]}).json()
+    thanks = conversation + [{"role": "user", "content": "Thanks."}]
+    prompt = httpx.post(f"{tool_server}/v1/tokenize", json={"messages": thanks}).json()
     assert browser.find_element(By.ID, "status").text.startswith(f"{prompt['count']} prompt tokens")
 
     browser.find_element(By.ID, "use-tools").click()  # tools off: the conversation no longer offers them
-    WebDriverWait(browser, 30).until(lambda d: TOOLS_SYSTEM_PROMPT not in d.find_element(By.ID, "rendered").get_property("textContent"))
+    rendered = browser.find_element(By.ID, "rendered")
+    WebDriverWait(browser, 30).until(lambda d: TOOLS_SYSTEM_PROMPT not in rendered.get_property("textContent"))

@@ -53,6 +53,7 @@ from picochat.serve.schemas import (
     SamplingRequest,
     ToolChoice,
 )
+from picochat.serve.schemas import ToolStep as SentToolStep
 from picochat.serve.text import StopStrings
 from picochat.tokenizer import SPECIAL_TOKENS, TextStream
 from picochat.tools import with_tools
@@ -112,7 +113,7 @@ def _protocol_messages(message: ChatMessage) -> list[dict]:
     return converted
 
 
-def _split_at_steps(content: str, steps) -> list[dict]:
+def _split_at_steps(content: str, steps: list[SentToolStep]) -> list[dict]:
     """A reply's text cut at its steps' offsets, each step's call and result between the pieces;
     steps the protocol cannot hold (no result, a blank call) are left out."""
     messages, start = [], 0
