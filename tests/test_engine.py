@@ -12,6 +12,7 @@ from picochat.engine import (
     FINISH_STOP,
     Completion,
     ContextLengthError,
+    ContinuousBatch,
     GenerationError,
     Sampling,
     context_room,
@@ -283,3 +284,20 @@ def test_an_unterminated_call_is_closed_with_an_error(tool_tokenizer):
     [[completion]] = generate(model, [[100]], 40, Sampling(temperature=0, stop_ids=[im_end]), tools=tools)
     error = tok.encode("error: the call is longer than 5 tokens")
     assert completion == Completion([call_id, *[101] * 6, end_call, res, *error, end_res, 200], FINISH_STOP)
+
+
+def test_sequences_added_with_run_tools_false_share_a_batch_with_tools_and_run_none(tool_tokenizer):
+    tok = tool_tokenizer
+    _, _, res, end_res, im_end = tool_ids(tok)
+    model, chain = calling_model(tok, "calc: 6*7")
+    batch = ContinuousBatch(model, tools=Tools(tok))
+    until_end = Sampling(temperature=0, stop_ids=[im_end])
+    [with_tools] = batch.add([100], 30, until_end)
+    [without] = batch.add([100], 30, until_end, run_tools=False)
+    tokens = {with_tools: [], without: []}
+    while len(batch):
+        for event in batch.step():
+            if event.token is not None:
+                tokens[event.sequence].append(event.token)
+    assert tokens[with_tools] == [*chain[1:], res, *tok.encode("42"), end_res, 200]
+    assert tokens[without][:len(chain) - 1] == chain[1:] and res not in tokens[without]

@@ -16,14 +16,15 @@ import uvicorn
 
 from picochat.chat import REPLY_STOP_IDS, render_for_reply
 from picochat.checkpoint import save_model
+from picochat.cli import main
 from picochat.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ContinuousBatch, GenerationError, Sampling, generate
 from picochat.model import ModelConfig, Transformer
 from picochat.serve.app import create_app, load_models
 from picochat.serve.completions import conversation
 from picochat.serve.schemas import ChatMessage
 from picochat.serve.text import StopStrings
-from picochat.tokenizer import TextStream
-from picochat.tokenizer import iter_text
+from picochat.tokenizer import TOOL_CALL_END_ID, TOOL_CALL_ID, TOOL_RESULT_END_ID, TOOL_RESULT_ID, TextStream, iter_text
+from picochat.tools import TOOLS_SYSTEM_PROMPT, Tools, with_tools
 
 CONTEXT = 128
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
@@ -427,6 +428,40 @@ def runs_on_into_a_document(model: Transformer, tokenizer) -> tuple[ScriptedTran
     return ScriptedTransformer(model, tokenizer.im_sep_id, script), reply
 
 
+class RecitingTransformer(Transformer):
+    """A Transformer that says `script`, token by token, whatever it reads, one request at a time:
+    a prefill starts the script over and each decoding step moves one token on (a step that feeds a
+    tool result too: the script holds the result the engine feeds, where it feeds it)."""
+
+    def __init__(self, source: Transformer, script: list[int]):
+        super().__init__(source.config)
+        self.load_state_dict(source.state_dict())
+        self.eval()
+        self.script, self._next = script, 0
+
+    def forward(self, input_ids, *args, **kwargs):
+        logits = super().forward(input_ids, *args, **kwargs)
+        self._next = 0 if input_ids.shape[1] > 1 else self._next + 1
+        logits[:, -1, self.script[min(self._next, len(self.script) - 1)]] = logits[:, -1].max() + 100
+        return logits
+
+
+CALC_CALL, CALC_RESULT, CALC_ANSWER = "calc: 4 * 2", "8", "So it is 8."
+
+
+def tool_script(tokenizer, call: str, result: str | None, answer: str) -> list[int]:
+    """A reply that calls a tool, `<|tool_call|>call<|/tool_call|>`, reads `result` (None: no tool ran),
+    then says `answer`."""
+    fed = [] if result is None else [TOOL_RESULT_ID, *tokenizer.encode(result), TOOL_RESULT_END_ID]
+    return [TOOL_CALL_ID, *tokenizer.encode(call), TOOL_CALL_END_ID, *fed, *tokenizer.encode(answer), tokenizer.im_end_id]
+
+
+def calculating(model: Transformer, tokenizer, tools_run: bool = True) -> RecitingTransformer:
+    """`model` scripted to call `calc: 4 * 2` and answer "So it is 8." after the result the engine
+    feeds back, or right after the call when `tools_run` is False."""
+    return RecitingTransformer(model, tool_script(tokenizer, CALC_CALL, CALC_RESULT if tools_run else None, CALC_ANSWER))
+
+
 def test_endoftext_ends_a_chat_reply(loaded):
     tokenizer, models, _ = loaded
     model, reply = runs_on_into_a_document(models["demo-sft"], tokenizer)
@@ -500,3 +535,127 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(gated):
         assert health(url)["tokens"] < 10
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=4).usage.completion_tokens == 4
+
+
+# --- the server's own tools -------------------------------------------------------------------------
+CALC_STEP = {"call": CALC_CALL, "result": CALC_RESULT, "offset": 0}
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def streamed_deltas(client: openai.OpenAI, **request) -> list:
+    return [chunk.choices[0].delta for chunk in client.chat.completions.create(stream=True, **request) if chunk.choices]
+
+
+def test_the_server_runs_a_tool_call_and_returns_the_step_beside_the_text(loaded):
+    tokenizer, models, _ = loaded
+    model = calculating(models["demo-sft"], tokenizer)
+    with serving(create_app(tokenizer, {"demo-sft": model}, tools=Tools(tokenizer))) as url:
+        client = openai_client(url)
+        request = dict(model="demo-sft", messages=HELLO, max_tokens=40, temperature=0)
+        response = client.chat.completions.create(**request)
+        message = response.choices[0].message
+        assert (message.content, message.tool_steps) == (CALC_ANSWER, [CALC_STEP])
+        assert response.usage.prompt_tokens == len(render_for_reply(with_tools(HELLO), tokenizer))  # the tools are offered
+        assert response.usage.completion_tokens == len(model.script) - 1  # the fed result counts; <|im_end|> does not
+
+        deltas = streamed_deltas(client, **request)
+        pieces = [("step", d.tool_steps) if getattr(d, "tool_steps", None) else ("text", d.content)
+                  for d in deltas if d.content or getattr(d, "tool_steps", None)]
+        assert pieces[0] == ("step", [CALC_STEP])  # the step, then the text after it
+        assert "".join(text for kind, text in pieces[1:] if kind == "text") == CALC_ANSWER and len(pieces) > 1
+
+        history = HELLO + [message.model_dump(exclude_none=True), {"role": "user", "content": "Thanks"}]
+        view = httpx.post(f"{url}/v1/tokenize", json={"messages": history}).json()
+        protocol = HELLO + [{"role": "assistant", "content": "", "tool_call": CALC_CALL},
+                            {"role": "tool", "content": CALC_RESULT},
+                            {"role": "assistant", "content": CALC_ANSWER}, {"role": "user", "content": "Thanks"}]
+        assert [t["id"] for t in view["tokens"]] == render_for_reply(with_tools(protocol), tokenizer)  # the step went back in
+        again = client.chat.completions.create(**dict(request, messages=history))
+        assert again.usage.prompt_tokens == view["count"]
+
+
+def test_a_step_sits_at_its_offset_in_the_text_and_goes_back_there(loaded):
+    tokenizer, models, _ = loaded
+    script = [*tokenizer.encode("Let me see."), *tool_script(tokenizer, CALC_CALL, CALC_RESULT, CALC_ANSWER)]
+    model = RecitingTransformer(models["demo-sft"], script)
+    with serving(create_app(tokenizer, {"demo-sft": model}, tools=Tools(tokenizer))) as url:
+        body = {"model": "demo-sft", "messages": HELLO, "max_tokens": 60, "temperature": 0}
+        message = httpx.post(f"{url}/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": "Let me see." + CALC_ANSWER,
+                           "tool_steps": [dict(CALC_STEP, offset=len("Let me see."))]}
+        view = httpx.post(f"{url}/v1/tokenize", json={"messages": HELLO + [message]}).json()
+        assert view["text"].endswith("<|im_sep|>Let me see.<|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8"
+                                     "<|/tool_result|>So it is 8.<|im_end|>")
+
+
+def test_tool_choice_none_offers_no_tools_and_runs_no_call(loaded):
+    tokenizer, models, _ = loaded
+    model = calculating(models["demo-sft"], tokenizer, tools_run=False)
+    with serving(create_app(tokenizer, {"demo-sft": model}, tools=Tools(tokenizer))) as url:
+        client = openai_client(url)
+        request = dict(model="demo-sft", messages=HELLO, max_tokens=40, temperature=0, tool_choice="none")
+        response = client.chat.completions.create(**request)
+        unanswered = {"call": CALC_CALL, "result": None, "offset": 0}
+        assert response.choices[0].message.content == CALC_ANSWER
+        assert response.choices[0].message.tool_steps == [unanswered]  # not run
+        assert response.usage.prompt_tokens == len(render_for_reply(HELLO, tokenizer))  # not offered
+        assert [d.tool_steps for d in streamed_deltas(client, **request) if getattr(d, "tool_steps", None)] == [[unanswered]]
+        offered = httpx.post(f"{url}/v1/tokenize", json={"messages": HELLO}).json()["text"]
+        plain = httpx.post(f"{url}/v1/tokenize", json={"messages": HELLO, "tool_choice": "none"}).json()["text"]
+        assert TOOLS_SYSTEM_PROMPT in offered and TOOLS_SYSTEM_PROMPT not in plain
+        refused = httpx.post(f"{url}/v1/chat/completions", json=dict(request, tool_choice="required"))
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+
+
+def test_a_server_without_tools_runs_no_call_and_a_reply_without_calls_has_no_steps(loaded):
+    tokenizer, models, _ = loaded
+    with serving(create_app(tokenizer, {"demo-sft": calculating(models["demo-sft"], tokenizer, tools_run=False)})) as url:
+        client = openai_client(url)
+        assert client.models.list().data[0].tools == []
+        response = client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=40, temperature=0)
+        assert response.choices[0].message.tool_steps == [{"call": CALC_CALL, "result": None, "offset": 0}]
+        assert response.usage.prompt_tokens == len(render_for_reply(HELLO, tokenizer))
+        without_steps = HELLO + [{"role": "assistant", "content": "Hi.", "tool_steps": [{"call": CALC_CALL, "offset": 0}]}]
+        view = httpx.post(f"{url}/v1/tokenize", json={"messages": without_steps}).json()
+        assert view["text"].endswith("<|im_sep|>Hi.<|im_end|>")  # a step without a result is left out
+    model, reply = runs_on_into_a_document(models["demo-sft"], tokenizer)
+    with serving(create_app(tokenizer, {"demo-sft": model}, tools=Tools(tokenizer))) as url:
+        response = openai_client(url).chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=40, temperature=0)
+        message = response.choices[0].message
+        assert message.content == reply and "tool_steps" not in message.model_dump()
+
+
+@pytest.mark.parametrize("steps, needle", [
+    ([{"call": CALC_CALL, "result": "8", "offset": 99}], "at most the content's length (3 characters)"),
+    ([{"call": CALC_CALL, "result": "8", "offset": 2}, {"call": CALC_CALL, "result": "8", "offset": 1}], "must not decrease"),
+])
+def test_steps_sent_back_at_impossible_offsets_get_a_400(server, steps, needle):
+    messages = HELLO + [{"role": "assistant", "content": "Hi.", "tool_steps": steps}, {"role": "user", "content": "And?"}]
+    response = httpx.post(f"{server}/v1/chat/completions", json={"model": "demo-sft", "messages": messages})
+    assert response.status_code == 400 and needle in response.json()["error"]["message"]
+    user_steps = [{"role": "user", "content": "Hi.", "tool_steps": [{"call": CALC_CALL, "result": "8", "offset": 0}]}]
+    response = httpx.post(f"{server}/v1/chat/completions", json={"model": "demo-sft", "messages": user_steps})
+    assert response.status_code == 400 and "only assistant messages may carry tool_steps" in response.json()["error"]["message"]
+
+
+def started_app(run, monkeypatch, *flags: str):
+    """The app `picochat serve --run run *flags` would serve."""
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--run", str(run), *flags])
+    assert exit_.value.code == 0
+    return apps[0]
+
+
+def test_picochat_serve_runs_the_calculator_unless_told_no_tools(serve_run, monkeypatch, capsys):
+    with serving(started_app(serve_run, monkeypatch)) as url:
+        assert [card.tools for card in openai_client(url).models.list().data] == [["calc"], ["calc"]]
+    assert "tools: calc;" in capsys.readouterr().out
+    with serving(started_app(serve_run, monkeypatch, "--no-tools")) as url:
+        assert [card.tools for card in openai_client(url).models.list().data] == [[], []]
+        assert TOOLS_SYSTEM_PROMPT not in httpx.post(f"{url}/v1/tokenize", json={"messages": HELLO}).json()["text"]
+    assert "tools off;" in capsys.readouterr().out

@@ -13,7 +13,17 @@ import pytest
 
 from picochat.config import get_preset
 from picochat.serve.app import create_app, load_models
-from test_serve import GatedTransformer, serve_run, serving, tiny_model  # noqa: F401 (serve_run is a fixture)
+from picochat.tools import TOOLS_SYSTEM_PROMPT, Tools
+from test_serve import (  # noqa: F401 (serve_run is a fixture)
+    CALC_ANSWER,
+    CALC_CALL,
+    CALC_RESULT,
+    GatedTransformer,
+    calculating,
+    serve_run,
+    serving,
+    tiny_model,
+)
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (scripts/install_browser.sh installs it)")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -232,3 +242,49 @@ def test_the_api_key_is_kept_for_the_tab_only(browser, server):
     browser.get(server + "/")  # the same tab: the key is still there
     assert browser.find_element(By.ID, "api-key").get_property("value") == "s3cret"
     set_value(browser, "api-key", "")
+
+
+# --- the server's tools ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tool_server(serve_run):
+    """A server with the calculator and a model scripted to call it: `calc: 4 * 2`, then "So it is 8."."""
+    tokenizer, models, _ = load_models(serve_run, None, "cpu")
+    with serving(create_app(tokenizer, {"demo-sft": calculating(models["demo-sft"], tokenizer)}, tools=Tools(tokenizer))) as url:
+        yield url
+
+
+def test_a_tool_call_is_a_step_that_opens_to_its_result_and_the_token_view_shows_its_tokens(browser, tool_server):
+    fresh_page(browser, tool_server)
+    set_value(browser, "max-tokens", 24)  # the scripted reply takes 22: two exchanges fit the context of 128
+    assert browser.find_element(By.ID, "use-tools").is_selected()
+    assert browser.find_element(By.ID, "tools-note").text.startswith("calc: the server runs them")
+    question = "What is 4 * 2?"
+    assert send_and_wait(browser, question) == CALC_ANSWER  # the reply's text, without the tool markup
+    bubble = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+    [step] = bubble.find_elements(By.CSS_SELECTOR, ".steps details.tool-step")
+    summary, result = step.find_element(By.TAG_NAME, "summary"), step.find_element(By.TAG_NAME, "pre")
+    assert summary.text == "⚙ calc: 4 * 2 → 8" and not result.is_displayed()
+    summary.click()
+    WebDriverWait(browser, 10).until(lambda d: result.is_displayed())
+    assert result.text == CALC_RESULT
+    content = bubble.find_element(By.CLASS_NAME, "content")
+    assert browser.execute_script("return arguments[0].compareDocumentPosition(arguments[1]) & Node.DOCUMENT_POSITION_FOLLOWING",
+                                  step, content)  # the step, then the text below it
+
+    step_sent = {"call": CALC_CALL, "result": CALC_RESULT, "offset": 0}
+    conversation = [{"role": "user", "content": question},
+                    {"role": "assistant", "content": CALC_ANSWER, "tool_steps": [step_sent]}]
+    view = httpx.post(f"{tool_server}/v1/tokenize", json={"messages": conversation}).json()
+    WebDriverWait(browser, 30).until(lambda d: shown_token_count(d) == view["count"])
+    specials = [t.get_property("textContent") for t in browser.find_elements(By.CSS_SELECTOR, "#tokens .tok.special")]
+    assert ["<|tool_call|>", "<|/tool_call|>", "<|tool_result|>", "<|/tool_result|>"] == [s for s in specials if "tool" in s]
+    assert TOOLS_SYSTEM_PROMPT in browser.find_element(By.ID, "rendered").get_property("textContent")
+
+    send_and_wait(browser, "Thanks.")  # the page sent the step back: the server's prompt is the token view's
+    thanks = conversation + [{"role": "user", "content": "Thanks."}]
+    prompt = httpx.post(f"{tool_server}/v1/tokenize", json={"messages": thanks}).json()
+    assert browser.find_element(By.ID, "status").text.startswith(f"{prompt['count']} prompt tokens")
+
+    browser.find_element(By.ID, "use-tools").click()  # tools off: the conversation no longer offers them
+    rendered = browser.find_element(By.ID, "rendered")
+    WebDriverWait(browser, 30).until(lambda d: TOOLS_SYSTEM_PROMPT not in rendered.get_property("textContent"))

@@ -18,7 +18,8 @@ or just a tokenizer (the calculator alone), when a sequence emits
 result is cut to the room the completion has left, less a reserve for the answer; a call still open
 after `Tools.max_call_tokens` tokens is closed by the engine with an error result. Forced tokens are
 part of the completion and count toward max_new_tokens. A tool runs inside the step, so the other
-sequences wait for it (a search takes milliseconds).
+sequences wait for it (a search takes milliseconds). A prompt added with `run_tools=False` decodes
+without the batch's tools (a server request that turns them off).
 
 A completion also ends when the model's context is full: `context_room` is the one rule for how
 many new tokens fit after a prompt, which the terminal chat and the server use too.
@@ -162,6 +163,7 @@ class _Sequence:
     forced: deque = field(default_factory=deque)  # tool-result tokens still to feed
     tool_call: list[int] | None = None  # ids since an open <|tool_call|>
     cancelled: bool = False
+    run_tools: bool = True  # False: the batch's tools are not run for this sequence
 
 
 def _repack(parts: list[tuple[KVCache, list[int]]], remaining: int, config, device, dtype) -> KVCache:
@@ -221,13 +223,14 @@ class ContinuousBatch:
         return len(self._live)
 
     def add(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-            num_samples: int = 1) -> list[int]:
+            num_samples: int = 1, run_tools: bool = True) -> list[int]:
         """Queue a prompt; returns the ids of its num_samples sequences. Bad arguments raise
-        GenerationError (ContextLengthError for a prompt that fills the context) at once."""
-        return self.add_all([prompt], max_new_tokens, sampling, num_samples)[0]
+        GenerationError (ContextLengthError for a prompt that fills the context) at once.
+        `run_tools=False`: the batch's tools do not run for these sequences (a call is just tokens)."""
+        return self.add_all([prompt], max_new_tokens, sampling, num_samples, run_tools)[0]
 
     def add_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                num_samples: int = 1) -> list[list[int]]:
+                num_samples: int = 1, run_tools: bool = True) -> list[list[int]]:
         """Queue several prompts that draw from one random stream seeded with sampling.seed (as
         `generate` does); returns each prompt's sequence ids. Nothing is queued if any is refused."""
         prompts = [list(prompt) for prompt in prompts]
@@ -239,7 +242,7 @@ class ContinuousBatch:
             ids = list(range(self._next_id, self._next_id + num_samples))
             self._next_id += num_samples
             limit = min(max_new_tokens, context_room(context, len(prompt)))
-            self._live.update((sequence, _Sequence(limit, sampling, generator)) for sequence in ids)
+            self._live.update((sequence, _Sequence(limit, sampling, generator, run_tools=run_tools)) for sequence in ids)
             self._pending.append((prompt, ids))
             all_ids.append(ids)
         return all_ids
@@ -331,7 +334,7 @@ class ContinuousBatch:
             seq.finish_reason = FINISH_STOP
             return False
         seq.produced += 1
-        if self._tools is not None and not forced:
+        if self._tools is not None and seq.run_tools and not forced:
             self._follow_tool_call(seq, token)
         if seq.produced >= seq.limit:
             seq.finish_reason = FINISH_LENGTH

@@ -2,11 +2,15 @@
 
     picochat serve --run runs/demo                      # http://127.0.0.1:8000/ (web chat), /v1 (API)
     picochat serve --run runs/demo --stage rl --api-key secret --max-batch 16 --max-body-mb 8
+    picochat serve --run runs/demo --no-tools           # the model gets no tools
 
 Endpoints: `POST /v1/chat/completions` (the chat model), `POST /v1/completions` (documents; the
 base model `<run>/base` when the run has one), `GET /v1/models`, `POST /v1/tokenize` (the token
 view: a conversation exactly as the model sees it), `GET /health`, and the web page at `/`.
 Every served model decodes in its own worker thread (see batcher.py), many requests per step.
+The server runs the model's tools itself (the calculator, and search when the run has an index;
+`--no-tools` turns them off): chat completions offer them unless a request says `"tool_choice":
+"none"`, and return the steps in `tool_steps` (schemas.py); `GET /v1/models` lists them per model.
 Errors are OpenAI's shape (errors.py): 400 for invalid requests, 401 without the API key, 404,
 413 for a body over the limit (limits.py), 500 for the server's own failures, 503 when the queue
 is full. Work that grows with a request (rendering, tokenizing, the token view) runs in worker
@@ -42,6 +46,7 @@ from picochat.serve.completions import (
     conversation,
     least_conversation_tokens,
     least_tokens,
+    offers_tools,
     sse_events,
     text_generation,
 )
@@ -75,13 +80,13 @@ class _EventStream(StreamingResponse):
 def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
                max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20), tools: Tools | None = None) -> FastAPI:
     """The server for `models` (model id -> Transformer, first = the default chat model); ids that
-    name the same Transformer share its batcher. Batchers start and stop with the app. `tools` runs
-    the models' tool calls (default: the calculator)."""
+    name the same Transformer share its batcher. Batchers start and stop with the app. `tools` are
+    offered in chat completions and run the models' calls (None: no tools)."""
     batchers: dict[int, Batcher] = {}
     served: dict[str, Batcher] = {}
     for model_id, model in models.items():
         if id(model) not in batchers:
-            batchers[id(model)] = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, tools=tools)
+            batchers[id(model)] = Batcher(model, max_batch=max_batch, max_queue=max_queue, tools=tools)
         served[model_id] = batchers[id(model)]
     created = int(time.time())
 
@@ -113,7 +118,7 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
 
     def model_card(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "picochat",
-                "context_length": served[model_id].model.config.max_seq_len}
+                "context_length": served[model_id].model.config.max_seq_len, "tools": tool_names(tools)}
 
     async def answer(generation, batcher: Batcher, connection: Request):
         try:
@@ -145,7 +150,7 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
     async def chat_completions(request: ChatCompletionRequest, connection: Request):
         batcher = batcher_for(request.model)
         generation = await asyncio.to_thread(chat_generation, request, request.model, tokenizer,
-                                             batcher.model.config.max_seq_len, max_batch)
+                                             batcher.model.config.max_seq_len, max_batch, tools is not None)
         return await answer(generation, batcher, connection)
 
     @api.post("/completions")
@@ -157,7 +162,8 @@ def create_app(tokenizer: Tokenizer, models: dict, api_key: str | None = None, m
 
     @api.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
-        return await asyncio.to_thread(lambda: JSONResponse(token_view(request, tokenizer, longest_context)))
+        offer = offers_tools(tools is not None, request.tool_choice)
+        return await asyncio.to_thread(lambda: JSONResponse(token_view(request, tokenizer, longest_context, offer)))
 
     app.include_router(api)
 
@@ -194,10 +200,12 @@ async def _disconnection(connection: Request) -> None:
         pass
 
 
-def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) -> dict:
+def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int, offer_tools: bool = False) -> dict:
     """A conversation (or a document prompt) as the model sees it: the rendered protocol text,
     each token's id and piece, and the count. A conversation that ends with a user message
-    includes the `<|im_start|>assistant<|im_sep|>` that primes the reply. Longer than `max_tokens`
+    includes the `<|im_start|>assistant<|im_sep|>` that primes the reply; with `offer_tools` its
+    system message offers the tools, as in a chat completion, and its replies' tool steps show as the
+    tool tokens they were. Longer than `max_tokens`
     (the longest context served: no model could read it) is refused, before tokenizing when the
     text alone is too long."""
     if (request.messages is None) == (request.prompt is None):
@@ -205,7 +213,7 @@ def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) 
     if request.prompt is not None:
         messages, at_least = None, 1 + least_tokens([request.prompt], tokenizer)
     else:
-        messages = conversation(request.messages)
+        messages = conversation(request.messages, offer_tools)
         at_least = least_conversation_tokens(messages, tokenizer)
     if at_least > max_tokens:
         raise _longer_than_any_context(f"at least {at_least}", max_tokens)
@@ -226,6 +234,13 @@ def token_view(request: TokenizeRequest, tokenizer: Tokenizer, max_tokens: int) 
 def _longer_than_any_context(tokens: str, max_tokens: int) -> APIError:
     return APIError(400, f"this takes {tokens} tokens, more than the longest context served ({max_tokens} tokens)",
                     code="context_length_exceeded")
+
+
+def tool_names(tools: Tools | None) -> list[str]:
+    """The tools the server runs: calc, and search when it has an index; none when off."""
+    if tools is None:
+        return []
+    return ["calc", "search"] if tools.index is not None else ["calc"]
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -254,6 +269,9 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
                         help=f"largest request body accepted, in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MB:g})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--no-tools", action="store_true",
+                        help="run no tools: chat completions offer none and a call the model writes is not run "
+                             "(default: the calculator, and search when the run has a search index)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: PyTorch's choice; 1 is often fastest for small "
                              "models on a few busy cores)")
@@ -273,13 +291,15 @@ def _cmd(args) -> None:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     tokenizer, models, stage_dir = load_models(run, args.stage, args.device)
-    tools = Tools(tokenizer, Run(run).open_index())
+    tools = None if args.no_tools else Tools(tokenizer, Run(run).open_index())
     app = create_app(tokenizer, models, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_body_bytes=int(args.max_body_mb * 2**20), tools=tools)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"picochat serve: warning: listening on {args.host} without an API key; anyone who can reach it can use it")
-    searching = f"; the search tool reads {tools.index.directory}" if tools.index else ""
-    print(f"picochat serve: {stage_dir} as {', '.join(models)}{searching}; web chat at http://{args.host}:{args.port}/, API at /v1")
+    searching = f" (search reads {tools.index.directory})" if tools is not None and tools.index else ""
+    running = f"tools: {', '.join(tool_names(tools))}{searching}" if tools is not None else "tools off"
+    print(f"picochat serve: {stage_dir} as {', '.join(models)}; {running}; "
+          f"web chat at http://{args.host}:{args.port}/, API at /v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -60,13 +60,13 @@ class _Job:
 class Batcher:
     """Decodes the requests of one model in a background thread, many at a time."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, tools: Tools | None = None):
-        """`tools`: what runs the model's tool calls (default: the calculator)."""
+    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, tools: Tools | None = None):
+        """`tools`: what runs the model's tool calls, for the requests that let them run (None: no tools)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.model, self.tokenizer, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.tools = tools
-        self._batch = ContinuousBatch(model, tokenizer, tools)
+        self._batch = ContinuousBatch(model, tools=tools)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[_Job] = deque()
         self._jobs: dict[int, tuple[_Job, int]] = {}  # batch sequence id -> its job and choice
@@ -101,8 +101,8 @@ class Batcher:
     # --- the asyncio side ---------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], n: int = 1, **options) -> Submission:
         """Queue `n` completions of `prompt`; raises Overloaded at once when the server is full.
-        `options` are those of `ContinuousBatch.add` (max_new_tokens, sampling). Call from the
-        event loop; close the submission when done with it."""
+        `options` are those of `ContinuousBatch.add` (max_new_tokens, sampling, run_tools). Call
+        from the event loop; close the submission when done with it."""
         if n > self.max_batch:
             raise ValueError(f"n={n} completions cannot decode together in a batch of {self.max_batch} rows")
         if self._admitted + n > self.max_batch + self.max_queue:
@@ -192,7 +192,7 @@ class Batcher:
             if choice not in job.cancelled:
                 running.setdefault(job, []).append(choice)
         self._jobs.clear()
-        self._batch = ContinuousBatch(self.model, self.tokenizer, self.tools)
+        self._batch = ContinuousBatch(self.model, tools=self.tools)
         failures = {job: self._failure_alone(job, choices) for job, choices in running.items()}
         if not any(failures.values()):
             failures = dict.fromkeys(running, error)
@@ -209,7 +209,7 @@ class Batcher:
     def _failure_alone(self, job: _Job, choices: list[int]) -> Exception | None:
         """The error that one step of these choices raises when they decode alone, if any."""
         for choice in choices:
-            probe = ContinuousBatch(self.model, self.tokenizer, self.tools)
+            probe = ContinuousBatch(self.model, tools=self.tools)
             try:
                 probe.add(job.prompt + job.tokens[choice], **dict(job.options, max_new_tokens=1))
                 probe.step()
@@ -222,7 +222,7 @@ class Batcher:
             job.send(error)
         self._jobs.clear()
         self._waiting.clear()
-        self._batch = ContinuousBatch(self.model, self.tokenizer, self.tools)
+        self._batch = ContinuousBatch(self.model, tools=self.tools)
 
 
 class Submission:

@@ -4,6 +4,10 @@
 // the server to drop the oldest exchanges when the conversation would leave too little room for the
 // reply ("truncation": "auto"); the page then leaves them out too, fades them, and says so once per
 // drop. Only a message too long for the context on its own gets a notice (and goes back to the box).
+// Tools: when the server runs them (a model's `tools` in /v1/models) and "tools" is ticked, requests
+// let the model call them ("tool_choice": "auto", else "none"). Each call the server ran arrives as a
+// `tool_steps` delta and shows in the reply's bubble, above its text, as a step that opens to the
+// result; the page sends the steps back with the reply, so the token view shows the tool tokens.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -13,11 +17,12 @@ const MAX_DEFAULT_REPLY = 1024;  // tokens: the default max tokens is half the c
 const CONTEXT_FULL = "context_length_exceeded";  // the server's error code
 const DROPPED = "X-Picochat-Dropped-Messages";  // how many of the oldest messages the server dropped
 
-let messages = [];      // the conversation: {role, content}
+let messages = [];      // the conversation: {role, content} (and a reply's tool_steps)
 let running = null;     // AbortController of the reply being streamed
 let draftTimer = null;
 let chatNumber = 0;     // bumped by "New chat", so a reply cut short by it is dropped
 let contexts = {};      // model id -> its context length in tokens (/v1/models)
+let toolsOf = {};       // model id -> the tools the server runs for it (/v1/models)
 let tokenViews = 0;     // token view refreshes started, so that only the latest one is shown
 
 class ServerError extends Error {
@@ -76,6 +81,7 @@ async function send(text) {
   $("stop").hidden = false;
   setStatus("thinking…");
   let reply = "", finish = null, usage = null;
+  const steps = [];
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: running.signal,
@@ -83,7 +89,7 @@ async function send(text) {
         model: $("model").value, messages: conversation(), stream: true,
         stream_options: { include_usage: true },
         temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-        max_tokens: replyLimit(), truncation: "auto",
+        max_tokens: replyLimit(), truncation: "auto", tool_choice: toolChoice(),
       }),
     });
     if (!response.ok) throw await serverError(response);
@@ -95,8 +101,12 @@ async function send(text) {
       for (const choice of event.choices) {
         if (choice.delta && choice.delta.content) {
           reply += choice.delta.content;
-          bubble.firstChild.textContent = reply;
+          bubble.querySelector(".content").textContent = reply;
           bubble.scrollIntoView({ block: "end" });
+        }
+        for (const step of (choice.delta && choice.delta.tool_steps) || []) {
+          steps.push(step);
+          addStep(bubble, step);
         }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
@@ -127,7 +137,7 @@ async function send(text) {
     question.classList.add("dropped");
     bubble.classList.add("dropped");
   } else {
-    messages.push({ role: "assistant", content: reply });
+    messages.push(steps.length ? { role: "assistant", content: reply, tool_steps: steps } : { role: "assistant", content: reply });
   }
   bubble.dataset.done = "true";
   const note = document.createElement("span");
@@ -137,6 +147,35 @@ async function send(text) {
   bubble.appendChild(note);
   setStatus(usage ? `${usage.prompt_tokens} prompt tokens, ${usage.completion_tokens} reply tokens` : "");
   refreshTokens();
+}
+
+// A tool step the server ran, shown above the reply's text: "⚙ calc: 4 * 2 → 8", opening to the result.
+function addStep(bubble, step) {
+  let list = bubble.querySelector(".steps");
+  if (!list) {
+    list = document.createElement("div");
+    list.className = "steps";
+    bubble.insertBefore(list, bubble.querySelector(".content"));
+  }
+  const details = document.createElement("details");
+  details.className = "tool-step";
+  const summary = document.createElement("summary");
+  summary.textContent = stepSummary(step);
+  const result = document.createElement("pre");
+  result.textContent = step.result === null ? "(no result: no tool ran)" : step.result;
+  details.append(summary, result);
+  list.appendChild(details);
+}
+
+// The call and what came of it: a search's number of passages, else the result (shortened).
+function stepSummary(step) {
+  const tool = step.call.split(":")[0].trim();
+  const passages = step.result === null ? null : step.result.match(/^\[\d+\] /gm);
+  let outcome;
+  if (step.result === null) outcome = "no result";
+  else if (passages) outcome = `${passages.length} passage${passages.length === 1 ? "" : "s"}`;
+  else outcome = step.result.length > 60 ? step.result.slice(0, 60) + "…" : step.result;
+  return `${tool === "search" ? "🔎" : "⚙"} ${step.call.trim()} → ${outcome}`;
 }
 
 // The server dropped the `count` oldest messages to fit the model's context: they leave the
@@ -160,6 +199,16 @@ function contextLength() { return contexts[$("model").value]; }
 function defaultMaxTokens(context) { return Math.min(MAX_DEFAULT_REPLY, Math.floor(context / 2)); }
 
 function showContextFull(full) { $("context-full").hidden = !full; }
+
+// --- the server's tools ---------------------------------------------------------------------
+function toolChoice() { return $("use-tools").checked && !$("use-tools").disabled ? "auto" : "none"; }
+
+function applyModelTools() {
+  const names = toolsOf[$("model").value] || [];
+  $("use-tools").disabled = names.length === 0;
+  $("tools-note").textContent = names.length ? `${names.join(", ")}: the server runs them; each call shows as a step` :
+    "this server runs no tools";
+}
 
 // The max tokens field of the chosen model: at most its context less one token, and half of it
 // unless the user has set another value.
@@ -223,7 +272,9 @@ async function refreshTokens() {
     showTokens({ tokens: [], count: 0, text: "" }, "");
     return;
   }
-  const response = await fetch("/v1/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ messages: all }) });
+  const response = await fetch("/v1/tokenize", {
+    method: "POST", headers: headers(), body: JSON.stringify({ messages: all, tool_choice: toolChoice() }),
+  });
   const view = response.ok ? await response.json() : null;
   if (mine !== tokenViews) return;  // a later refresh has started: this conversation is out of date
   if (!view) {
@@ -270,9 +321,11 @@ async function loadModels() {
     option.value = option.textContent = model.id;
     select.appendChild(option);
     contexts[model.id] = model.context_length;
+    toolsOf[model.id] = model.tools || [];
   }
   if (current) select.value = current;
   applyModelLimits();
+  applyModelTools();
   setStatus("");
 }
 
@@ -310,5 +363,6 @@ $("new-chat").addEventListener("click", newChat);
 $("show-ids").addEventListener("change", refreshTokens);
 $("system").addEventListener("change", refreshTokens);
 $("api-key").addEventListener("change", loadModels);
-$("model").addEventListener("change", () => { applyModelLimits(); refreshTokens(); });
+$("use-tools").addEventListener("change", refreshTokens);
+$("model").addEventListener("change", () => { applyModelLimits(); applyModelTools(); refreshTokens(); });
 loadModels();
