@@ -165,7 +165,7 @@ def in_child(function: str, *args: str) -> dict:
 
 
 def run_checked(command: list[str]) -> None:
-    out = subprocess.run(command, capture_output=True, text=True)
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{' '.join(command)} exited with {out.returncode}:\n{out.stderr[-2000:]}")
 
