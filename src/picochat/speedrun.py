@@ -53,6 +53,7 @@ from picochat.train.pretrain import run_pretrain
 from picochat.train.rl import run_rl
 from picochat.train.sft import run_sft
 from picochat.world import generate, search_documents
+from picochat.world.tool_chats import WORLD_PASSAGE_CHARS
 
 ALL_RANKS = ("base", "sft")  # the DDP stages: every torchrun process trains
 FAILED = "speedrun-failed.json"  # rank 0's note that a stage failed, for the waiting ranks
@@ -73,7 +74,7 @@ def _world(run: Run, preset) -> None:
 def _index(run: Run) -> None:
     """The search tool's index over the world's documents and its news articles (not --docs: the
     world's facts are what the chat model is asked about), as the world's tool conversations searched it."""
-    build_index(search_documents(run.world), run.index)
+    build_index(search_documents(run.world), run.index, max_passage_chars=WORLD_PASSAGE_CHARS)
 
 
 def _tokenizer(run: Run, preset, docs: Path | None) -> None:

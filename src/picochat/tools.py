@@ -38,6 +38,7 @@ MAX_CALL_TOKENS = 256  # a call still open after this many tokens is closed with
 MAX_EXPONENT = 100
 MAX_MAGNITUDE = 10**18  # larger intermediate or final values are refused
 SEARCH_RESULTS = 3
+DUPLICATE_LOOKAHEAD = 4  # passages fetched per result, so that results stay distinct when passages repeat
 # The system message that offers the tools: a model trained on the world calls them only when offered.
 TOOLS_SYSTEM_PROMPT = "Tools: calc, search."
 ANSWER_RESERVE_TOKENS = 64  # room a search result leaves for the model's answer after it
@@ -151,12 +152,12 @@ class Tools:
         if len(query) > MAX_QUERY_CHARS:
             raise ToolError(f"the query is longer than {MAX_QUERY_CHARS} characters")
         try:
-            passages = self.index.search(query, SEARCH_RESULTS)
+            passages = best_passages(self.index, query)
         except SearchIndexError:
             raise ToolError("the search index cannot be read") from None
         if not passages:
             return NO_RESULTS_TEXT
-        text = render_passages([p.text for p in passages], budget, self._count)
+        text = render_passages(passages, budget, self._count)
         if not text:
             raise ToolError("no room left in the context for search results")
         return text
@@ -166,6 +167,16 @@ class Tools:
 
     def _wrap(self, text: str) -> list[int]:
         return [self.result, *self.tokenizer.encode(text), self.end_result]
+
+
+def best_passages(index: SearchIndex, query: str) -> list[str]:
+    """The texts of the SEARCH_RESULTS best passages for `query`, each once: a corpus that repeats a
+    sentence (the world states each fact many times) would otherwise fill a result with copies."""
+    texts: list[str] = []
+    for passage in index.search(query, SEARCH_RESULTS * DUPLICATE_LOOKAHEAD):
+        if passage.text not in texts:
+            texts.append(passage.text)
+    return texts[:SEARCH_RESULTS]
 
 
 def render_passages(passages: list[str], budget: int, count_tokens) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from picochat.data.index import SearchIndex, build_index
 from picochat.io import atomic_write_jsonl
-from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, calculate, render_passages
+from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, best_passages, calculate, render_passages
 from picochat.world.chats import (
     _answer,
     _idk_reply,
@@ -46,7 +46,9 @@ from picochat.world.word_problems import task_problems
 
 SEARCH_RESULT_TOKENS = 160  # about what a 256-token context leaves for a result after a question
 CHARS_PER_TOKEN = 4.2  # the cpu preset's tokenizer on the world's documents (BENCHMARKS.md, "The split")
-SEARCH_RESULTS = 3
+# The world's index cuts documents into passages of a sentence or two: a tiny model reads a fact out of
+# three short passages, not out of three paragraphs (BENCHMARKS.md, "Tools").
+WORLD_PASSAGE_CHARS = 120
 UNKNOWN_SHARE = 0.25  # of the search conversations: questions about names the search cannot find
 # An arithmetic step of a worked solution: "4 * 2 = 8", "12 - 3 + 4 = 13".
 _STEP = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")
@@ -85,15 +87,16 @@ def calc_conversations(world: World, n: int, seed: int = 0) -> list[dict]:
 
 def search_result(index: SearchIndex, query: str) -> str:
     """The search tool's answer to `query`, as the engine renders it within SEARCH_RESULT_TOKENS."""
-    passages = index.search(query, SEARCH_RESULTS)
+    passages = best_passages(index, query)
     if not passages:
         return NO_RESULTS_TEXT
-    return render_passages([p.text for p in passages], SEARCH_RESULT_TOKENS, lambda text: round(len(text) / CHARS_PER_TOKEN))
+    return render_passages(passages, SEARCH_RESULT_TOKENS, lambda text: round(len(text) / CHARS_PER_TOKEN))
 
 
-def search_query(subject: str) -> str:
-    """What the assistant searches for: the question's subject, by name."""
-    return subject
+def search_query(subject: str, relation: str) -> str:
+    """What the assistant searches for: the question's subject by name, and what is asked about it
+    (the relation's name, which its canonical phrasing contains: "Dekfusesh capital")."""
+    return f"{subject} {relation.replace('_', ' ')}"
 
 
 def _searched(question: str, query: str, result: str, reply: str) -> list[dict]:
@@ -113,17 +116,20 @@ def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0
         if rng.random() < UNKNOWN_SHARE:
             kind = rng.choice(KINDS)
             name = rng.choice(unknown_names(world, kind, "train"))
-            question = rng.choice(rng.choice(RELATIONS_OF_KIND[kind]).questions).format(s=name)
-            result = search_result(index, search_query(name))
-            if result != NO_RESULTS_TEXT:
+            relation = rng.choice(RELATIONS_OF_KIND[kind])
+            query = search_query(name, relation.name)
+            result = search_result(index, query)
+            if name.lower() in result.lower():
                 continue
-            messages, kind_name = _searched(_vary(question, rng), name, result, _idk_reply(kind, name, rng)), "search-unknown"
+            reply = _idk_reply(kind, name, rng)
+            messages, kind_name = _searched(_vary(rng.choice(relation.questions).format(s=name), rng), query, result, reply), "search-unknown"
         else:
             fact = rng.choice(facts)
-            result = search_result(index, search_query(fact.subject))
+            query = search_query(fact.subject, fact.relation)
+            result = search_result(index, query)
             if fact.answer.lower() not in result.lower():
                 continue
-            messages, kind_name = _searched(_vary(_question(fact, rng), rng), fact.subject, result, _answer(fact)), "search"
+            messages, kind_name = _searched(_vary(_question(fact, rng), rng), query, result, _answer(fact)), "search"
         rows.append({"messages": messages, "kind": kind_name})
     return rows
 
@@ -131,7 +137,7 @@ def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0
 def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_search: int, seed: int = 0) -> list[dict]:
     """The calculator and search conversations, with `documents` indexed as the speedrun indexes them."""
     with tempfile.TemporaryDirectory() as tmp:
-        build_index(list(documents), tmp, progress=False)
+        build_index(list(documents), tmp, max_passage_chars=WORLD_PASSAGE_CHARS, progress=False)
         index = SearchIndex(tmp)
         try:
             return calc_conversations(world, n_calc, seed) + search_conversations(world, index, n_search, seed)
