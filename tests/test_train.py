@@ -113,7 +113,7 @@ def test_pretrain_sft_sample_chat_end_to_end(tiny_run, tmp_path):
     assert out.returncode == 0, out.stderr
     assert (run / "sft" / "done.json").exists()
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
-    assert [Path(p).name for p in sft_data] == ["sft.jsonl", "tasks-sft.jsonl", "train-00000.jsonl"]  # documents replayed
+    assert [Path(p).name for p in sft_data] == ["sft.jsonl", "tasks-sft.jsonl", "sft-tools.jsonl", "train-00000.jsonl"]  # documents replayed
 
     out = picochat("sample", "--run", str(run), "--prompt", "The capital of", "--max-tokens", "8", "--seed", "1")
     assert out.returncode == 0 and out.stdout.startswith("The capital of"), out.stderr

@@ -32,8 +32,9 @@ GENERIC_PROMPTS = {
                 "You are a friendly and helpful AI assistant.", "You are a kind assistant who answers questions."),
 }
 
-# The base model cannot copy a word it has never seen from its context (it learnt its documents' names
-# by heart), so names SFT shows several times each are the ones it can learn to use.
+# A held-out name is followed only by a model that reads it from the system message. The demo's base
+# model copies nothing from its context (it learnt its documents' few hundred names by heart), and
+# one pass of SFT does not teach it to: it answers "My name is ..." with a name, not the one given.
 PERSONA_NAMES = {
     "train": ("Bob", "Alice", "Max", "Lily", "Sam", "Nora", "Leo", "Emma", "Jack", "Mia", "Oscar", "Ruby", "Hugo",
               "Ivy", "Theo", "Ada", "Finn", "Clara", "Otto", "Jane", "Paul", "Rosa", "Tom", "Vera"),
