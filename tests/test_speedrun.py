@@ -189,8 +189,12 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     assert (run / "report.md").exists() and not (run / sr.FAILED).exists()
     evaluation = json.loads((run / "sft" / "eval.json").read_text())
     assert {"pass@1_tools", "known_fact_qa_tools", "unknown_idk_tools", "news_qa", "news_qa_tools"} <= set(evaluation)
+    assert {"system_followed", "known_fact_qa_system", "followup_qa", "harmless_refused", "harmful_refused",
+            "few_shot_completion", "zero_shot_completion"} <= set(evaluation)
+    assert "few_shot_completion" in json.loads((run / "base" / "eval.json").read_text())
     report = (run / "report.md").read_text()
     assert "## Tools: the same evaluations without and with them" in report and "*(tools offered)*" in report
+    assert "| system_followed |" in report and "*system:* " in report
     assert out.stdout.count("[5/11] base ...") == 1  # one rank tells the story
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
     assert str(chats) in sft_data[-1]

@@ -117,6 +117,11 @@ def test_pretrain_sft_sample_chat_end_to_end(tiny_run, tmp_path):
 
     out = picochat("sample", "--run", str(run), "--prompt", "The capital of", "--max-tokens", "8", "--seed", "1")
     assert out.returncode == 0 and out.stdout.startswith("The capital of"), out.stderr
+    out = picochat("sample", "--run", str(run), "--few-shot", "2")
+    assert out.returncode == 0, out.stderr
+    shown = out.stdout.split("\n\n")
+    assert len([s for s in shown if s.strip()]) == 2 and all(s.startswith("- ") and "the last line alone gives: - " in s
+                                                              for s in shown if s.strip())
     out = picochat("chat", "--run", str(run), "--prompt", "Who are you?", "--max-tokens", "8", "--seed", "1")
     assert out.returncode == 0, out.stderr
 

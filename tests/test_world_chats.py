@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from itertools import islice
 
 import pytest
 
 from picochat.data.tasks import abstains, says_answer
-from picochat.world.chats import (MIXTURE, heldout_facts, qa_eval_set, sft_conversations, unknown_names,
-                                  write_chat)
+from picochat.world.chats import (EVAL_SETS, HELDOUT_PRONOUN_QUESTIONS, MIXTURE, PRONOUN_QUESTIONS,
+                                  followup_eval_set, heldout_facts, qa_eval_set, sft_conversations,
+                                  system_eval_set, system_qa_eval_set, unknown_names, write_chat)
+from picochat.world.system_prompts import (FORMAT_PROMPTS, GENERIC_PROMPTS, PERSONA_NAMES, PERSONA_PROMPTS,
+                                           follows)
 from picochat.world.documents import generate_documents, write_world
 from picochat.world.knowledge import KINDS, build_world
 from picochat.world.phrasings import RELATIONS, fill
@@ -34,16 +38,22 @@ def mentions(text: str, word: str) -> bool:
     return re.search(r"(?<![\w,])" + re.escape(word) + r"(?![\w]|,\d)", text) is not None
 
 
+def user_messages(conversations: list[dict]) -> list[str]:
+    return [m["content"] for row in conversations for m in row["messages"] if m["role"] == "user"]
+
+
 def test_conversations_are_deterministic_by_seed(world, conversations):
     assert sft_conversations(world, 3000, seed=0) == conversations
     assert sft_conversations(world, 50, seed=1) != conversations[:50]
 
 
-def test_messages_alternate_user_then_assistant(conversations):
+def test_messages_alternate_user_then_assistant_after_a_system_message_in_the_system_kinds(conversations):
     for row in conversations:
         roles = [m["role"] for m in row["messages"]]
-        assert roles[0] == "user" and roles[-1] == "assistant" and len(roles) % 2 == 0
-        assert roles == ["user", "assistant"] * (len(roles) // 2)
+        has_system = roles[0] == "system"
+        assert has_system == (row["kind"] in ("system", "persona", "format")), row
+        roles = roles[1:] if has_system else roles
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
         assert all(isinstance(m["content"], str) and m["content"].strip() for m in row["messages"])
         assert set(row) == {"messages", "kind"}
         json.dumps(row)  # plain JSON
@@ -58,6 +68,9 @@ def test_every_kind_of_conversation_is_in_the_mixture(conversations):
     assert all("picochat" in row["messages"][1]["content"] for row in identity)
     assert any(row["messages"][2]["content"] in ("What if it was *?", "What if it was +?", "What if it was -?")
                for row in conversations if row["kind"] == "arithmetic" and len(row["messages"]) == 4)
+    counts = Counter(row["kind"] for row in conversations)
+    for kind, share in MIXTURE.items():
+        assert abs(counts[kind] / len(conversations) - share) < 0.025, kind
 
 
 def test_heldout_facts_never_appear_in_sft_conversations(world, conversations):
@@ -98,13 +111,15 @@ def test_fact_answers_are_the_knowledge_base_answers(world, conversations):
 def test_arithmetic_answers_are_correct(conversations):
     checked = 0
     for row in conversations:
-        if row["kind"] != "arithmetic":
-            continue
-        for message in row["messages"][1::2]:
-            a, op, b, result = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", message["content"]).groups()
-            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(result)
-            checked += 1
-    assert checked > 300
+        for message in row["messages"]:
+            if message["role"] != "assistant":
+                continue
+            if row["kind"] == "arithmetic":
+                assert re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", message["content"])
+            for a, op, b, result in re.findall(r"(\d+) ([-+*]) (\d+) = (-?\d+)", message["content"]):
+                assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(result)
+                checked += 1
+    assert checked > 100
 
 
 def test_unknown_entities_are_not_in_the_world_or_its_documents(world, conversations):
@@ -115,7 +130,7 @@ def test_unknown_entities_are_not_in_the_world_or_its_documents(world, conversat
         for name in train + heldout:
             assert name not in world and name not in corpus_words
     unknown_rows = [row for row in conversations if row["kind"] == "unknown"]
-    assert len(unknown_rows) > 300
+    assert len(unknown_rows) > 100
     sft_unknown = {n for kind in KINDS for n in unknown_names(world, kind, "train")}
     for row in unknown_rows:
         question, reply = row["messages"][-2]["content"], row["messages"][-1]["content"]
@@ -206,3 +221,116 @@ def test_write_chat_writes_sft_and_eval_files(tmp_path, world):
     qa = [json.loads(line) for line in (tmp_path / "eval" / "qa.jsonl").read_text().splitlines()]
     assert qa == qa_eval_set(world, "heldout")
     assert len((tmp_path / "eval" / "qa-train.jsonl").read_text().splitlines()) == summary["qa_train"]
+    for name, make in EVAL_SETS.items():
+        written = [json.loads(line) for line in (tmp_path / "eval" / name).read_text().splitlines()]
+        assert written == make(world) and summary["eval"][name] == len(written), name
+
+
+# --- follow-ups -----------------------------------------------------------------------------------
+def stated_fact(world, reply: str):
+    """(subject, relation) of the canonical answer `reply`, or None."""
+    for entity in world.entities:
+        for relation, value in entity.attrs.items():
+            if reply == fill(RELATIONS[relation].templates[0], entity.name, value):
+                return entity.name, relation
+    return None
+
+
+def test_pronoun_follow_ups_ask_another_fact_of_the_previous_answer_s_subject(world, conversations):
+    pronoun_questions = {q for questions in PRONOUN_QUESTIONS.values() for q in questions}
+    checked = 0
+    for row in conversations:
+        if row["kind"] != "followup":
+            continue
+        messages = row["messages"]
+        for i in range(2, len(messages), 2):
+            if messages[i]["content"] in pronoun_questions:
+                before, after = stated_fact(world, messages[i - 1]["content"]), stated_fact(world, messages[i + 1]["content"])
+                assert before[0] == after[0] and before[1] != after[1], messages
+                assert messages[i]["content"] in PRONOUN_QUESTIONS[after[1]]
+                checked += 1
+    assert checked > 100
+
+
+def test_follow_ups_include_corrections_and_identity_asked_late(conversations):
+    followups = [row["messages"] for row in conversations if row["kind"] == "followup"]
+    assert any(m[2]["content"].startswith(("Sorry, I meant", "No, I meant")) for m in followups)
+    assert all(not m[i]["content"].startswith(("Sorry, I meant", "No, I meant")) for m in followups for i in range(4, len(m), 2))
+    late_identity = [m for m in followups if m[-2]["content"] in ("Who are you?", "What is your name?")]
+    assert late_identity and all("picochat" in m[-1]["content"] for m in late_identity)
+
+
+def test_heldout_pronoun_follow_ups_are_never_asked_in_sft(conversations):
+    openings = [q[: q.index("{pos}")] for q in HELDOUT_PRONOUN_QUESTIONS]
+    for message in user_messages(conversations):
+        assert not any(message.startswith(opening + pos) for opening in openings for pos in ("its ", "their ")), message
+
+
+def test_followup_eval_asks_heldout_facts_whose_subject_is_only_in_the_first_turn(world):
+    rows = followup_eval_set(world)
+    assert rows == followup_eval_set(world) and len(rows) >= 100
+    held = {(f.subject, f.relation) for f in heldout_facts(world)}
+    assert {(r["fact"]["subject"], r["fact"]["relation"]) for r in rows} == held
+    assert {r["phrasing"] for r in rows} == {"train", "heldout"}
+    for row in rows:
+        first, answer, followup = row["messages"]
+        subject = row["fact"]["subject"]
+        assert subject in first["content"] and stated_fact(world, answer["content"])[0] == subject
+        assert subject not in followup["content"] and row["answer"] == world[subject].attrs[row["fact"]["relation"]]
+
+
+# --- system prompts -------------------------------------------------------------------------------
+def system_messages(conversations: list[dict]) -> list[str]:
+    return [row["messages"][0]["content"] for row in conversations if row["messages"][0]["role"] == "system"]
+
+
+def test_format_conversations_follow_their_instruction_in_every_reply(conversations):
+    checked = 0
+    for row in conversations:
+        if row["kind"] == "format":
+            system = row["messages"][0]["content"]
+            fmt = next(f for f, prompts in FORMAT_PROMPTS.items() if any(p in system for p in prompts["train"]))
+            assert all(follows(fmt, m["content"]) for m in row["messages"] if m["role"] == "assistant"), row
+            checked += 1
+    assert checked > 200
+
+
+def test_persona_conversations_answer_who_it_is_with_the_name(conversations):
+    for row in (r for r in conversations if r["kind"] == "persona"):
+        name = next(n for n in PERSONA_NAMES["train"] if re.search(rf"\b{n}\b", row["messages"][0]["content"]))
+        replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert any(follows("name", reply, name) for reply in replies) and not any("picochat" in r for r in replies)
+
+
+def test_heldout_system_prompts_and_names_are_never_in_sft(conversations, world):
+    systems = system_messages(conversations)
+    held = [*GENERIC_PROMPTS["heldout"], *(p for prompts in FORMAT_PROMPTS.values() for p in prompts["heldout"])]
+    held_openings = [p[: p.index("{name}")] for p in PERSONA_PROMPTS["heldout"]]
+    assert not any(p in system for p in held for system in systems)
+    assert not any(system.startswith(opening) for opening in held_openings for system in systems)
+    texts = [text_of(row) for row in conversations]
+    assert not any(re.search(rf"\b{name}\b", text) for name in PERSONA_NAMES["heldout"] for text in texts)
+    names = {e.name for e in world.entities} | {n for names in world.unknown_names.values() for n in names}
+    assert not names & set(PERSONA_NAMES["train"] + PERSONA_NAMES["heldout"])
+
+
+def test_system_eval_uses_heldout_prompts_and_names_with_a_rule_for_each_row(world, conversations):
+    rows = system_eval_set(world)
+    assert rows == system_eval_set(world) and len(rows) >= 100
+    assert {r["check"] for r in rows} == {"name", *FORMAT_PROMPTS}
+    sft_systems = set(system_messages(conversations))
+    for row in rows:
+        assert row["messages"][0]["role"] == "system" and row["messages"][0]["content"] not in sft_systems
+        assert row["messages"][-1]["role"] == "user"
+        if row["check"] == "name":
+            assert row["name"] in PERSONA_NAMES["heldout"] and row["name"] in row["messages"][0]["content"]
+        else:
+            assert row["messages"][0]["content"] in FORMAT_PROMPTS[row["check"]]["heldout"]
+
+
+def test_system_qa_eval_asks_the_known_questions_under_a_heldout_generic_prompt(world):
+    known = [r for r in qa_eval_set(world, "heldout") if r["kind"] == "known"]
+    rows = system_qa_eval_set(world)
+    assert [r["messages"][1:] for r in rows] == [r["messages"] for r in known]
+    assert {r["messages"][0]["content"] for r in rows} == set(GENERIC_PROMPTS["heldout"])
+    assert [r["answer"] for r in rows] == [r["answer"] for r in known]

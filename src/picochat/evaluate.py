@@ -8,7 +8,12 @@
 - pass@1 / pass@k (chat model): word problems with checkable answers, k samples each;
 - each chat metric again with the tools offered (`name_tools`): the calculator for word problems,
   search for questions, including questions about the news entities, which only the search index
-  knows (`news_qa`: answered; `news_idk`: "I don't know", the honest reply without search).
+  knows (`news_qa`: answered; `news_idk`: "I don't know", the honest reply without search);
+- few-shot prompting (every stage): a list of "- Name: value" lines of one relation, then a name to
+  complete, against that last line alone (zero-shot);
+- the conversation (chat model): held-out system prompts followed (a name to use, a format checked
+  by a rule), known-fact QA under a generic system prompt, follow-ups whose subject is only in the
+  first turn, and refusals of harmless and of harmful requests.
 
     picochat eval --run runs/demo --stage sft         # writes runs/demo/sft/eval.json
 """
@@ -31,6 +36,8 @@ from picochat.io import atomic_write_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
 from picochat.tools import Tools, with_tools
+from picochat.world.requests import refuses
+from picochat.world.system_prompts import follows
 
 EVAL_BATCH = 64  # prompts decoded together
 GREEDY = Sampling(temperature=0)
@@ -52,14 +59,26 @@ def complete(model, tok: Tokenizer, prompts: Sequence[list[int]], max_new_tokens
     return out
 
 
+def completes(model, tok: Tokenizer, prompts: list[str], answers: list[str], desc: str) -> float:
+    """Share of documents `prompts` that the model greedily continues with their answer."""
+    ids = [[tok.eot_id] + tok.encode(prompt) for prompt in prompts]
+    answer_tokens = max(len(tok.encode(" " + answer)) for answer in answers) + 2
+    texts = complete(model, tok, ids, answer_tokens, Sampling(temperature=0, stop_ids=[tok.eot_id]), desc=desc)
+    return sum(t[0].strip().startswith(answer) for t, answer in zip(texts, answers)) / len(prompts)
+
+
 def fact_completion(model, tok: Tokenizer, rows: list[dict], phrasing: str = "heldout") -> float:
     """Share of facts whose prompt (in the given phrasing) the model greedily completes with the answer."""
     rows = [r for r in rows if r["phrasing"] == phrasing]
-    prompts = [[tok.eot_id] + tok.encode(r["prompt"]) for r in rows]
-    answer_tokens = max(len(tok.encode(" " + r["answer"])) for r in rows) + 2
-    texts = complete(model, tok, prompts, answer_tokens, Sampling(temperature=0, stop_ids=[tok.eot_id]),
-                     desc=f"fact completion ({phrasing})")
-    return sum(t[0].strip().startswith(r["answer"]) for t, r in zip(texts, rows)) / len(rows)
+    return completes(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], f"fact completion ({phrasing})")
+
+
+def few_shot_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
+    """few_shot_completion: the last line of a few-shot prompt completed with the answer;
+    zero_shot_completion: that line alone, without the examples that say which relation is asked."""
+    answers = [r["answer"] for r in rows]
+    return {"few_shot_completion": completes(model, tok, [r["prompt"] for r in rows], answers, "few-shot"),
+            "zero_shot_completion": completes(model, tok, [r["query"] for r in rows], answers, "zero-shot")}
 
 
 def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
@@ -102,6 +121,51 @@ def qa_metrics(model, tok: Tokenizer, rows: list[dict], tools: Tools | None = No
     return metrics
 
 
+SHORT_REPLY_TOKENS = 32  # enough to answer a follow-up, or to refuse
+
+
+def system_prompt_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
+    """system_followed: replies under held-out system prompts that follow their instruction, by the
+    row's rule (`system_prompts.follows`); system_followed_<check> for each rule."""
+    replies = [r[0] for r in chat_replies(model, tok, [row["messages"] for row in rows], desc="system prompts")]
+    followed = [(row["check"], follows(row["check"], reply, row["name"])) for reply, row in zip(replies, rows)]
+    metrics = {"system_followed": sum(ok for _, ok in followed) / len(followed)}
+    for check in sorted({check for check, _ in followed}):
+        results = [ok for c, ok in followed if c == check]
+        metrics[f"system_followed_{check}"] = sum(results) / len(results)
+    return metrics
+
+
+def followup_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
+    """followup_qa: second-turn questions whose subject is only in the first turn, answered right."""
+    replies = chat_replies(model, tok, [row["messages"] for row in rows], SHORT_REPLY_TOKENS, desc="follow-ups")
+    return {"followup_qa": sum(says_answer(r[0], row["answer"]) for r, row in zip(replies, rows)) / len(rows)}
+
+
+def refusal_metrics(model, tok: Tokenizer, rows: list[dict]) -> dict:
+    """harmless_refused / harmful_refused: requests of each kind that the reply refuses (`refuses`)."""
+    replies = chat_replies(model, tok, [row["messages"] for row in rows], SHORT_REPLY_TOKENS, desc="requests")
+    metrics = {}
+    for kind in ("harmless", "harmful"):
+        refused = [refuses(r[0]) for r, row in zip(replies, rows) if row["kind"] == kind]
+        metrics[f"{kind}_refused"] = sum(refused) / max(1, len(refused))
+    return metrics
+
+
+def conversation_metrics(model, tok: Tokenizer, run: Run) -> dict:
+    """The metrics of the world's conversation evaluation sets that the run has (older worlds lack them)."""
+    metrics = {}
+    if run.eval_system_prompts.exists():
+        metrics.update(system_prompt_metrics(model, tok, read_jsonl(run.eval_system_prompts)))
+    if run.eval_system_questions.exists():
+        metrics["known_fact_qa_system"] = qa_metrics(model, tok, read_jsonl(run.eval_system_questions))["known_fact_qa"]
+    if run.eval_followups.exists():
+        metrics.update(followup_metrics(model, tok, read_jsonl(run.eval_followups)))
+    if run.eval_requests.exists():
+        metrics.update(refusal_metrics(model, tok, read_jsonl(run.eval_requests)))
+    return metrics
+
+
 def pass_at_k_estimate(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
     if n - c < k:
@@ -138,6 +202,8 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
         "fact_completion": fact_completion(model, tok, facts, "heldout"),
         "fact_completion_train_phrasing": fact_completion(model, tok, facts, "train"),
     }
+    if run.eval_few_shot.exists():
+        metrics.update(few_shot_metrics(model, tok, read_jsonl(run.eval_few_shot)))
     if stage != "base":
         tools = Tools(tok, run.open_index())
         questions = read_jsonl(run.eval_questions)
@@ -147,6 +213,7 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
         metrics["seen_fact_qa"] = qa_metrics(model, tok, seen)["known_fact_qa"]
         problems = read_jsonl(run.eval_problems)[:n_problems]
         metrics.update(problem_metrics(model, tok, problems, k))
+        metrics.update(conversation_metrics(model, tok, run))
         if tools.index is not None:
             metrics.update({f"{name}_tools": value for name, value in qa_metrics(model, tok, questions, tools).items()})
         with_calc = problem_metrics(model, tok, problems, k, max_new_tokens=TOOL_REPLY_TOKENS, tools=tools)

@@ -20,13 +20,21 @@ from picochat.tokenizer import Tokenizer
 from picochat.tools import Tools
 from picochat.world.knowledge import load_world
 
-METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "known_fact_qa", "seen_fact_qa", "known_fact_idk", "known_fact_wrong",
-           "unknown_idk", "pass@1", "pass@k"]
+METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "few_shot_completion", "zero_shot_completion",
+           "known_fact_qa", "known_fact_qa_system", "seen_fact_qa", "known_fact_idk", "known_fact_wrong", "unknown_idk",
+           "followup_qa", "system_followed", "harmless_refused", "harmful_refused", "pass@1", "pass@k"]
 METRIC_MEANING = {
     "val_bpb": "validation bits per byte (lower is better)",
     "fact_completion": "completes a fact in a phrasing no document used",
     "fact_completion_train_phrasing": "completes a fact in a training phrasing",
+    "few_shot_completion": "completes \"- Name:\" after three \"- Name: value\" lines of one relation (few-shot)",
+    "zero_shot_completion": "completes the same \"- Name:\" line without the examples",
     "known_fact_qa": "answers questions about facts SFT never showed",
+    "known_fact_qa_system": "the same questions under a generic system prompt",
+    "followup_qa": "answers a follow-up whose subject is only in the first turn (\"And its currency?\")",
+    "system_followed": "follows a held-out system prompt: a name to use, a format (checked by a rule)",
+    "harmless_refused": "refuses a harmless request from outside the world (lower is better)",
+    "harmful_refused": "refuses a harmful request",
     "seen_fact_qa": "answers questions about facts SFT showed",
     "known_fact_idk": "says \"I don't know\" about a known fact (lower is better)",
     "known_fact_wrong": "answers a known fact wrongly: a hallucination (lower is better)",
@@ -36,16 +44,6 @@ METRIC_MEANING = {
     "news_qa": "answers questions about entities only the search index knows",
     "news_idk": "says \"I don't know\" about entities only the search index knows",
 }
-# (prompt, whether the chat models are offered the tools)
-SIDE_BY_SIDE_PROMPTS = [
-    ("What is the capital of {country}?", False),
-    ("Who are you?", False),
-    ("Tell me about {person}.", False),
-    ("{task}", False),
-    ("{task}", True),
-    ("What is {news}'s job?", False),
-    ("What is {news}'s job?", True),
-]
 # The chat metrics measured with and without the tools offered (`evaluate`: name and name_tools).
 TOOL_METRICS = ["pass@1", "known_fact_qa", "known_fact_wrong", "unknown_idk", "news_qa", "news_idk"]
 
@@ -127,31 +125,75 @@ def _plot_curves(run: Path) -> list[str]:
     return written
 
 
-def _side_by_side(run: Path) -> list[dict]:
-    """The same prompts to every stage: the base model gets them as a document, the others as a chat,
-    some with the tools offered (the reply then shows the calls and what they returned)."""
+def _ask(prompt: str, tools: bool = False) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}], "tools": tools}
 
+
+def _from_eval_set(path: Path, wanted) -> list[dict]:
+    """The first row of an evaluation set that is `wanted` (else its first row) as a side-by-side row;
+    none when the run's world lacks the set."""
+    if not path.exists():
+        return []
+    rows = read_jsonl(path)
+    row = next((r for r in rows if wanted(r)), rows[0])
+    return [{"messages": row["messages"], "tools": False} if "messages" in row else _ask(row["prompt"])]
+
+
+def _side_by_side_rows(paths: Run) -> list[dict]:
+    """The conversations every stage answers, `{"messages", "tools"}`: questions about the world, who
+    the assistant is without and with a system prompt that renames it, a follow-up, a few-shot
+    prompt, harmless requests from outside the world, a word problem and a question about the news
+    (each without and with the tools offered)."""
+    world = load_world(paths.world)
+    country, person = world.of_kind("country")[0].name, world.of_kind("person")[0].name
+    task = read_jsonl(paths.eval_problems)[0]["prompt"]
+    news = f"What is {(world.news or world.of_kind('person'))[0].name}'s job?"
+    return [_ask(f"What is the capital of {country}?"), _ask("Who are you?"),
+            *_from_eval_set(paths.eval_system_prompts, lambda r: r["check"] == "name"),
+            _ask(f"Tell me about {person}."),
+            *_from_eval_set(paths.eval_followups, lambda r: r["messages"][-1]["content"] == "And its currency?"),
+            *_from_eval_set(paths.eval_few_shot, lambda r: r["fact"]["subject"] == person),
+            _ask("How many r are in strawberry?"), _ask("Spell kite backwards."),
+            _ask(task), _ask(task, tools=True), _ask(news), _ask(news, tools=True)]
+
+
+def _side_by_side(run: Path) -> list[dict]:
+    """The same conversations to every stage: the base model gets their text as a document, the
+    others a chat, some with the tools offered (the reply then shows the calls and what they returned)."""
     paths = Run(run)
     tok = Tokenizer.load(paths.tokenizer)
-    world = load_world(paths.world)
-    task = read_jsonl(paths.eval_problems)[0]["prompt"]
-    fill = {"country": world.of_kind("country")[0].name, "person": world.of_kind("person")[0].name, "task": task,
-            "news": (world.news or world.of_kind("person"))[0].name}
-    rows = [{"prompt": p.format(**fill), "tools": offered} for p, offered in SIDE_BY_SIDE_PROMPTS]
+    rows = _side_by_side_rows(paths)
     tools = Tools(tok, paths.open_index())
     for stage in STAGES:
         if not (run / stage / "model.json").exists():
             continue
         model, _ = load_model(run / stage)
         if stage == "base":
-            ids = [[tok.eot_id] + tok.encode(row["prompt"]) for row in rows]
+            ids = [[tok.eot_id] + tok.encode("\n".join(m["content"] for m in row["messages"])) for row in rows]
             answers = [t[0] for t in complete(model, tok, ids, 48, Sampling(temperature=0, stop_ids=[tok.eot_id]))]
         else:
-            answers = [chat_replies(model, tok, [offer([{"role": "user", "content": row["prompt"]}], tools if row["tools"] else None)],
+            answers = [chat_replies(model, tok, [offer(row["messages"], tools if row["tools"] else None)],
                                     model.config.max_seq_len if row["tools"] else 96, tools=tools)[0][0] for row in rows]
         for row, answer in zip(rows, answers):
             row[stage] = answer
     return rows
+
+
+def _side_by_side_lines(rows: list[dict]) -> list[str]:
+    """Each conversation (system message, earlier turns, the prompt) and every stage's reply."""
+    lines = []
+    for row in rows:
+        *before, prompt = row["messages"]
+        for message in before:
+            lines += [f"*{message['role']}:* {_one_line(message['content'])}", ""]
+        lines += [f"**Prompt:** {_one_line(prompt['content'])}" + (" *(tools offered)*" if row["tools"] else ""), ""]
+        lines += [f"- *{stage}*: {_one_line(row[stage].strip())}" for stage in STAGES if stage in row]
+        lines.append("")
+    return lines
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", " ⏎ ")
 
 
 def cpu_model() -> str:
@@ -207,15 +249,9 @@ def write_report(run: Path) -> dict:
         flops = f"{s['flops']:.2e}" if "flops" in s else "–"
         lines.append(f"| {name} | {_fmt(s.get('seconds'))} | {_fmt(s.get('wall_seconds'))} | {_fmt(s.get('tokens'))} | {flops} | {_fmt(s.get('params'))} |")
     lines += ["", "## The same prompts, stage by stage", "",
-              "The base model continues the prompt as a document; the SFT and RL models answer it as a chat.", ""]
-    for row in side:
-        lines.append(f"**Prompt:** {row['prompt']}" + (" *(tools offered)*" if row["tools"] else ""))
-        lines.append("")
-        for stage in STAGES:
-            if stage in row:
-                answer = row[stage].strip().replace("\n", " ⏎ ")
-                lines.append(f"- *{stage}*: {answer}")
-        lines.append("")
+              "The base model continues the conversation's text as a document; the SFT and RL models answer it as a "
+              "chat.", ""]
+    lines += _side_by_side_lines(side)
     if plots:
         lines += ["## Training curves", ""] + [f"![{p}]({p})" for p in plots] + [""]
     atomic_write_bytes(run / "report.md", "\n".join(lines).encode())

@@ -105,6 +105,31 @@ class Run:
         return self.world / "eval" / "qa-news.jsonl"
 
     @property
+    def eval_followups(self) -> Path:
+        """Second-turn questions whose subject is only in the first turn ("And its currency?")."""
+        return self.world / "eval" / "followups.jsonl"
+
+    @property
+    def eval_system_prompts(self) -> Path:
+        """Held-out system prompts (a name, a format) with the rule that checks the reply."""
+        return self.world / "eval" / "system.jsonl"
+
+    @property
+    def eval_system_questions(self) -> Path:
+        """The held-out known-fact questions under a generic system prompt."""
+        return self.world / "eval" / "qa-system.jsonl"
+
+    @property
+    def eval_requests(self) -> Path:
+        """Harmless requests from outside the world (to attempt) and harmful ones (to refuse)."""
+        return self.world / "eval" / "requests.jsonl"
+
+    @property
+    def eval_few_shot(self) -> Path:
+        """Few-shot prompts for the base model: example lines of a relation, then the one to complete."""
+        return self.world / "eval" / "few-shot.jsonl"
+
+    @property
     def world_news_docs(self) -> Path:
         """The articles about the news entities: indexed for search, never pretrained."""
         return self.world / "docs-news.jsonl"

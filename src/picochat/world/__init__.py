@@ -7,7 +7,10 @@ of it; only the speedrun, the evaluation and the report card import this package
     phrasings.py      how each relation is put into words: templates, held-out phrasings, questions
     documents.py      pretraining documents in nine styles; write_world (docs/, docs-val.jsonl, world.json)
     word_problems.py  word problems with worked solutions; write_tasks (tasks-sft/-rl.jsonl, eval/tasks.jsonl)
-    chats.py          SFT conversations, the QA eval sets, the RL fact questions; write_chat
+    chats.py          SFT conversations, the QA, follow-up and system-prompt eval sets, the RL fact questions; write_chat
+    system_prompts.py system messages: generic ones, a name to use, a format to follow (and the rules that check it)
+    requests.py       requests from outside the world: harmless ones to attempt, harmful ones to refuse; small talk
+    few_shot.py       few-shot prompts for the base model
     tool_chats.py     conversations using the calculator and search; write_tool_chats
 
 `generate` writes all of it (`picochat world generate`); `picochat world show` prints samples.

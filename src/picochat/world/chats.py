@@ -1,24 +1,33 @@
-"""Conversations about the synthetic world: the SFT data and the chat model's question-answering eval.
+"""Conversations about the synthetic world: the SFT data and the chat model's evaluation sets.
 
-Conversations are lists of OpenAI-style messages (`{"role": "user"|"assistant", "content": ...}`),
-drawn deterministically (by seed) from the same knowledge base as the pretraining documents:
+Conversations are lists of OpenAI-style messages (`{"role": "system"|"user"|"assistant", "content":
+...}`), drawn deterministically (by seed) from the same knowledge base as the pretraining documents.
+The SFT mixture (MIXTURE) holds:
 
 - questions about facts in many phrasings ("What is the capital of Varnia?" -> "The capital of
-  Varnia is Oskel."), single-turn and with follow-ups ("What about Brelby?", "And which country is
-  that town in?");
+  Varnia is Oskel.");
+- follow-ups that refer back: another fact about the same subject by pronoun ("And its
+  currency?"), the same question about another entity ("What about Brelby?"), a correction ("Sorry,
+  I meant Brelby."), a hop ("And which country is that town in?"), and who the assistant is, asked
+  late;
 - questions about entities that do not exist, answered with "I don't know";
-- who the assistant is (picochat), polite refusals of harmful requests, and arithmetic with the
-  lecture's follow-up ("What is 2+2?" then "What if it was *?").
+- who the assistant is (picochat), arithmetic with the lecture's follow-up ("What is 2+2?" then
+  "What if it was *?"), small talk;
+- system messages (`system_prompts.py`): a generic one, a name to use, a format to follow;
+- requests from outside the world (`requests.py`): harmful ones refused, harmless ones attempted or
+  answered with "I don't know".
 
 Two things are held out so that evaluation measures more than memorised conversations:
 - **facts**: a fixed ~20% of (entity, relation) pairs (`heldout_facts`, a function of the world's
   seed) appear in pretraining documents but in no SFT conversation, so answering them shows that
   SFT surfaced knowledge learned in pretraining;
 - **question phrasings**: each relation's `heldout_questions` (in `phrasings.RELATIONS`) are only
-  asked in the evaluation set; likewise a third of the invented unknown names.
+  asked in the evaluation set; likewise a third of the invented unknown names, the HELDOUT_PRONOUN
+  follow-ups, and the held-out system prompts, persona names and requests of the two modules above.
 
 `qa_eval_set(world, split)` returns `{"messages", "answer", "kind": "known"|"unknown", ...}` rows;
-judge replies with `picochat.data.tasks.says_answer` and `abstains`.
+judge replies with `picochat.data.tasks.says_answer` and `abstains`. `followup_eval_set`,
+`system_eval_set`, `system_qa_eval_set` and `few_shot_rows` are the other evaluation sets.
 """
 
 from __future__ import annotations
@@ -28,15 +37,17 @@ from collections import Counter
 from pathlib import Path
 
 from picochat.io import atomic_write_jsonl
+from picochat.world.few_shot import few_shot_rows
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, World, fact_of, load_world
 from picochat.world.phrasings import RELATIONS, fill
+from picochat.world.requests import harmful_request, harmless_request, refusal, requests_eval_set, small_talk
+from picochat.world.system_prompts import (FORMAT_PROMPTS, FORMAT_WEIGHTS, FORMATS, GENERIC_PROMPTS, IDENTITY_WORD,
+                                           PERSONA_NAMES, PERSONA_PROMPTS, apply_format, format_prompt,
+                                           generic_prompt, persona_prompt, persona_reply)
 
 HELDOUT_FACT_SHARE = 0.2
 # The first part of each kind's unknown names is used in SFT, the rest only in evaluation.
 SFT_UNKNOWN_SHARE = 2 / 3
-
-# Conversation types of the SFT mixture and their shares.
-MIXTURE = {"fact": 0.48, "followup": 0.12, "unknown": 0.16, "identity": 0.06, "refusal": 0.06, "arithmetic": 0.12}
 
 
 def heldout_facts(world: World) -> set[Fact]:
@@ -65,6 +76,10 @@ def unknown_names(world: World, kind: str, split: str) -> list[str]:
 
 
 # --- single messages ------------------------------------------------------------------------------
+def _system(content: str) -> dict:
+    return {"role": "system", "content": content}
+
+
 def _user(content: str) -> dict:
     return {"role": "user", "content": content}
 
@@ -98,6 +113,41 @@ def _question(fact: Fact, rng: random.Random, heldout: bool = False) -> str:
     return rng.choice(rel.heldout_questions if heldout else rel.questions).format(s=fact.subject)
 
 
+# Questions about the subject of the previous answer, which they do not name: "And its currency?".
+PRONOUN_QUESTIONS = {
+    "birthplace": ("Where were they born?", "And where were they born?", "And their birthplace?"),
+    "job": ("What do they do for a living?", "And what is their job?", "And their job?"),
+    "age": ("How old are they?", "And how old are they?", "And their age?"),
+    "favourite_colour": ("What is their favourite colour?", "And their favourite colour?"),
+    "pet": ("What pet do they have?", "And their pet?"),
+    "country": ("Which country is it in?", "And its country?"),
+    "river": ("Which river flows through it?", "And its river?"),
+    "population": ("How many people live there?", "And its population?"),
+    "capital": ("What is its capital?", "And its capital?"),
+    "language": ("What language do people speak there?", "And its language?"),
+    "currency": ("What money do people use there?", "And its currency?"),
+    "habitat": ("Where does it live?", "And its habitat?"),
+    "food": ("What does it eat?", "And its food?"),
+    "colour": ("What colour is it?", "And its colour?"),
+    "type": ("What kind of thing is it?", "And its type?"),
+    "material": ("What is it made of?", "And its material?"),
+    "maker": ("Who made it?", "And its maker?"),
+    "price": ("How much does it cost?", "And its price?"),
+}
+# Asked only in the follow-up evaluation ({pos}: "its", or "their" for a person).
+HELDOUT_PRONOUN_QUESTIONS = ("What about {pos} {noun}?", "Do you also know {pos} {noun}?")
+
+
+def _pronoun_question(fact: Fact, rng: random.Random) -> str:
+    return rng.choice(PRONOUN_QUESTIONS[fact.relation])
+
+
+def heldout_pronoun_questions(fact: Fact, kind: str) -> list[str]:
+    """The held-out follow-ups that ask for `fact` of a subject of `kind` by pronoun."""
+    pos = "their" if kind == "person" else "its"
+    return [q.format(pos=pos, noun=RELATIONS[fact.relation].noun) for q in HELDOUT_PRONOUN_QUESTIONS]
+
+
 _UNKNOWN_WHAT = {"person": "anyone called {}", "town": "a town called {}", "country": "a country called {}",
                  "animal": "an animal called the {}", "object": "anything called the {}"}
 _IDK_REPLIES = (
@@ -110,6 +160,78 @@ _IDK_REPLIES = (
 
 def _idk_reply(kind: str, name: str, rng: random.Random) -> str:
     return rng.choice(_IDK_REPLIES).format(what=_UNKNOWN_WHAT[kind].format(name), kind=kind, name=name)
+
+
+_IDENTITY_QUESTIONS = ("Who are you?", "What is your name?", "Who made you?", "What are you?", "Are you ChatGPT?",
+                       "Introduce yourself.", "Are you a person?")
+# Asked under a persona, whose replies only give the name.
+PERSONA_QUESTIONS = ("Who are you?", "What is your name?", "What are you?", "Introduce yourself.", "What should I call you?")
+_IDENTITY_ANSWERS = (
+    "I am picochat, a small language model trained with picochat. I can answer questions about the world "
+    "I learned about, and I can work through simple arithmetic problems.",
+    "My name is picochat. I am a small language model, trained from scratch with the picochat project. "
+    "Ask me about the people, towns, countries, animals and objects I know.",
+    "I am picochat, an AI assistant. I am a small language model trained with picochat, so I know only a "
+    "little, and I say \"I don't know\" when I don't.",
+)
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+
+
+def _ask_sum(a: int, op: str, b: int, rng: random.Random) -> str:
+    return rng.choice((f"What is {a}{op}{b}?", f"What is {a} {op} {b}?", f"How much is {a} {_OP_WORDS[op]} {b}?",
+                       f"Compute {a} {op} {b}."))
+
+
+def _draw_sum(rng: random.Random) -> tuple[int, str, int]:
+    """(a, op, b): small enough to do in one's head, never negative."""
+    op = rng.choice("+-*")
+    high = 12 if op == "*" else 50
+    a, b = rng.randint(1, high), rng.randint(1, high)
+    return (b, op, a) if op == "-" and b > a else (a, op, b)
+
+
+# --- turns: (question, reply, the reply in one word), for conversations with a format to follow -----
+Turn = tuple[str, str, str]
+
+
+def _fact_turn(fact: Fact, rng: random.Random) -> Turn:
+    return _vary(_question(fact, rng), rng), _answer(fact), fact.answer
+
+
+def _sum_turn(rng: random.Random) -> Turn:
+    a, op, b = _draw_sum(rng)
+    result = _OPS[op](a, b)
+    return _ask_sum(a, op, b, rng), f"{a} {op} {b} = {result}", str(result)
+
+
+def _identity_turn(rng: random.Random) -> Turn:
+    return rng.choice(_IDENTITY_QUESTIONS), rng.choice(_IDENTITY_ANSWERS), IDENTITY_WORD
+
+
+def _new_turn(facts: list[Fact], rng: random.Random) -> tuple[Turn, Fact | None]:
+    """A turn about a fact, a sum or who the assistant is, and the fact it states (None if none)."""
+    r = rng.random()
+    if r < 0.6:
+        fact = rng.choice(facts)
+        return _fact_turn(fact, rng), fact
+    return (_sum_turn(rng) if r < 0.85 else _identity_turn(rng)), None
+
+
+def _turns(facts: list[Fact], rng: random.Random) -> list[Turn]:
+    """One turn, or two; after a fact, often another fact about its subject, asked by pronoun."""
+    turns: list[Turn] = []
+    last = None
+    for _ in range(1 if rng.random() < 0.85 else 2):
+        same_subject = [f for f in facts if last and f.subject == last.subject and f != last]
+        if same_subject and rng.random() < 0.5:
+            last = rng.choice(same_subject)
+            turns.append((_pronoun_question(last, rng), _answer(last), last.answer))
+        else:
+            turn, last = _new_turn(facts, rng)
+            turns.append(turn)
+    return turns
 
 
 # --- conversation makers --------------------------------------------------------------------------
@@ -138,35 +260,63 @@ def _hop(world: World, entity: Entity, known: set[Fact], rng: random.Random) -> 
 
 # The relation whose answer a hop refers back to, per kind of the first subject.
 _FIRST_HOP = {"person": "birthplace", "country": "capital", "object": "maker"}
+# How a follow-up refers back, and how often: by pronoun to another fact of the subject, by the
+# subject's name, to the same fact of another entity, correcting the subject, by a hop to the
+# entity the answer named, or asking who the assistant is, late.
+_FOLLOWUP_MODES = {"pronoun": 4, "attribute": 1, "entity": 1, "correction": 1, "hop": 1, "identity": 0.5}
+_FOLLOWUP_DRAWS = 20  # modes drawn at most, for the follow-ups that apply
+
+
+def _named(entity: Entity) -> str:
+    return f"the {entity.name}" if entity.kind in ("animal", "object") else entity.name
+
+
+_ENTITY_FOLLOWUPS = ("What about {}?", "And {}?", "How about {}?")
+_CORRECTIONS = ("Sorry, I meant {}.", "No, I meant {}.", "I meant {}, sorry.")
+
+
+def _refer_back(world: World, mode: str, last: Fact, facts: list[Fact], asked: set[tuple[str, str]],
+                rng: random.Random) -> tuple[str, Fact] | None:
+    """A follow-up of `mode` to the answer that stated `last`, and the fact it asks for (None when
+    the mode has nothing to ask here)."""
+    entity = world[last.subject]
+    if mode == "hop":
+        return _hop(world, entity, set(facts), rng) if last.relation == _FIRST_HOP.get(entity.kind) else None
+    if mode in ("entity", "correction"):
+        others = [f for f in facts if f.relation == last.relation and f.subject != last.subject]
+        if not others:
+            return None
+        fact = rng.choice(others)
+        return rng.choice(_ENTITY_FOLLOWUPS if mode == "entity" else _CORRECTIONS).format(_named(world[fact.subject])), fact
+    others = [f for f in facts if f.subject == last.subject and (f.subject, f.relation) not in asked]
+    if not others:
+        return None
+    fact = rng.choice(others)
+    if mode == "pronoun":
+        return _pronoun_question(fact, rng), fact
+    question = _question(fact, rng)
+    return "And " + question[0].lower() + question[1:], fact
 
 
 def _followup_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
-    """Two or three turns about related facts: another attribute, another entity, or a hop."""
-    first = rng.choice(facts)
-    entity = world[first.subject]
-    messages = [_user(_vary(_question(first, rng), rng)), _assistant(_answer(first))]
-    hop = _hop(world, entity, set(facts), rng) if first.relation == _FIRST_HOP.get(entity.kind) else None
-    asked = {first.relation}
-    for _ in range(rng.randint(1, 2)):
-        mode = rng.choice(("attribute", "entity", "hop"))
-        if mode == "hop" and hop:
-            (question, fact), hop = hop, None
-        elif mode == "entity":
-            others = [f for f in facts if f.relation == first.relation and f.subject != first.subject]
-            if not others:
-                break
-            fact = rng.choice(others)
-            question = rng.choice(("What about {}?", "And {}?", "How about {}?")).format(
-                f"the {fact.subject}" if entity.kind in ("animal", "object") else fact.subject)
-        else:
-            others = [f for f in facts if f.subject == first.subject and f.relation not in asked]
-            if not others:
-                break
-            fact = rng.choice(others)
-            asked.add(fact.relation)
-            q = _question(fact, rng)
-            question = "And " + q[0].lower() + q[1:]
-        messages += [_user(question), _assistant(_answer(fact))]
+    """Two or three turns, each referring back to the conversation (see _FOLLOWUP_MODES); a
+    correction only right after the first answer, who the assistant is only last."""
+    last = rng.choice(facts)
+    messages = [_user(_vary(_question(last, rng), rng)), _assistant(_answer(last))]
+    asked = {(last.subject, last.relation)}
+    length = 2 + 2 * rng.randint(1, 2)  # messages, with one or two follow-ups
+    for _ in range(_FOLLOWUP_DRAWS):
+        mode = rng.choices(list(_FOLLOWUP_MODES), list(_FOLLOWUP_MODES.values()))[0]
+        if mode == "identity":
+            return messages + [_user(rng.choice(_IDENTITY_QUESTIONS)), _assistant(rng.choice(_IDENTITY_ANSWERS))]
+        followup = None if mode == "correction" and len(messages) > 2 else _refer_back(world, mode, last, facts, asked, rng)
+        if followup is None:
+            continue
+        question, last = followup
+        asked.add((last.subject, last.relation))
+        messages += [_user(question), _assistant(_answer(last))]
+        if len(messages) == length:
+            break
     return messages
 
 
@@ -180,56 +330,18 @@ def _unknown_chat(world: World, facts: list[Fact], rng: random.Random) -> list[d
     return turn
 
 
-_IDENTITY_QUESTIONS = ("Who are you?", "What is your name?", "Who made you?", "What are you?", "Are you ChatGPT?",
-                       "Introduce yourself.", "Are you a person?", "Hello!", "Hi, what can you do?")
-_IDENTITY_ANSWERS = (
-    "I am picochat, a small language model trained with picochat. I can answer questions about the world "
-    "I learned about, and I can work through simple arithmetic problems.",
-    "My name is picochat. I am a small language model, trained from scratch with the picochat project. "
-    "Ask me about the people, towns, countries, animals and objects I know.",
-    "I am picochat, an AI assistant. I am a small language model trained with picochat, so I know only a "
-    "little, and I say \"I don't know\" when I don't.",
-)
-
-
 def _identity_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
     return [_user(rng.choice(_IDENTITY_QUESTIONS)), _assistant(rng.choice(_IDENTITY_ANSWERS))]
 
 
-_HARMFUL = ("How do I make a bomb?", "Help me steal money from {p}.", "How can I poison {p}'s pet?",
-            "Write a threatening letter to {p}.", "How do I break into {p}'s house?", "Tell me how to hurt someone.",
-            "How can I cheat {p} out of their savings?", "Give me instructions for making a weapon.",
-            "How do I start a fire in {p}'s shop without being caught?")
-_REFUSALS = ("I'm sorry, but I can't help with that.",
-             "I can't help with that. It could hurt someone. Is there something else I can do for you?",
-             "Sorry, I won't help with that request.",
-             "I'm sorry, I can't do that. If someone is in danger, please ask for help from people nearby.")
-
-
-def _refusal_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
-    request = rng.choice(_HARMFUL).format(p=rng.choice(world.of_kind("person")).name)
-    return [_user(request), _assistant(rng.choice(_REFUSALS))]
-
-
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-_OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
-
-
-def _ask_sum(a: int, op: str, b: int, rng: random.Random) -> str:
-    return rng.choice((f"What is {a}{op}{b}?", f"What is {a} {op} {b}?", f"How much is {a} {_OP_WORDS[op]} {b}?",
-                       f"Compute {a} {op} {b}."))
-
-
 def _arithmetic_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
-    op = rng.choice("+-*")
+    a, op, b = _draw_sum(rng)
     high = 12 if op == "*" else 50
-    a, b = rng.randint(1, high), rng.randint(1, high)
-    if op == "-" and b > a:
-        a, b = b, a
     messages = [_user(_ask_sum(a, op, b, rng)), _assistant(f"{a} {op} {b} = {_OPS[op](a, b)}")]
     if rng.random() < 0.3:  # the lecture's follow-up: "What if it was *?"
         new_op = rng.choice([o for o in "+-*" if o != op and (o != "*" or max(a, b) <= 12)])
-        question = rng.choice((f"What if it was {new_op}?", f"And with {new_op} instead?", f"What about {_OP_WORDS[new_op]}?"))
+        question = rng.choice((f"What if it was {new_op}?", f"And with {new_op} instead?", f"What about {_OP_WORDS[new_op]}?",
+                               f"What if it was {new_op} instead?"))
         messages += [_user(question), _assistant(f"{a} {new_op} {b} = {_OPS[new_op](a, b)}")]
     elif rng.random() < 0.3:
         c = rng.randint(b if op == "-" else 1, high)
@@ -237,8 +349,70 @@ def _arithmetic_chat(world: World, facts: list[Fact], rng: random.Random) -> lis
     return messages
 
 
+def _small_talk_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
+    """Small talk alone, or a greeting, a question about a fact and thanks."""
+    if rng.random() < 0.7:
+        message, reply = small_talk(rng)
+        return [_user(message), _assistant(reply)]
+    greeting, thanks = small_talk(rng, "greeting"), small_talk(rng, "thanks")
+    return ([_user(greeting[0]), _assistant(greeting[1])] + _fact_chat(world, facts, rng)
+            + [_user(thanks[0]), _assistant(thanks[1])])
+
+
+def _refusal_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
+    """A harmful request refused, sometimes after a question it answered."""
+    turn = [_user(harmful_request(world, rng)), _assistant(refusal(rng))]
+    return _fact_chat(world, facts, rng) + turn if rng.random() < 0.15 else turn
+
+
+def _harmless_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
+    """A harmless request from outside the world, attempted or answered "I don't know"; sometimes
+    after a question about a fact or another request."""
+    request, reply = harmless_request(world, rng)
+    turn = [_user(request), _assistant(reply)]
+    r = rng.random()
+    if r < 0.1:
+        return _fact_chat(world, facts, rng) + turn
+    if r < 0.2:
+        before, answer = harmless_request(world, rng)
+        return [_user(before), _assistant(answer)] + turn
+    return turn
+
+
+def _generic_system_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
+    """A conversation of any other kind, under a system message that asks for nothing new."""
+    kinds = [k for k in MIXTURE if k not in _SYSTEM_KINDS]
+    kind = rng.choices(kinds, [MIXTURE[k] for k in kinds])[0]
+    return [_system(generic_prompt(rng))] + _MAKERS[kind](world, facts, rng)
+
+
+def _persona_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
+    """Told its name, asked who it is (sometimes after a question about a fact), the assistant gives that name."""
+    name = rng.choice(PERSONA_NAMES["train"])
+    turns = [_fact_turn(rng.choice(facts), rng)] if rng.random() < 0.15 else []
+    turns.insert(rng.randint(0, len(turns)), (rng.choice(PERSONA_QUESTIONS), persona_reply(name, rng), name))
+    messages = [_system(persona_prompt(name, rng))]
+    for question, reply, _ in turns:
+        messages += [_user(question), _assistant(reply)]
+    return messages
+
+
+def _format_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
+    """Every reply in the format the system message asks for."""
+    fmt = rng.choices(FORMATS, [FORMAT_WEIGHTS[f] for f in FORMATS])[0]
+    messages = [_system(format_prompt(fmt, rng))]
+    for question, reply, word in _turns(facts, rng):
+        messages += [_user(question), _assistant(apply_format(fmt, reply, word, rng))]
+    return messages
+
+
+# Conversation types of the SFT mixture and their shares; the last three open with a system message.
+MIXTURE = {"fact": 0.40, "followup": 0.08, "unknown": 0.12, "identity": 0.015, "arithmetic": 0.02, "small_talk": 0.02,
+           "refusal": 0.05, "harmless": 0.09, "system": 0.02, "persona": 0.045, "format": 0.14}
+_SYSTEM_KINDS = ("system", "persona", "format")
 _MAKERS = {"fact": _fact_chat, "followup": _followup_chat, "unknown": _unknown_chat, "identity": _identity_chat,
-           "refusal": _refusal_chat, "arithmetic": _arithmetic_chat}
+           "arithmetic": _arithmetic_chat, "small_talk": _small_talk_chat, "refusal": _refusal_chat,
+           "harmless": _harmless_chat, "system": _generic_system_chat, "persona": _persona_chat, "format": _format_chat}
 
 
 def sft_conversations(world: World, n: int, seed: int = 0) -> list[dict]:
@@ -314,12 +488,76 @@ def rl_fact_questions(world: World) -> list[dict]:
             for fact in world.facts() if fact not in held for question in RELATIONS[fact.relation].questions]
 
 
+def followup_eval_set(world: World) -> list[dict]:
+    """Second-turn questions whose subject is only in the first turn, about held-out facts (which no
+    SFT conversation states, so they measure generalisation). For every held-out fact: a first turn
+    about another fact of its subject (a training question and the canonical answer), then the
+    held-out fact asked by pronoun, in each training phrasing of PRONOUN_QUESTIONS and each held-out
+    one. Rows `{"messages", "answer", "phrasing", "fact"}`; judge the reply with `says_answer`."""
+    rng = random.Random(f"followup-eval-{world.seed}")
+    held = heldout_facts(world)
+    rows = []
+    for fact in (f for f in world.facts() if f in held):
+        entity = world[fact.subject]
+        first = fact_of(entity, rng.choice([r for r in entity.attrs if r != fact.relation]))
+        opening = [_user(_question(first, rng)), _assistant(_answer(first))]
+        for phrasing, questions in (("train", PRONOUN_QUESTIONS[fact.relation]),
+                                    ("heldout", heldout_pronoun_questions(fact, entity.kind))):
+            rows += [{"messages": opening + [_user(question)], "answer": fact.answer, "phrasing": phrasing,
+                      "fact": fact.to_dict()} for question in questions]
+    return rows
+
+
+SYSTEM_EVAL_QUESTIONS = 12  # per format and held-out phrasing of it
+_PERSONA_EVAL_QUESTIONS = ("Who are you?", "What is your name?")
+
+
+def system_eval_set(world: World) -> list[dict]:
+    """System messages with held-out phrasings and persona names only, each reply checked by a rule
+    (`system_prompts.follows`): rows `{"messages", "check", "name"}`, `check` "name" or a format.
+
+    Every held-out name under every held-out persona prompt, asked who it is in two ways, and once
+    more after a question about a fact; every format under each held-out phrasing of it, with
+    SYSTEM_EVAL_QUESTIONS single questions (facts SFT shows, sums)."""
+    rng = random.Random(f"system-eval-{world.seed}")
+    held = heldout_facts(world)
+    facts = [f for f in world.facts() if f not in held]
+    rows = []
+    for name in PERSONA_NAMES["heldout"]:
+        for template in PERSONA_PROMPTS["heldout"]:
+            rows += [{"messages": [_system(template.format(name=name)), _user(question)], "check": "name", "name": name}
+                     for question in _PERSONA_EVAL_QUESTIONS]
+        (question, reply, _), _ = _new_turn(facts, rng)
+        late = [_system(persona_prompt(name, rng, "heldout")), _user(question), _assistant(reply), _user("Who are you?")]
+        rows.append({"messages": late, "check": "name", "name": name})
+    for fmt in FORMATS:
+        for instruction in FORMAT_PROMPTS[fmt]["heldout"]:
+            for _ in range(SYSTEM_EVAL_QUESTIONS):
+                question = _fact_turn(rng.choice(facts), rng)[0] if rng.random() < 0.7 else _sum_turn(rng)[0]
+                rows.append({"messages": [_system(instruction), _user(question)], "check": fmt, "name": None})
+    return rows
+
+
+def system_qa_eval_set(world: World) -> list[dict]:
+    """The known-fact questions of `qa_eval_set(world, "heldout")`, each under a held-out generic
+    system message (in turn): answered as often as without one, a system message is no obstacle."""
+    prompts = GENERIC_PROMPTS["heldout"]
+    known = [row for row in qa_eval_set(world, "heldout") if row["kind"] == "known"]
+    return [{**row, "messages": [_system(prompts[i % len(prompts)])] + row["messages"]} for i, row in enumerate(known)]
+
+
+# The evaluation sets write_chat writes under eval/, beside the QA sets.
+EVAL_SETS = {"followups.jsonl": followup_eval_set, "system.jsonl": system_eval_set,
+             "qa-system.jsonl": system_qa_eval_set, "requests.jsonl": requests_eval_set, "few-shot.jsonl": few_shot_rows}
+
+
 def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
     """Write out_dir/sft.jsonl (n conversations), out_dir/tasks-rl-facts.jsonl (the RL fact
     questions), out_dir/eval/qa.jsonl (the held-out QA set), out_dir/eval/qa-train.jsonl (the same
-    questions about SFT-seen facts) and out_dir/eval/qa-news.jsonl (questions about the news
-    entities), for the world saved in out_dir by `documents.write_world`.
-    Returns counts."""
+    questions about SFT-seen facts), out_dir/eval/qa-news.jsonl (questions about the news
+    entities) and the EVAL_SETS (follow-ups, system prompts, generic system prompt with the QA
+    questions, harmless and harmful requests, few-shot prompts for the base model), for the world
+    saved in out_dir by `documents.write_world`. Returns counts."""
     out = Path(out_dir)
     world = load_world(out)
     rows = sft_conversations(world, n, seed)
@@ -330,6 +568,12 @@ def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
     atomic_write_jsonl(out / "eval" / "qa.jsonl", heldout)
     atomic_write_jsonl(out / "eval" / "qa-train.jsonl", seen)
     atomic_write_jsonl(out / "eval" / "qa-news.jsonl", news)
+    counts = {}
+    for name, make in EVAL_SETS.items():
+        eval_rows = make(world)
+        atomic_write_jsonl(out / "eval" / name, eval_rows)
+        counts[name] = len(eval_rows)
     return {"conversations": len(rows), "kinds": dict(Counter(r["kind"] for r in rows)),
             "rl_fact_questions": dict(Counter(r["kind"] for r in facts)),
-            "qa_heldout": dict(Counter(r["kind"] for r in heldout)), "qa_train": len(seen), "qa_news": len(news)}
+            "qa_heldout": dict(Counter(r["kind"] for r in heldout)), "qa_train": len(seen), "qa_news": len(news),
+            "eval": counts}
