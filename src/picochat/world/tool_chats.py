@@ -13,7 +13,9 @@
 
 Each conversation starts with the system message `tools.TOOLS_SYSTEM_PROMPT`: tools are used when
 the system message offers them, so the same model answers without tools (from memory, as it learnt
-without this line) when they are not offered, and the report can compare the two.
+without this line) when they are not offered, and the report can compare the two. A share of them
+need no tool (who the assistant is, small talk, requests), so that an offer does not make every
+reply a search.
 
 The search results are the real ones: the world's documents (with the news entities' articles) are
 indexed exactly as the speedrun indexes them, and each question's result is rendered as the engine
@@ -32,15 +34,8 @@ from pathlib import Path
 
 from picochat.data.index import SearchIndex, build_index
 from picochat.io import atomic_write_jsonl
-from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, best_passages, calculate, render_passages
-from picochat.world.chats import (
-    _answer,
-    _idk_reply,
-    _question,
-    _vary,
-    heldout_facts,
-    unknown_names,
-)
+from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, best_passages, calculate, render_passages, with_tools
+from picochat.world.chats import _answer, _idk_reply, _question, _vary, heldout_facts, sft_conversations, unknown_names
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World, load_world
 from picochat.world.word_problems import task_problems
 
@@ -134,15 +129,29 @@ def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0
     return rows
 
 
+# Conversations that need no tool: with the tools offered, the assistant still answers them directly.
+NO_CALL_KINDS = ("identity", "small_talk", "refusal", "harmless")
+NO_CALL_SHARE = 0.12  # of the tool conversations
+
+
+def offered_without_calls(world: World, n: int, seed: int = 0) -> list[dict]:
+    """n conversations that need no tool (who the assistant is, small talk, requests), with the tools
+    offered: without them a model that learnt "offered tools -> search first" searched for "Who are you?"."""
+    rows = [r for r in sft_conversations(world, n * 20, seed=f"offered-{seed}") if r["kind"] in NO_CALL_KINDS][:n]
+    return [{"messages": with_tools(r["messages"]), "kind": f"offered-{r['kind']}"} for r in rows]
+
+
 def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_search: int, seed: int = 0) -> list[dict]:
-    """The calculator and search conversations, with `documents` indexed as the speedrun indexes them."""
+    """The calculator and search conversations, with `documents` indexed as the speedrun indexes them,
+    and conversations that need no tool with the tools offered."""
     with tempfile.TemporaryDirectory() as tmp:
         build_index(list(documents), tmp, max_passage_chars=WORLD_PASSAGE_CHARS, progress=False)
         index = SearchIndex(tmp)
         try:
-            return calc_conversations(world, n_calc, seed) + search_conversations(world, index, n_search, seed)
+            rows = calc_conversations(world, n_calc, seed) + search_conversations(world, index, n_search, seed)
         finally:
             index.close()
+    return rows + offered_without_calls(world, round(NO_CALL_SHARE * len(rows)), seed)
 
 
 def write_tool_chats(out_dir: str | Path, documents: Iterable[Path], n_calc: int, n_search: int, n_rl: int,
