@@ -137,7 +137,9 @@ NO_CALL_SHARE = 0.12  # of the tool conversations
 def offered_without_calls(world: World, n: int, seed: int = 0) -> list[dict]:
     """n conversations that need no tool (who the assistant is, small talk, requests), with the tools
     offered: without them a model that learnt "offered tools -> search first" searched for "Who are you?"."""
-    rows = [r for r in sft_conversations(world, n * 20, seed=f"offered-{seed}") if r["kind"] in NO_CALL_KINDS][:n]
+    pool = sft_conversations(world, n * 40, seed=f"offered-{seed}")
+    each = -(-n // len(NO_CALL_KINDS))  # as many of each kind
+    rows = [r for kind in NO_CALL_KINDS for r in [r for r in pool if r["kind"] == kind][:each]][:n]
     return [{"messages": with_tools(r["messages"]), "kind": f"offered-{r['kind']}"} for r in rows]
 
 
