@@ -18,8 +18,6 @@ under a temporary name in the destination folder and renamed into place.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -27,6 +25,7 @@ import numpy as np
 
 from picochat.chat import CHAT_TEMPLATE
 from picochat.hf import ExportError, hf_tensors, load_for_export
+from picochat.io import atomic_path
 from picochat.model import Transformer
 from picochat.tokenizer import (
     EOT_ID,
@@ -150,16 +149,6 @@ def export_gguf(run_dir: Path, out_path: Path, stage: str | None = None, dtype: 
         raise ExportError(f"{out_path}: is a folder; a GGUF export is one file (e.g. --out {out_path}/model.gguf)")
     model, tok, stage_dir = load_for_export(run_dir, stage)
     check_tokenizer(tok, run_dir / "tokenizer" / "tokenizer.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_gguf(Path(tmp), model, tok, dtype, name=f"picochat {run_dir.name} {stage_dir.name}")
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp:
+        write_gguf(tmp, model, tok, dtype, name=f"picochat {run_dir.name} {stage_dir.name}")
     return out_path
