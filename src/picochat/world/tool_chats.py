@@ -5,11 +5,12 @@
 
       4 kites cost <|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8<|/tool_result|>8 dollars. ...
 
-- Questions about facts with search: the assistant searches for the question's subject, then
-  answers from what the search put in its context window (its working memory), or says it does not
-  know when the search found nothing about it:
+- Questions about facts with search: the assistant searches for the question's subject and what is
+  asked about it, then answers from what the search put in its context window (its working memory),
+  or says it does not know when nothing the search found is about the subject:
 
-      <|tool_call|>search: Dekfusesh<|/tool_call|><|tool_result|>[1] Dekfusesh ...<|/tool_result|>The capital ...
+      <|tool_call|>search: Dekfusesh capital<|/tool_call|><|tool_result|>[1] Dekfusesh's capital is Kimere.
+      [2] ...<|/tool_result|>The capital of Dekfusesh is Kimere.
 
 Each conversation starts with the system message `tools.TOOLS_SYSTEM_PROMPT`: tools are used when
 the system message offers them, so the same model answers without tools (from memory, as it learnt
