@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from picochat.io import iter_jsonl
+from picochat.tokenizer import SPECIAL_TOKENS, TOOL_RESULT_END_ID
 
 
 class ProblemFileError(ValueError):
@@ -75,7 +76,7 @@ def extract_answer(text: str) -> int | None:
 
 
 ABSTAIN = "I don't know"
-TOOL_RESULT_END = "<|/tool_result|>"
+TOOL_RESULT_END = SPECIAL_TOKENS[TOOL_RESULT_END_ID]
 
 
 def answer_text(reply: str) -> str:
