@@ -162,9 +162,9 @@ def test_docs_make_the_tokenizer_and_the_shards(tmp_path):
     plan["tokenizer"](run)
     plan["shards"](run)
     index = Run(run).open_index()
-    assert index.search("Quetzal town")[0].text == "Quetzal is a town."  # the world's documents and news
-    news = "\n".join(iter_documents(Run(run).world_news_docs))
-    assert all(p.text in news for p in index.search("Quetzal town")[1:])
+    assert index.search("Quetzal town")[0].text == "Quetzal is a town."  # the world's documents, news and practice
+    others = "\n".join(iter_documents([Run(run).world_news_docs, Run(run).world / "docs-practice.jsonl"]))
+    assert all(p.text in others for p in index.search("Quetzal town")[1:])
     assert index.search("Quetzalcoatlus") == []  # not --docs
     index.close()
     tok = Tokenizer.load(run / "tokenizer")

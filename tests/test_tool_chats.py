@@ -2,6 +2,7 @@
 come from real search results, and the RL problems that offer the tools carry the system line."""
 
 import json
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ from picochat.data.tasks import answer_text, extract_answer, read_problems, rewa
 from picochat.tools import TOOLS_SYSTEM_PROMPT, with_tools
 from picochat.world import generate
 from picochat.world.chats import heldout_facts, unknown_names
+from picochat.world.documents import practice_entities
 from picochat.world.knowledge import load_world
 from picochat.world.tool_chats import calc_messages
 
@@ -43,12 +45,14 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
     world = load_world(world_dir)
     chats = rows(world_dir / "sft-tools.jsonl")
     kinds = [c["kind"] for c in chats]
-    assert kinds.count("calc") == 40 and kinds.count("search") + kinds.count("search-unknown") == 60
+    assert kinds.count("calc") == 40 and sum(kinds.count(k) for k in ("search", "search-unknown", "search-practice")) == 60
+    assert min(kinds.count(k) for k in ("search", "search-unknown", "search-practice")) > 5
     offered = [c for c in chats if c["kind"].startswith("offered-")]
     assert len(offered) == 12 and not any(m.get("tool_call") for c in offered for m in c["messages"])
     held = {(f.subject, f.answer) for f in heldout_facts(world)}
     news = {e.name for e in world.news}
     train_unknown = {name for kind in world.unknown_names for name in unknown_names(world, kind, "train")}
+    practice = {e.name.lower() for e in practice_entities(world)}
     from picochat.tokenizer import Tokenizer
 
     tok = Tokenizer.train([json.dumps(c) for c in chats], vocab_size=400)
@@ -67,6 +71,7 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
         if chat["kind"] == "search-unknown":
             assert subject in train_unknown and subject.lower() not in result.lower() and "I don't know" in reply
         else:
+            assert (subject.lower() in practice) == (chat["kind"] == "search-practice")
             assert result.startswith("[1] ") and subject in result
             assert not any(s == subject and answer in reply for s, answer in held)
             passages = [line.split("] ", 1)[1] for line in result.split("\n")]
@@ -76,6 +81,12 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
 def test_rl_problems_offering_the_tools_carry_the_system_line(world_dir):
     problems = read_problems(world_dir / "tasks-rl-calc.jsonl")
     assert len(problems) == 30 and all(p["system"] == TOOLS_SYSTEM_PROMPT for p in problems)
+    searches = read_problems(world_dir / "tasks-rl-search.jsonl")
+    practice = {e.name: e for e in practice_entities(load_world(world_dir))}
+    assert len(searches) > len(practice) and all(p["system"] == TOOLS_SYSTEM_PROMPT for p in searches)
+    for problem in searches:  # about a practice entity, by name, with one of its facts as the answer
+        name = next(n for n in practice if re.search(rf"\b{n}\b", problem["prompt"]))
+        assert problem["answer"] in practice[name].attrs.values()
     bad = world_dir / "bad.jsonl"
     bad.write_text('{"prompt": "q", "answer": 1, "system": 3}\n')
     with pytest.raises(ValueError, match=r'bad.jsonl:1: "system" must be a string'):

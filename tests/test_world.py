@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import pytest
 
 from picochat.cli import main as cli_main
 from picochat.world import documents
-from picochat.world.documents import DOC_STYLES, generate_documents, write_world
-from picochat.world.knowledge import (KINDS, RELATIONS_OF_KIND, VOCABULARY, WorldError, build_world, fact_completion_rows,
-                                      load_world)
+from picochat.world import search_documents
+from picochat.world.documents import (DOC_STYLES, PRACTICE_ENTITIES, generate_documents, practice_entities, reading_document,
+                                      write_world)
+from picochat.world.knowledge import (KINDS, RELATIONS_OF_KIND, VOCABULARY, NameMaker, WorldError, build_world,
+                                      fact_completion_rows, invent_entity, load_world, world_names)
 from picochat.world.phrasings import RELATIONS, TRAIN_PROMPT_TEMPLATES, fill
 
 
@@ -249,6 +252,29 @@ def test_news_are_only_in_the_news_documents(world, written):
         assert not re.search(rf"\b{e.name}\b", corpus), e.name
         articles = [row["text"] for row in news if row["text"].startswith(_title_of(e.name))]
         assert len(articles) == 2 and all(value.lower() in articles[0].lower() for value in e.attrs.values())
+
+
+def test_practice_entities_and_reading_documents_use_names_the_world_does_not(world, written):
+    out, _ = written
+    taken = [name.lower() for name in world_names(world)]
+    practice = practice_entities(world)
+    assert len({e.name for e in practice}) == len(practice) == PRACTICE_ENTITIES
+    for e in practice:
+        assert not any(e.name.lower().startswith(t) or t.startswith(e.name.lower()) for t in taken), e.name
+    articles = [json.loads(line)["text"] for line in (out / "docs-practice.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(articles) == 2 * len(practice) and out / "docs-practice.jsonl" in search_documents(out)
+    rng = random.Random(0)
+    for _ in range(50):
+        kind = rng.choice(KINDS)
+        e = invent_entity(world, kind, rng, NameMaker(rng, world_names(world)))
+        assert e.name.lower() not in taken and set(e.attrs) == {r.name for r in RELATIONS_OF_KIND[kind]}
+        _, heading, article, questions = reading_document(e, rng).split("\n\n")
+        assert heading == e.name[0].upper() + e.name[1:]
+        assert all(value.lower() in article.lower() for value in e.attrs.values())
+        answers = questions.split("\n")[1::2]
+        assert 2 <= len(answers) <= 3 and all(a.startswith("A: ") for a in answers)
+        assert all(any(value.lower() in a.lower() for value in e.attrs.values()) for a in answers)
+    assert "\n\nQ: " in DOC_STYLES["reading"][0](world, rng)
 
 
 def _title_of(name: str) -> str:

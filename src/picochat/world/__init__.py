@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 
 from picochat.world.chats import write_chat
-from picochat.world.documents import DOC_STYLES, NEWS_FILE, write_world
+from picochat.world.documents import DOC_STYLES, NEWS_FILE, PRACTICE_FILE, write_world
 from picochat.world.knowledge import KINDS, PLURALS, build_world
 from picochat.world.tool_chats import write_tool_chats
 from picochat.world.word_problems import write_tasks
@@ -48,8 +48,9 @@ def generate(out: str | Path, size_mb: float = 50, scale: float = 1.0, seed: int
 
 
 def search_documents(out: str | Path) -> list[Path]:
-    """What the search tool indexes for the world under `out`: its training documents and the news."""
-    return [Path(out) / "docs", Path(out) / NEWS_FILE]
+    """What the search tool indexes for the world under `out`: its training documents, the news and the
+    practice entities' articles."""
+    return [Path(out) / "docs", Path(out) / NEWS_FILE, Path(out) / PRACTICE_FILE]
 
 
 def _default(name: str):

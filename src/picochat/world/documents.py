@@ -1,11 +1,13 @@
-"""The world's "internet": pretraining documents in nine styles, and the files they are written to.
+"""The world's "internet": pretraining documents in ten styles, and the files they are written to.
 
 `generate_documents(world, seed, split)` is an endless, deterministic stream of `(style, text)`:
 encyclopedia entries, stories, letters, news, forum threads, quizzes, lists and tables, worked
-arithmetic about the world's things, and worked word problems (the train split of
-`word_problems.py`). Facts are stated in their training phrasings (`state`), never in the held-out
+arithmetic about the world's things, worked word problems (the train split of `word_problems.py`),
+and reading practice (questions about an entity invented for that document alone, answered by
+copying from it). Facts are stated in their training phrasings (`state`), never in the held-out
 ones. The news entities (`World.news`) appear in none of them: `news_documents` writes articles
-about them for the search index alone. `write_world(out_dir, size_mb, seed)` writes the documents as JSONL shards with a `text`
+about them for the search index alone, and `practice_documents` about the practice entities, which
+SFT searches for. `write_world(out_dir, size_mb, seed)` writes the documents as JSONL shards with a `text`
 field (the FineWeb layout), with the knowledge base and the fact-completion eval beside them.
 """
 
@@ -21,8 +23,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from picochat.io import atomic_write_json, atomic_write_jsonl, atomic_write_lines
-from picochat.world.knowledge import (FORMAT, KINDS, PLURALS, RELATIONS_OF_KIND, WORLD_FILE, Entity, Fact, World,
-                                      build_world, fact_completion_rows, fact_of, save_world)
+from picochat.world.knowledge import (FORMAT, KINDS, PLURALS, RELATIONS_OF_KIND, WORLD_FILE, Entity, Fact, NameMaker, World,
+                                      build_world, fact_completion_rows, fact_of, invent_entity, save_world, world_names)
 from picochat.world.phrasings import RELATIONS, TRAIN_PROMPT_TEMPLATES, Relation, article, fill
 from picochat.world.word_problems import worked_problem
 
@@ -30,6 +32,7 @@ from picochat.world.word_problems import worked_problem
 # (the canonical ones) than its other templates.
 CANONICAL_WEIGHT = 2.0
 NEWS_FILE = "docs-news.jsonl"
+PRACTICE_FILE = "docs-practice.jsonl"
 
 
 # --- facts in words -------------------------------------------------------------------------------
@@ -209,6 +212,26 @@ def _table(world: World, rng: random.Random) -> str:
     return rng.choice(("Table", "Reference table", f"Some {PLURALS[kind]} of the world")) + "\n\n" + "\n".join(lines)
 
 
+def short_article(e: Entity, rng: random.Random) -> str:
+    """A heading, an opening line and every fact about `e`, linking to nothing else."""
+    sentences = [rng.choice(_INTROS[e.kind]).format(s=e.name)] + [state(f, rng) for f in _facts(e, rng)]
+    return f"{_title(e.name)}\n\n" + " ".join(sentences)
+
+
+def _reading(world: World, rng: random.Random) -> str:
+    """Reading practice about an entity invented for this document alone. Nothing in it can be
+    remembered from elsewhere: the name and the facts have to be copied from the text above, the
+    skill a model needs to answer from a search result about a name it never saw."""
+    return reading_document(invent_entity(world, rng.choice(KINDS), rng, NameMaker(rng, world_names(world))), rng)
+
+
+def reading_document(e: Entity, rng: random.Random) -> str:
+    """A short article about `e`, then two or three questions about it, each answered from the article."""
+    title = rng.choice(("Reading practice", "Read the text and answer the questions", "Comprehension"))
+    answers = [f"Q: {ask(f, rng)}\nA: {rng.choice((state(f, rng), f.answer))}" for f in _facts(e, rng, rng.randint(2, 3))]
+    return f"{title}\n\n{short_article(e, rng)}\n\n" + "\n".join(answers)
+
+
 def _number(text: str) -> int:
     return int(text.replace(",", ""))
 
@@ -262,6 +285,7 @@ DOC_STYLES: dict[str, tuple[Callable[[World, random.Random], str], float]] = {
     "table": (_table, 0.12),
     "arithmetic": (_arithmetic, 0.06),
     "word problem": (worked_problem, 0.24),
+    "reading": (_reading, 0.08),
 }
 
 
@@ -274,6 +298,23 @@ def news_documents(world: World) -> list[tuple[str, str]]:
     rng = random.Random(f"news-{world.seed}")
     extended = world.with_news()
     return [("news entity", encyclopedia_entry(extended, e, rng)) for e in world.news for _ in range(NEWS_ENTRIES_PER_ENTITY)]
+
+
+PRACTICE_ENTITIES = 400
+
+
+def practice_entities(world: World, n: int = PRACTICE_ENTITIES) -> list[Entity]:
+    """n invented entities (fixed by the world's seed) that only the search index knows, like the news
+    entities but for training: SFT asks about them and answers from what the search returns."""
+    rng = random.Random(f"practice-{world.seed}")
+    names = NameMaker(rng, world_names(world))
+    return [invent_entity(world, rng.choice(KINDS), rng, names) for _ in range(n)]
+
+
+def practice_documents(world: World) -> list[tuple[str, str]]:
+    """(style, text) articles about the practice entities, each twice in other words, for the index."""
+    rng = random.Random(f"practice-docs-{world.seed}")
+    return [("practice entity", short_article(e, rng)) for e in practice_entities(world) for _ in range(NEWS_ENTRIES_PER_ENTITY)]
 
 
 def generate_documents(world: World, seed: int = 0, split: str = "train") -> Iterator[tuple[str, str]]:
@@ -309,6 +350,7 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
     - docs/train-00000.jsonl ...: training documents, `{"text", "style"}` a line, shards of ~shard_mb
     - docs-val.jsonl: ~val_kb of other documents (validation loss)
     - docs-news.jsonl: the articles about the news entities, for the search index only
+    - docs-practice.jsonl: the articles about the practice entities, for the search index only
     - eval/fact_completion.jsonl: `{"prompt", "answer", "phrasing", "template", "fact"}` rows
     - world.json: the knowledge base (`load_world` reads it)
 
@@ -317,7 +359,7 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
     """
     out = Path(out_dir)
     params = {"format": FORMAT, "seed": seed, "scale": scale, "size_mb": size_mb, "shard_mb": shard_mb, "val_kb": val_kb,
-              "news_entries": NEWS_ENTRIES_PER_ENTITY}
+              "news_entries": NEWS_ENTRIES_PER_ENTITY, "practice_entities": PRACTICE_ENTITIES}
     manifest_path = out / "manifest.json"
     done = _read_manifest(manifest_path)
     if done and all(done.get(k) == v for k, v in params.items()) and all((out / f).is_file() for f in done["files"]):
@@ -345,9 +387,11 @@ def write_world(out_dir: str | Path, size_mb: float = 50, seed: int = 0, shard_m
     val_bytes = atomic_write_lines(out / "docs-val.jsonl", _document_lines(val_docs, int(val_kb * 1e3), Counter()))
     news = news_documents(world)
     atomic_write_jsonl(out / NEWS_FILE, [{"text": text, "style": style} for style, text in news])
+    practice = practice_documents(world)
+    atomic_write_jsonl(out / PRACTICE_FILE, [{"text": text, "style": style} for style, text in practice])
     summary = {
         **params,
-        "files": [WORLD_FILE, "eval/fact_completion.jsonl", "docs-val.jsonl", NEWS_FILE, *files],
+        "files": [WORLD_FILE, "eval/fact_completion.jsonl", "docs-val.jsonl", NEWS_FILE, PRACTICE_FILE, *files],
         "train_bytes": written,
         "val_bytes": val_bytes,
         "documents": sum(styles.values()),

@@ -145,7 +145,7 @@ _BLOCKED_PARTS = ("shit", "fuk", "fuck", "cunt", "nig", "fag", "cock", "dick", "
                   "dead", "hell", "damn", "sex", "nazi", "poo", "bum", "ass")
 
 
-class _NameMaker:
+class NameMaker:
     """Invents names that are unique and prefix-free: no name (or vocabulary word) starts another,
     so an answer checked with `startswith` cannot be confused with a longer name."""
 
@@ -179,7 +179,7 @@ def build_world(seed: int = 0, scale: float = 1.0) -> World:
     sizes = {kind: max(3, round(n * scale)) for kind, n in WORLD_SIZES.items()}
     sizes["town"] = max(sizes["town"], sizes["country"])
     rng = random.Random(f"world-{seed}")
-    names = _NameMaker(rng)
+    names = NameMaker(rng)
 
     rivers = [names.make("river") for _ in range(max(4, sizes["town"] // 3))]
     country_names = [names.make("country") for _ in range(sizes["country"])]
@@ -213,6 +213,38 @@ def build_world(seed: int = 0, scale: float = 1.0) -> World:
     news_people = [person() for _ in range(max(3, round(NEWS_SIZES["person"] * scale)))]
     news = news_people + [thing(news_people) for _ in range(max(2, round(NEWS_SIZES["object"] * scale)))]
     return World(seed, countries + towns + people + animals + objects, unknown, scale, news)
+
+
+# --- entities invented for one text ---------------------------------------------------------------
+def world_names(world: World) -> list[str]:
+    """Every name the world uses (entities, the names among their facts, unknown and news names) and
+    the vocabulary: what an invented name must not clash with."""
+    entities = world.entities + world.news
+    values = [v for e in entities for r, v in e.attrs.items() if r in ("language", "currency", "river")]
+    unknown = [name for names in world.unknown_names.values() for name in names]
+    return [e.name for e in entities] + values + unknown + list(VOCABULARY)
+
+
+def invent_entity(world: World, kind: str, rng: random.Random, names: NameMaker) -> Entity:
+    """An entity of `kind` with a new name (from `names`) and facts drawn as build_world draws them,
+    linked to the world's own towns, animals and people like the news entities are."""
+    towns, people = world.of_kind("town"), world.of_kind("person")
+    if kind == "person":
+        attrs = {"birthplace": rng.choice(towns).name, "job": rng.choice(JOBS), "age": str(rng.randint(18, 90)),
+                 "favourite_colour": rng.choice(COLOURS), "pet": rng.choice(world.of_kind("animal")).name}
+    elif kind == "object":
+        attrs = {"type": rng.choice(OBJECT_TYPES), "material": rng.choice(MATERIALS), "maker": rng.choice(people).name,
+                 "price": str(rng.randint(3, 60))}
+    elif kind == "town":
+        attrs = {"country": rng.choice(world.of_kind("country")).name, "river": rng.choice(towns).attrs["river"],
+                 "population": f"{rng.randint(2, 98)},000"}
+    elif kind == "country":
+        attrs = {"capital": names.make("town"), "language": names.make("language"), "currency": names.make("currency")}
+    elif kind == "animal":
+        attrs = {"habitat": rng.choice(HABITATS), "food": rng.choice(FOODS), "colour": rng.choice(COLOURS)}
+    else:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return Entity(names.make(kind), kind, attrs)
 
 
 # --- evaluation: fact completion ------------------------------------------------------------------

@@ -7,7 +7,9 @@
 
 - Questions about facts with search: the assistant searches for the question's subject and what is
   asked about it, then answers from what the search put in its context window (its working memory),
-  or says it does not know when nothing the search found is about the subject:
+  or says it does not know when nothing the search found is about the subject. A share of the
+  questions are about practice entities that only the search index knows, so that the answer has
+  to come from the result, not from memory:
 
       <|tool_call|>search: Dekfusesh capital<|/tool_call|><|tool_result|>[1] Dekfusesh's capital is Kimere.
       [2] ...<|/tool_result|>The capital of Dekfusesh is Kimere.
@@ -37,7 +39,9 @@ from picochat.data.index import SearchIndex, build_index
 from picochat.io import atomic_write_jsonl
 from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, best_passages, calculate, render_passages, with_tools
 from picochat.world.chats import _answer, _idk_reply, _question, _vary, heldout_facts, sft_conversations, unknown_names
-from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World, load_world
+from picochat.world.documents import practice_entities
+from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World, fact_of, load_world
+from picochat.world.phrasings import RELATIONS
 from picochat.world.word_problems import task_problems
 
 SEARCH_RESULT_TOKENS = 160  # about what a 256-token context leaves for a result after a question
@@ -46,6 +50,10 @@ CHARS_PER_TOKEN = 4.2  # the cpu preset's tokenizer on the world's documents (BE
 # three short passages, not out of three paragraphs (BENCHMARKS.md, "Tools").
 WORLD_PASSAGE_CHARS = 120
 UNKNOWN_SHARE = 0.25  # of the search conversations: questions about names the search cannot find
+# Of the search conversations: questions about the practice entities, which only the search knows. About
+# the world's own entities a model can answer from memory whatever the search returned; about these it
+# has to copy the name into the query and the fact out of the result, as it must for the news entities.
+PRACTICE_SHARE = 0.35
 # An arithmetic step of a worked solution: "4 * 2 = 8", "12 - 3 + 4 = 13".
 _STEP = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")
 
@@ -102,14 +110,17 @@ def _searched(question: str, query: str, result: str, reply: str) -> list[dict]:
 
 
 def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0) -> list[dict]:
-    """n SFT rows: questions about facts SFT may show, answered from the search result (only those
-    whose result holds the answer), and questions about unknown names, whose search finds nothing."""
+    """n SFT rows: questions about facts SFT may show and about the practice entities, answered from
+    the search result (only those whose result holds the answer), and questions about unknown names,
+    whose search finds nothing."""
     rng = random.Random(f"search-chat-{seed}")
     held = heldout_facts(world)
     facts = [f for f in world.facts() if f not in held]
+    practice = [fact_of(e, r) for e in practice_entities(world) for r in e.attrs]
     rows: list[dict] = []
     while len(rows) < n:
-        if rng.random() < UNKNOWN_SHARE:
+        draw = rng.random()
+        if draw < UNKNOWN_SHARE:
             kind = rng.choice(KINDS)
             name = rng.choice(unknown_names(world, kind, "train"))
             relation = rng.choice(RELATIONS_OF_KIND[kind])
@@ -120,12 +131,13 @@ def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0
             reply = _idk_reply(kind, name, rng)
             messages, kind_name = _searched(_vary(rng.choice(relation.questions).format(s=name), rng), query, result, reply), "search-unknown"
         else:
-            fact = rng.choice(facts)
+            about_practice = draw < UNKNOWN_SHARE + PRACTICE_SHARE
+            fact, kind_name = (rng.choice(practice), "search-practice") if about_practice else (rng.choice(facts), "search")
             query = search_query(fact.subject, fact.relation)
             result = search_result(index, query)
             if fact.answer.lower() not in result.lower():
                 continue
-            messages, kind_name = _searched(_vary(_question(fact, rng), rng), query, result, _answer(fact)), "search"
+            messages = _searched(_vary(_question(fact, rng), rng), query, result, _answer(fact))
         rows.append({"messages": messages, "kind": kind_name})
     return rows
 
@@ -159,12 +171,25 @@ def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_s
 
 def write_tool_chats(out_dir: str | Path, documents: Iterable[Path], n_calc: int, n_search: int, n_rl: int,
                      seed: int = 0) -> dict:
-    """For the world saved in out_dir: sft-tools.jsonl (calculator and search conversations) and
-    tasks-rl-calc.jsonl (train word problems offered the tools, for RL). Returns counts."""
+    """For the world saved in out_dir: sft-tools.jsonl (calculator and search conversations),
+    tasks-rl-calc.jsonl (train word problems offered the tools, for RL) and tasks-rl-search.jsonl
+    (questions about the practice entities offered the tools, for RL). Returns counts."""
     out = Path(out_dir)
     world = load_world(out)
     rows = tool_conversations(world, documents, n_calc, n_search, seed)
     atomic_write_jsonl(out / "sft-tools.jsonl", rows)
     problems = [{**p, "system": TOOLS_SYSTEM_PROMPT} for p in task_problems(world, n_rl, seed=f"rl-calc-{seed}", split="train")]
     atomic_write_jsonl(out / "tasks-rl-calc.jsonl", problems)
-    return {"tool_conversations": dict(Counter(r["kind"] for r in rows)), "rl_calc_problems": len(problems)}
+    searches = rl_search_questions(world)
+    atomic_write_jsonl(out / "tasks-rl-search.jsonl", searches)
+    return {"tool_conversations": dict(Counter(r["kind"] for r in rows)), "rl_calc_problems": len(problems),
+            "rl_search_questions": len(searches)}
+
+
+def rl_search_questions(world: World) -> list[dict]:
+    """RL problems offered the tools: every fact about a practice entity, asked in each training phrasing.
+    Only a search can answer them, so the reward is for copying the name into the query and the fact
+    out of the result."""
+    return [{"prompt": question.format(s=fact.subject), "answer": fact.answer, "kind": "fact", "system": TOOLS_SYSTEM_PROMPT}
+            for e in practice_entities(world) for fact in (fact_of(e, r) for r in e.attrs)
+            for question in RELATIONS[fact.relation].questions]
