@@ -111,7 +111,7 @@ def test_stops_at_a_stop_id_and_excludes_it(model):
     stop = full.tokens[4]
     cut = full.tokens.index(stop)
     [[stopped]] = generate(model, PROMPTS[:1], 12, Sampling(0, stop_ids=[stop, VOCAB + 5]))
-    assert stopped == Completion(full.tokens[:cut], FINISH_STOP)
+    assert stopped == Completion(full.tokens[:cut], FINISH_STOP, stop_id=stop)
 
 
 def test_rows_that_stop_early_do_not_disturb_the_others(model):
@@ -244,11 +244,11 @@ def test_tool_call_result_is_forced_into_the_sequence(tool_tokenizer, call, resu
     _, _, res, end_res, im_end = tool_ids(tok)
     model, chain = calling_model(tok, call)
     forced = [res, *tok.encode(result), end_res]
-    expected = Completion([*chain[1:], *forced, 200], FINISH_STOP)
+    expected = Completion([*chain[1:], *forced, 200], FINISH_STOP, stop_id=im_end)
     prompts = [[100], [7, 150]]
     until_end = Sampling(temperature=0, stop_ids=[im_end])
     batch = generate(model, prompts, 50, until_end, tokenizer=tok)
-    assert batch == [[expected], [Completion([], FINISH_STOP)]]
+    assert batch == [[expected], [Completion([], FINISH_STOP, stop_id=im_end)]]
     assert list(stream(model, [100], 50, until_end, tokenizer=tok)) == expected.tokens
     # without a tokenizer there are no tools: nothing is forced after <|/tool_call|>
     [[plain]] = generate(model, [[100]], 50, until_end)
@@ -269,7 +269,7 @@ def test_a_search_call_gets_the_passages_fed_back(tool_tokenizer, tmp_path):
     until_end = Sampling(temperature=0, stop_ids=[im_end])
     [[completion]] = generate(model, [[100]], 200, until_end, tools=Tools(tok, index))
     forced = [res, *tok.encode("[1] Oskel is the capital of Varnia."), end_res]
-    assert completion == Completion([*chain[1:], *forced, 200], FINISH_STOP)
+    assert completion == Completion([*chain[1:], *forced, 200], FINISH_STOP, stop_id=im_end)
     # without an index the model reads why there is no result
     [[no_index]] = generate(model, [[100]], 200, until_end, tokenizer=tok)
     assert tok.decode(no_index.tokens[len(chain) - 1:-1]) == "<|tool_result|>error: no search index is available<|/tool_result|>"
@@ -283,7 +283,7 @@ def test_an_unterminated_call_is_closed_with_an_error(tool_tokenizer):
     tools = Tools(tok, max_call_tokens=5)
     [[completion]] = generate(model, [[100]], 40, Sampling(temperature=0, stop_ids=[im_end]), tools=tools)
     error = tok.encode("error: the call is longer than 5 tokens")
-    assert completion == Completion([call_id, *[101] * 6, end_call, res, *error, end_res, 200], FINISH_STOP)
+    assert completion == Completion([call_id, *[101] * 6, end_call, res, *error, end_res, 200], FINISH_STOP, stop_id=im_end)
 
 
 def test_sequences_added_with_run_tools_false_share_a_batch_with_tools_and_run_none(tool_tokenizer):

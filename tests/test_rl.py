@@ -46,12 +46,14 @@ def test_advantages_divided_by_the_group_std():
 
 # --- sequences and masks --------------------------------------------------------------------------
 def test_trained_tokens_keep_the_stop_token_and_mask_tool_results():
-    tokens, chosen = trained_tokens(Completion([20, 21], FINISH_STOP), stop_id=3, tool_result_ids=(6, 7))
+    tokens, chosen = trained_tokens(Completion([20, 21], FINISH_STOP, stop_id=3), tool_result_ids=(6, 7))
     assert (tokens, chosen) == ([20, 21, 3], [1, 1, 1])
-    tokens, chosen = trained_tokens(Completion([20, 21], FINISH_LENGTH), stop_id=3, tool_result_ids=(6, 7))
+    tokens, chosen = trained_tokens(Completion([20, 21], FINISH_STOP, stop_id=0), tool_result_ids=(6, 7))
+    assert tokens == [20, 21, 0]  # stopped on <|endoftext|>: that is the choice reinforced or discouraged
+    tokens, chosen = trained_tokens(Completion([20, 21], FINISH_LENGTH), tool_result_ids=(6, 7))
     assert (tokens, chosen) == ([20, 21], [1, 1])  # cut off: no stop token to learn
-    tool_use = Completion([4, 30, 5, 6, 31, 7, 32], FINISH_STOP)
-    tokens, chosen = trained_tokens(tool_use, stop_id=3, tool_result_ids=(6, 7))
+    tool_use = Completion([4, 30, 5, 6, 31, 7, 32], FINISH_STOP, stop_id=3)
+    tokens, chosen = trained_tokens(tool_use, tool_result_ids=(6, 7))
     assert tokens == [4, 30, 5, 6, 31, 7, 32, 3]
     assert chosen == [1, 1, 1, 0, 0, 0, 1, 1]  # the engine's tool result is context, not the policy's choice
 
@@ -122,7 +124,7 @@ def test_training_forward_scores_the_tokens_the_engine_sampled(small_tokenizer):
     prompts = [render_for_reply([{"role": "user", "content": p["prompt"]}], tok) for p in problems]
     rollouts = sample_groups(model, tok, prompts, problems, replace(RLConfig(), temperature=1e-6, group_size=2, max_new_tokens=12),
                              seed=0, reward_fn=lambda text, problem: 0.0)
-    rows = [trained_tokens(group[0], tok.im_end_id, None) for group in rollouts.completions]
+    rows = [trained_tokens(group[0], None) for group in rollouts.completions]
     batch = build_batch(prompts, [r[0] for r in rows], [r[1] for r in rows], [1.0, 1.0])
     with torch.no_grad():
         predicted = model(batch.inputs).argmax(dim=-1)
@@ -132,8 +134,8 @@ def test_training_forward_scores_the_tokens_the_engine_sampled(small_tokenizer):
 def test_groups_with_equal_rewards_are_left_out(small_tokenizer):
     tok = small_tokenizer
     prompts = [[1, 40, 2], [1, 41, 2]]
-    groups = [[Completion([50, 51], FINISH_STOP), Completion([52], FINISH_STOP)],
-              [Completion([53], FINISH_STOP), Completion([54, 55], FINISH_LENGTH)]]
+    groups = [[Completion([50, 51], FINISH_STOP, tok.im_end_id), Completion([52], FINISH_STOP, tok.im_end_id)],
+              [Completion([53], FINISH_STOP, tok.im_end_id), Completion([54, 55], FINISH_LENGTH)]]
     mixed = policy_batch(tok, prompts, Rollouts(groups, torch.tensor([[1.0, 1.0], [1.0, 0.0]])), normalize_std=True)
     assert mixed.inputs[:, :2].tolist() == [[1, 41], [1, 41]]  # only the second problem's samples
     assert mixed.advantages.tolist() == pytest.approx([1.0, -1.0], abs=1e-3)
@@ -143,7 +145,7 @@ def test_groups_with_equal_rewards_are_left_out(small_tokenizer):
 def test_training_rows_come_shortest_first_each_with_its_own_advantage(small_tokenizer):
     tok = small_tokenizer
     prompts = [[1, 40, 2], [1, 41, 42, 43, 2]]
-    groups = [[Completion([50, 51, 52, 53], FINISH_LENGTH), Completion([54], FINISH_STOP)],
+    groups = [[Completion([50, 51, 52, 53], FINISH_LENGTH), Completion([54], FINISH_STOP, tok.im_end_id)],
               [Completion([55, 56], FINISH_LENGTH), Completion([57], FINISH_LENGTH)]]
     batch = policy_batch(tok, prompts, Rollouts(groups, torch.tensor([[1.0, 0.0], [0.0, 1.0]])), normalize_std=False)
     lengths = (batch.mask.cumsum(dim=1).argmax(dim=1) + 2).tolist()  # tokens in each row: last trained target + 1

@@ -138,6 +138,7 @@ def _check_request(model: Transformer, prompts: Sequence[Sequence[int]], max_new
 class Completion:
     tokens: list[int]  # the new tokens, stop id excluded
     finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+    stop_id: int | None = None  # with FINISH_STOP: the stop id that ended it
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class StepEvent:
     sequence: int
     token: int | None
     finish_reason: str | None
+    stop_id: int | None = None  # with FINISH_STOP: the stop id sampled
 
 
 @dataclass
@@ -275,8 +277,8 @@ class ContinuousBatch:
             forced = bool(seq.forced)
             token = seq.forced.popleft() if forced else sampled[position]
             goes_on = self._accept(seq, token, forced)
-            accepted = None if seq.finish_reason == FINISH_STOP else token
-            events.append(StepEvent(sequence, accepted, seq.finish_reason))
+            stopped = seq.finish_reason == FINISH_STOP
+            events.append(StepEvent(sequence, None if stopped else token, seq.finish_reason, token if stopped else None))
             if goes_on:
                 keep.append(position)
                 next_tokens.append(token)
@@ -385,14 +387,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     batch = ContinuousBatch(model, tokenizer, tools)
     ids = batch.add_all(prompts, max_new_tokens, sampling, num_samples)
     tokens: dict[int, list[int]] = {sequence: [] for group in ids for sequence in group}
-    reasons: dict[int, str] = {}
+    ends: dict[int, StepEvent] = {}
     while len(batch):
         for event in batch.step():
             if event.token is not None:
                 tokens[event.sequence].append(event.token)
             if event.finish_reason is not None:
-                reasons[event.sequence] = event.finish_reason
-    return [[Completion(tokens[s], reasons[s]) for s in group] for group in ids]
+                ends[event.sequence] = event
+    return [[Completion(tokens[s], ends[s].finish_reason, ends[s].stop_id) for s in group] for group in ids]
 
 
 class TokenStream:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from picochat.chat import render_for_reply
+from picochat.chat import REPLY_STOP_IDS, render_for_reply
 from picochat.checkpoint import load_model
 from picochat.config import RLConfig, add_common_args, add_dataclass_args, apply_overrides, get_preset
 from picochat.data.conversations import load_mixture, mix, parse_data_spec
@@ -99,11 +99,11 @@ def group_advantages(rewards: torch.Tensor, normalize_std: bool = False, eps: fl
     return centred.masked_fill(all_equal, 0.0)
 
 
-def trained_tokens(completion: Completion, stop_id: int, tool_result_ids: tuple[int, int] | None) -> tuple[list[int], list[int]]:
-    """(completion tokens to train on, 1 where the policy chose the token). The stop token is
-    appended when the completion stopped, so the model is reinforced to stop; tool results, which
-    the engine forced in, are kept as context but masked."""
-    tokens = list(completion.tokens) + ([stop_id] if completion.finish_reason == FINISH_STOP else [])
+def trained_tokens(completion: Completion, tool_result_ids: tuple[int, int] | None) -> tuple[list[int], list[int]]:
+    """(completion tokens to train on, 1 where the policy chose the token). The stop token it
+    sampled is appended when the completion stopped, so the model is reinforced to stop (or not to
+    stop that way); tool results, which the engine forced in, are kept as context but masked."""
+    tokens = list(completion.tokens) + ([completion.stop_id] if completion.finish_reason == FINISH_STOP else [])
     chosen, forced = [], False
     for token in tokens:
         if tool_result_ids and token == tool_result_ids[0]:
@@ -194,7 +194,7 @@ def sample_groups(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence
     """Sample `group_size` replies per prompt in one batched call and reward each; `tools` runs the
     replies' tool calls (default: the calculator)."""
     model.eval()
-    sampling = Sampling(cfg.temperature, seed=seed, stop_ids=[tok.im_end_id])
+    sampling = Sampling(cfg.temperature, seed=seed, stop_ids=REPLY_STOP_IDS)  # as every reply ends
     completions = generate(model, prompts, cfg.max_new_tokens, sampling, num_samples=cfg.group_size, tokenizer=tok, tools=tools)
     model.train()
     rewards = torch.tensor([[reward_fn(tok.decode(c.tokens), problem) for c in group]
@@ -213,7 +213,7 @@ def policy_batch(tok: Tokenizer, prompts: Sequence[Sequence[int]], rollouts: Rol
         if not group_adv.any():
             continue
         for completion, adv in zip(group, group_adv.tolist()):
-            tokens, chosen = trained_tokens(completion, tok.im_end_id, tool_ids)
+            tokens, chosen = trained_tokens(completion, tool_ids)
             rows.append((prompt, tokens, chosen, adv))
     rows.sort(key=lambda row: len(row[0]) + len(row[1]))
     return build_batch(*zip(*rows)) if rows else None
