@@ -21,10 +21,14 @@ def knob(default, help: str):
 class TrainConfig:
     """Hyperparameters of one training stage (pretraining or SFT)."""
 
-    batch_size: int = knob(16, "sequences per micro-batch, per process")
+    batch_size: int = knob(16, "largest micro-batch per process, in sequences (a memory knob: gradients accumulate "
+                               "over micro-batches up to the global batch)")
     seq_len: int = knob(256, "tokens per sequence")
-    grad_accum: int = knob(1, "micro-batches per optimizer step")
-    max_steps: int = knob(1000, "optimizer steps")
+    total_batch_tokens: int = knob(4096, "global batch: tokens per optimizer step over all processes, the same on 1 or "
+                                         "8 GPUs (accumulation = this / (batch-size x seq-len x processes))")
+    max_steps: int = knob(1000, "horizon in optimizer steps (one of --max-steps, --max-tokens, --tokens-per-param)")
+    max_tokens: int = knob(0, "horizon in training tokens (steps = this / total-batch-tokens, rounded up)")
+    tokens_per_param: float = knob(0.0, "horizon as tokens per model parameter (20 is Chinchilla's compute-optimal ratio)")
     optimizer: str = knob("adamw", "adamw, or muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)")
     lr: float = knob(3e-3, "AdamW peak learning rate")
     muon_lr: float = knob(0.02, "Muon peak learning rate (hidden matrices)")
@@ -90,11 +94,11 @@ PRESETS: dict[str, Preset] = {
         world_mb=2,
         world_scale=0.25,
         # Muon: more facts learnt than AdamW in the same wall time (BENCHMARKS.md).
-        pretrain=TrainConfig(batch_size=8, seq_len=256, max_steps=400, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
+        pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=400, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
         # SFT: 300 steps over the world's chats, word problems and one replayed shard of its documents.
         # SFT: one pass over the world's mixture (conversations, word problems with and without the
         # calculator, answers from search, replayed documents), ~780k tokens.
-        sft=TrainConfig(batch_size=8, seq_len=256, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
+        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
         # RL: 32 problems x 8 samples a step (a quarter of them questions about facts), ~6 minutes in all
         # on 2 cores; fewer problems a step made the noisy early steps undo the SFT model (BENCHMARKS.md).
         # Replies with a calculator call per step need up to ~120 tokens.
@@ -106,8 +110,8 @@ PRESETS: dict[str, Preset] = {
         model=dict(n_layer=12, d_model=768, n_head=6, n_kv_head=6, max_seq_len=2048, tie_embeddings=False),
         vocab_size=32768,
         world_mb=200,
-        pretrain=TrainConfig(batch_size=32, seq_len=2048, grad_accum=8, max_steps=5000, optimizer="muon", lr=3e-3, warmup_steps=100, weight_decay=0.0, eval_every=250, ckpt_every=500, dtype="bfloat16", compile=True),
-        sft=TrainConfig(batch_size=16, seq_len=2048, max_steps=1000, lr=3e-4, warmup_steps=20, eval_every=0, ckpt_every=250, dtype="bfloat16", compile=True),
+        pretrain=TrainConfig(batch_size=32, seq_len=2048, total_batch_tokens=524288, max_steps=0, tokens_per_param=20, optimizer="muon", lr=3e-3, warmup_steps=100, weight_decay=0.0, eval_every=250, ckpt_every=500, dtype="bfloat16", compile=True),
+        sft=TrainConfig(batch_size=16, seq_len=2048, total_batch_tokens=32768, max_steps=1000, lr=3e-4, warmup_steps=20, eval_every=0, ckpt_every=250, dtype="bfloat16", compile=True),
         rl=RLConfig(steps=300, problems_per_step=32, group_size=16, max_new_tokens=256, lr=1e-5, dtype="bfloat16"),
     ),
     # ~0.5B parameters (nanochat's d20 shape), 8 GPUs or patience.
@@ -115,8 +119,8 @@ PRESETS: dict[str, Preset] = {
         model=dict(n_layer=20, d_model=1280, n_head=10, n_kv_head=10, max_seq_len=2048, tie_embeddings=False),
         vocab_size=65536,
         world_mb=200,
-        pretrain=TrainConfig(batch_size=32, seq_len=2048, grad_accum=8, max_steps=21400, optimizer="muon", lr=3e-3, warmup_steps=200, eval_every=500, ckpt_every=1000, dtype="bfloat16", compile=True),
-        sft=TrainConfig(batch_size=16, seq_len=2048, max_steps=2000, lr=2e-4, warmup_steps=50, eval_every=0, ckpt_every=500, dtype="bfloat16", compile=True),
+        pretrain=TrainConfig(batch_size=32, seq_len=2048, total_batch_tokens=524288, max_steps=0, tokens_per_param=20, optimizer="muon", lr=3e-3, warmup_steps=200, eval_every=500, ckpt_every=1000, dtype="bfloat16", compile=True),
+        sft=TrainConfig(batch_size=16, seq_len=2048, total_batch_tokens=32768, max_steps=2000, lr=2e-4, warmup_steps=50, eval_every=0, ckpt_every=500, dtype="bfloat16", compile=True),
         rl=RLConfig(steps=500, problems_per_step=32, group_size=16, max_new_tokens=512, lr=5e-6, micro_batch=32, dtype="bfloat16"),
     ),
 }
@@ -142,13 +146,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
                                help=f.metadata.get("help"))
 
 
+HORIZON = ("max_steps", "max_tokens", "tokens_per_param")  # a TrainConfig sets exactly one
+
+
 def apply_overrides(config, args: argparse.Namespace, prefix: str = ""):
-    """A copy of `config` with every field given on the command line replaced."""
+    """A copy of `config` with every field given on the command line replaced. A horizon given on the
+    command line (--max-steps, --max-tokens, --tokens-per-param) replaces the preset's, whichever it was."""
     changes = {}
     for f in dataclasses.fields(config):
         value = getattr(args, prefix.replace("-", "_") + f.name, None)
         if value is not None:
             changes[f.name] = value
+    if isinstance(config, TrainConfig) and any(name in changes for name in HORIZON):
+        changes = {**{name: type(getattr(config, name))(0) for name in HORIZON}, **changes}
     return dataclasses.replace(config, **changes)
 
 

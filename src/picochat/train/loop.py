@@ -26,6 +26,7 @@ from picochat.checkpoint import latest_checkpoint, load_training_state, save_mod
 from picochat.config import TrainConfig
 from picochat.io import atomic_write_json, atomic_write_text
 from picochat.model import IGNORE_INDEX, Transformer
+from picochat.train.budget import Budget, batch_budget
 from picochat.train.muon import Muon
 
 
@@ -107,14 +108,16 @@ def build_optimizers(model: Transformer, kind: str, lr: float, muon_lr: float = 
     raise ValueError(f"optimizer must be adamw or muon, not {kind!r}")
 
 
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, constant, then linear decay to final_lr_frac over the last decay_frac of the steps."""
+def lr_multiplier(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
+    """Linear warmup, constant, then linear decay to final_lr_frac over the last decay_frac of the
+    `steps` (default cfg.max_steps)."""
+    steps = steps or cfg.max_steps
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    decay_start = cfg.max_steps * (1 - cfg.decay_frac)
+    decay_start = steps * (1 - cfg.decay_frac)
     if step < decay_start:
         return 1.0
-    progress = (step - decay_start) / max(1.0, cfg.max_steps - decay_start)
+    progress = (step - decay_start) / max(1.0, steps - decay_start)
     return 1.0 - progress * (1.0 - cfg.final_lr_frac)
 
 
@@ -276,13 +279,21 @@ def train(
     evaluate: Callable[[Transformer], dict] | None = None,
     info: dict | None = None,
     desc: str = "train",
+    budget: Budget | None = None,
 ) -> dict:
-    """Run `cfg.max_steps` optimizer steps of next-token training and save the stage's model.
+    """Run the budget's optimizer steps of next-token training and save the stage's model.
 
-    `loader` yields (inputs, targets) and has state_dict()/load_state_dict() so a resumed run sees
-    exactly the batches an uninterrupted one would. `evaluate(model)` returns metrics to log every
-    `eval_every` steps and at the end. Returns the final metrics.
+    `budget` (default: `batch_budget(cfg, ...)` for this world size) gives the micro-batch, the
+    accumulation and the steps; `loader` yields this rank's micro-batches of that layout and has
+    state_dict()/load_state_dict() so a resumed run sees exactly the batches an uninterrupted one
+    would. `evaluate(model)` returns metrics to log every `eval_every` steps and at the end. Returns
+    the final metrics.
     """
+    budget = budget or batch_budget(cfg, rt.world_size, model.num_params())
+    if (loader.batch_size, loader.grad_accum) != (budget.micro_batch, budget.grad_accum):
+        raise TrainingError(f"{desc}: the loader's micro-batch {loader.batch_size} x {loader.grad_accum} "
+                            f"does not match the budget's {budget.micro_batch} x {budget.grad_accum}")
+    steps, accum = budget.steps, budget.grad_accum
     model.to(rt.device).train()
     optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.muon_lr, cfg.weight_decay)
     train_model = torch.compile(model) if cfg.compile else model
@@ -290,18 +301,18 @@ def train(
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     peak = measured_peak_flops(rt.device)
     flops_per_token = model.flops_per_token(cfg.seq_len)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
+    tokens_per_step = budget.tokens_per_step
 
     def step_fn(step: int) -> dict:
         t0 = time.perf_counter()
-        set_lr(optimizers, lr_multiplier(step, cfg))
+        set_lr(optimizers, lr_multiplier(step, cfg, steps))
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
+        for micro in range(accum):
             x, y = next(loader)
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            sync = not rt.distributed or micro == cfg.grad_accum - 1
+            sync = not rt.distributed or micro == accum - 1
             with contextlib.nullcontext() if sync else train_model.no_sync(), autocast(rt, cfg.dtype):
-                loss = train_model(x, targets=y) / cfg.grad_accum
+                loss = train_model(x, targets=y) / accum
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
@@ -315,16 +326,16 @@ def train(
         if not math.isfinite(loss_value):
             raise TrainingError(f"{desc}: loss became {loss_value} at step {step + 1}; lower the learning rate")
         dt = time.perf_counter() - t0
-        record = {"loss": round(loss_value, 5), "lr_mult": round(lr_multiplier(step, cfg), 5),
+        record = {"loss": round(loss_value, 5), "lr_mult": round(lr_multiplier(step, cfg, steps), 5),
                   "grad_norm": round(float(grad_norm), 4), "tokens": (step + 1) * tokens_per_step,
                   "tok_per_s": round(tokens_per_step / dt)}
         if peak:
             record["mfu"] = round(flops_per_token * tokens_per_step / dt / (peak * rt.world_size), 4)
-        if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
+        if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
             record.update(evaluate(model))
         return record
 
-    return run_steps(stage_dir, model, optimizers, rt, cfg.max_steps, step_fn, resume=resume, ckpt_every=cfg.ckpt_every,
-                     desc=desc, info=info, stateful={"loader": loader}, meta={"train_config": asdict(cfg)},
-                     summary={"params": model.num_params(), "flops": flops_per_token * cfg.max_steps * tokens_per_step},
+    return run_steps(stage_dir, model, optimizers, rt, steps, step_fn, resume=resume, ckpt_every=cfg.ckpt_every,
+                     desc=desc, info=info, stateful={"loader": loader}, meta={"train_config": asdict(cfg), "budget": asdict(budget)},
+                     summary={"params": model.num_params(), "tokens": budget.tokens, "flops": flops_per_token * budget.tokens},
                      postfix=("loss", "tok_per_s", "mfu", "val_bpb"))
