@@ -89,28 +89,42 @@ def metrics(stage_dir):
     return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "picochat", "--",
+                           *args], capture_output=True, text=True, env=one_thread_env())
+
+
 @pytest.mark.slow
 def test_two_processes_train_the_same_tokens_to_the_same_loss_curve_as_one(tiny_run, tmp_path):
     """The same global batch (512 tokens): one process accumulates 2 micro-batches of 4, two processes
-    (DDP, gloo) take one each. Same tokens, same losses, same weights, within float tolerance."""
+    take one each, replicated (DDP) or sharded (FSDP2), over gloo; and a sharded run resumes the one
+    process's checkpoint. Same tokens, same losses, same weights, within float tolerance."""
     common = ["pretrain", *TINY_MODEL_FLAGS, "--seq-len", "64", "--batch-size", "4", "--total-batch-tokens", "512",
-              "--eval-batches", "2", "--max-steps", "6", "--ckpt-every", "0", "--eval-every", "0", "--device", "cpu"]
+              "--eval-batches", "2", "--max-steps", "6", "--ckpt-every", "3", "--eval-every", "0", "--device", "cpu"]
     single = fresh_copy(tiny_run, tmp_path, "single")
     out = picochat(*common, "--run", str(single), env=one_thread_env())
     assert out.returncode == 0, out.stderr
     assert "(1 x 4 x 64 x 2 accumulated)" in out.stdout
-    ddp = fresh_copy(tiny_run, tmp_path, "ddp")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "picochat", "--",
-                          *common, "--run", str(ddp)], capture_output=True, text=True, env=one_thread_env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "(2 x 4 x 64 x 1 accumulated)" in out.stdout
-    one, two = metrics(single / "base"), metrics(ddp / "base")
-    assert [r["tokens"] for r in one] == [r["tokens"] for r in two] == [512 * step for step in range(1, 7)]
-    torch.testing.assert_close([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4, atol=1e-4)
+    one = metrics(single / "base")
+    assert [r["tokens"] for r in one] == [512 * step for step in range(1, 7)]
     assert one[-1]["loss"] < one[0]["loss"]  # the curve compared is a learning one
-    a, b = weights(single / "base"), weights(ddp / "base")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    resumed = fresh_copy(tiny_run, tmp_path, "resumed")  # the single run's step-3 checkpoint, resumed sharded
+    shutil.copytree(single / "base" / "checkpoints" / "step-000003", resumed / "base" / "checkpoints" / "step-000003")
+    (resumed / "base" / "checkpoints" / "LATEST").write_text("step-000003")
+    shutil.copy(single / "base" / "metrics.jsonl", resumed / "base" / "metrics.jsonl")
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("resumed", ["--fsdp", "--resume"])):
+        run = tmp_path / name if name == "resumed" else fresh_copy(tiny_run, tmp_path, name)
+        out = torchrun(*common, *extra, "--run", str(run))
+        assert out.returncode == 0, (name, out.stderr[-3000:])
+        assert "(2 x 4 x 64 x 1 accumulated)" in out.stdout
+        two = metrics(run / "base")
+        assert [r["tokens"] for r in two] == [r["tokens"] for r in one], name
+        torch.testing.assert_close([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4, atol=1e-4, msg=name)
+        a, b = weights(single / "base"), weights(run / "base")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
 
 
 def test_pretrain_sft_sample_chat_end_to_end(tiny_run, tmp_path):

@@ -42,6 +42,10 @@ class TrainConfig:
     ckpt_every: int = knob(200, "steps between checkpoints (0: only at the end)")
     dtype: str = knob("float32", "float32, or bfloat16 (autocast; fast on GPUs, slow on CPUs without bf16 units)")
     compile: bool = knob(False, "torch.compile the model")
+    fsdp: bool = knob(False, "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) "
+                             "instead of replicating them (DDP): for models whose training state does not fit one device")
+    activation_checkpointing: bool = knob(False, "recompute each layer's activations in the backward pass instead of "
+                                                 "keeping them: less memory, about a third more compute")
     seed: int = knob(0, "seed of the initial weights and the data order")
 
 
