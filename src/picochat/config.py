@@ -1,4 +1,4 @@
-"""Training configuration and the named presets (cpu, gpu-small, gpu-d20).
+"""Training configuration and the named presets (cpu, gpu-135m, gpu-564m: named by parameter count).
 
 A preset fixes the model's shape and each stage's hyperparameters. Every field can be overridden on
 the command line: `add_dataclass_args` turns each field of a dataclass into a `--flag`.
@@ -109,8 +109,9 @@ PRESETS: dict[str, Preset] = {
         rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
                     eval_problems=100, eval_k=8),
     ),
-    # ~100M parameters, one GPU in bf16.
-    "gpu-small": Preset(
+    # 135M parameters (85M without embeddings; nanochat's d12 shape), 2.7B tokens (20 per parameter),
+    # 0.5M tokens a step on any number of GPUs; `picochat plan --preset gpu-135m` for time and memory.
+    "gpu-135m": Preset(
         model=dict(n_layer=12, d_model=768, n_head=6, n_kv_head=6, max_seq_len=2048, tie_embeddings=False),
         vocab_size=32768,
         world_mb=200,
@@ -118,21 +119,27 @@ PRESETS: dict[str, Preset] = {
         sft=TrainConfig(batch_size=16, seq_len=2048, total_batch_tokens=32768, max_steps=1000, lr=3e-4, warmup_steps=20, eval_every=0, ckpt_every=250, dtype="bfloat16", compile=True),
         rl=RLConfig(steps=300, problems_per_step=32, group_size=16, max_new_tokens=256, lr=1e-5, dtype="bfloat16"),
     ),
-    # ~0.5B parameters (nanochat's d20 shape), 8 GPUs or patience.
-    "gpu-d20": Preset(
+    # 564M parameters (397M without embeddings; nanochat's d20 shape), 11.3B tokens (20 per parameter);
+    # micro-batch 16, which the plan estimates to fit an 80 GB GPU (32 would not).
+    "gpu-564m": Preset(
         model=dict(n_layer=20, d_model=1280, n_head=10, n_kv_head=10, max_seq_len=2048, tie_embeddings=False),
         vocab_size=65536,
         world_mb=200,
-        pretrain=TrainConfig(batch_size=32, seq_len=2048, total_batch_tokens=524288, max_steps=0, tokens_per_param=20, optimizer="muon", lr=3e-3, warmup_steps=200, eval_every=500, ckpt_every=1000, dtype="bfloat16", compile=True),
+        pretrain=TrainConfig(batch_size=16, seq_len=2048, total_batch_tokens=524288, max_steps=0, tokens_per_param=20, optimizer="muon", lr=3e-3, warmup_steps=200, eval_every=500, ckpt_every=1000, dtype="bfloat16", compile=True),
         sft=TrainConfig(batch_size=16, seq_len=2048, total_batch_tokens=32768, max_steps=2000, lr=2e-4, warmup_steps=50, eval_every=0, ckpt_every=500, dtype="bfloat16", compile=True),
         rl=RLConfig(steps=500, problems_per_step=32, group_size=16, max_new_tokens=512, lr=5e-6, micro_batch=32, dtype="bfloat16"),
     ),
 }
 
 
+# The names the presets had before they were named by size; runs and scripts may still use them.
+ALIASES = {"gpu-small": "gpu-135m", "gpu-d20": "gpu-564m"}
+
+
 def get_preset(name: str) -> Preset:
+    name = ALIASES.get(name, name)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} (or the old names {', '.join(ALIASES)})")
     return PRESETS[name]
 
 
@@ -169,6 +176,7 @@ def apply_overrides(config, args: argparse.Namespace, prefix: str = ""):
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The flags every training stage takes: --run, --preset, --resume, --device."""
     parser.add_argument("--run", required=True, help="run folder (holds tokenizer/, shards/, and the stages' outputs)")
-    parser.add_argument("--preset", default="cpu", help="named preset: cpu, gpu-small, gpu-d20 (default cpu)")
+    parser.add_argument("--preset", default="cpu", help="named preset: cpu, gpu-135m, gpu-564m (default cpu); "
+                                                        "`picochat plan --preset NAME` shows what it costs")
     parser.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: cuda when available)")

@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on token shards turns a random Transformer into a base model.
 
     picochat pretrain --run runs/demo --preset cpu            # reads runs/demo/{tokenizer,shards}
-    torchrun --standalone --nproc_per_node=8 -m picochat -- pretrain --run runs/big --preset gpu-small   # "--": see README
+    torchrun --standalone --nproc_per_node=8 -m picochat -- pretrain --run runs/big --preset gpu-135m   # "--": see README
 
 Writes `runs/<name>/base/` (see picochat.checkpoint for the layout).
 """
