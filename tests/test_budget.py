@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from picochat.config import PRESETS, TrainConfig, add_dataclass_args, apply_overrides
+from picochat.config import PRESETS, TrainConfig, add_dataclass_args, apply_overrides, get_preset
 from picochat.model import ModelConfig, Transformer
 from picochat.train.budget import BudgetError, batch_budget
 
@@ -55,7 +55,7 @@ def test_a_global_batch_that_does_not_split_is_refused_with_a_fix():
 def test_a_horizon_on_the_command_line_replaces_the_presets():
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, TrainConfig)
-    preset = PRESETS["gpu-small"].pretrain
+    preset = get_preset("gpu-small").pretrain  # the old name, an alias
     assert preset.tokens_per_param and not preset.max_steps
     cfg = apply_overrides(preset, parser.parse_args(["--max-steps", "7"]))
     assert (cfg.max_steps, cfg.max_tokens, cfg.tokens_per_param) == (7, 0, 0.0)
