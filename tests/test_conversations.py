@@ -338,7 +338,7 @@ def test_loader_rejects_bad_input(small_tokenizer):
         ConversationLoader([GOOD, {"messages": [{"role": "bot", "content": "x"}]}], small_tokenizer, batch_size=1, seq_len=16)
     with pytest.raises(ValueError, match="no conversation to train on"):
         ConversationLoader([{"messages": [{"role": "user", "content": "x"}]}], small_tokenizer, batch_size=1, seq_len=16)
-    with pytest.raises(ValueError, match="too few for one batch of 2 x 4 rows"):
+    with pytest.raises(ValueError, match="too few for one batch of 8 rows"):
         ConversationLoader([GOOD] * 3, small_tokenizer, batch_size=4, seq_len=32, world_size=2, pack=False)
     with pytest.raises(ValueError, match="too_long must be"):
         ConversationLoader([GOOD], small_tokenizer, batch_size=1, seq_len=16, too_long="wrap")

@@ -15,6 +15,7 @@ from picochat.model import (
     ModelInputError,
     Transformer,
     default_ffn_hidden,
+    head_cross_entropy,
 )
 
 
@@ -123,6 +124,68 @@ def test_loss_is_mean_cross_entropy_over_unmasked_targets():
     torch.testing.assert_close(loss, expected)
     with torch.no_grad():
         assert model(ids, targets=torch.full_like(targets, IGNORE_INDEX)).item() == 0.0
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tie):
+    """Chunks of 7 positions (with checkpointed logits) against cross-entropy over all the float32 logits."""
+    model = tiny_model(tie_embeddings=tie).train()
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(2))
+    targets[1, 5:] = IGNORE_INDEX
+    keep = targets != IGNORE_INDEX
+    plain = F.cross_entropy(model(ids)[keep], targets[keep])
+    expected = grads_of(model, plain)
+
+    hidden = model.model.norm(model.model.embed_tokens(ids))  # any hidden state: the head is what is chunked
+    sums = [head_cross_entropy(hidden, model.lm_head, targets, "sum", chunk_rows=rows) for rows in (7, 60)]
+    torch.testing.assert_close(sums[0], sums[1])
+    per_position = head_cross_entropy(hidden, model.lm_head, targets, "none", chunk_rows=7)
+    assert per_position.shape == targets.shape and (per_position[~keep] == 0).all()
+    torch.testing.assert_close(per_position.sum(), sums[1])
+
+    import picochat.model as model_module
+
+    old, model_module.LOSS_CHUNK_ELEMENTS = model_module.LOSS_CHUNK_ELEMENTS, 7 * 97  # 7 positions a chunk
+    try:
+        chunked = model(ids, targets=targets)
+        got = grads_of(model, chunked)
+        with torch.no_grad():
+            none = model(ids, targets=targets, reduction="none")
+    finally:
+        model_module.LOSS_CHUNK_ELEMENTS = old
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(none.sum() / keep.sum(), plain.detach())
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def saved_by_autograd(model, ids) -> tuple[torch.Tensor, int]:
+    """The loss, and how many elements autograd keeps for the backward pass."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+    return loss, sum(saved)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = tiny_model().train()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    expected_loss, kept = saved_by_autograd(model, ids)
+    expected = grads_of(model, expected_loss)
+    model.checkpoint_layers = True
+    loss, kept_checkpointed = saved_by_autograd(model, ids)
+    assert kept_checkpointed < kept / 2  # the layers' activations are recomputed, not kept
+    got = grads_of(model, loss)
+    torch.testing.assert_close(loss, expected_loss)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_logits_to_keep_gives_the_last_positions_only():

@@ -353,6 +353,26 @@ def test_ranks_read_disjoint_parts_of_the_single_rank_batch(prepared):
         assert len(rows) == 6  # no sequence is read by two ranks
 
 
+def test_accumulating_layouts_read_the_same_rows_each_step_and_resume_across_them(prepared):
+    """1 rank x 4 micro-batches, 2 ranks x 2, 4 ranks x 1: the same 8 rows per optimizer step, across epochs."""
+    out, _ = prepared
+    layouts = {(1, 4): None, (2, 2): None, (4, 1): None}
+    for world_size, accum in layouts:
+        layouts[(world_size, accum)] = [ShardLoader(out, batch_size=2, seq_len=24, seed=5, rank=r, world_size=world_size,
+                                                    grad_accum=accum) for r in range(world_size)]
+    steps = layouts[(1, 4)][0].steps_in_epoch(0)
+    assert {loaders[0].steps_in_epoch(0) for loaders in layouts.values()} == {steps}
+    assert len({str(loaders[0].state_dict()) for loaders in layouts.values()}) == 1
+    for _ in range(steps + 2):
+        seen = [sorted(tuple(row) for _ in range(accum) for loader in loaders for row in next(loader)[0].tolist())
+                for (world_size, accum), loaders in layouts.items()]
+        assert seen[0] == seen[1] == seen[2] and len(set(seen[0])) == 8
+    state = layouts[(1, 4)][0].state_dict()
+    resumed = ShardLoader(out, batch_size=2, seq_len=24, seed=5, world_size=2, grad_accum=2)
+    resumed.load_state_dict(state)  # a run resumes on another number of processes
+    assert (resumed.epoch, resumed.step) == (1, 2)
+
+
 def test_val_batches_are_sequential_and_deterministic(prepared):
     out, _ = prepared
     stream = read_split(out, "val").astype(np.int64)

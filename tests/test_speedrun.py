@@ -23,8 +23,8 @@ from picochat.config import PRESETS, Preset, RLConfig, TrainConfig
 PRESETS["tiny"] = Preset(
     model=dict(n_layer=2, d_model=64, n_head=2, n_kv_head=1, max_seq_len=256, tie_embeddings=True),
     vocab_size=512, world_mb=0.2, world_scale=0.1,
-    pretrain=TrainConfig(batch_size=4, seq_len=64, max_steps=6, eval_every=0, eval_batches=2, ckpt_every=0),
-    sft=TrainConfig(batch_size=4, seq_len=128, max_steps=4, eval_every=0, ckpt_every=0),
+    pretrain=TrainConfig(batch_size=4, seq_len=64, total_batch_tokens=256, max_steps=6, eval_every=0, eval_batches=2, ckpt_every=0),
+    sft=TrainConfig(batch_size=4, seq_len=128, total_batch_tokens=512, max_steps=4, eval_every=0, ckpt_every=0),
     rl=RLConfig(steps=2, problems_per_step=2, group_size=2, max_new_tokens=8, ckpt_every=0, eval_problems=4, eval_k=2),
 )
 main(sys.argv[1:])

@@ -22,7 +22,7 @@ from picochat.train.loop import MetricsLog, TrainingError, lr_multiplier
 
 from conftest import TINY_MODEL_FLAGS
 
-TINY_TRAIN = ["--seq-len", "64", "--batch-size", "4", "--eval-batches", "2", "--lr", "1e-2"]
+TINY_TRAIN = ["--seq-len", "64", "--batch-size", "4", "--total-batch-tokens", "256", "--eval-batches", "2", "--lr", "1e-2"]
 
 
 def picochat(*args, env=None, **kw):
@@ -85,31 +85,58 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_run, tmp_path):
     assert len(lines) == 24  # the metrics log has each step exactly once
 
 
+def metrics(stage_dir):
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "picochat", "--",
+                           *args], capture_output=True, text=True, env=one_thread_env())
+
+
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tiny_run, tmp_path):
-    common = ["pretrain", *TINY_MODEL_FLAGS, "--seq-len", "64", "--eval-batches", "2", "--max-steps", "6", "--ckpt-every", "0",
-              "--eval-every", "0", "--device", "cpu"]
+def test_two_processes_train_the_same_tokens_to_the_same_loss_curve_as_one(tiny_run, tmp_path):
+    """The same global batch (512 tokens): one process accumulates 2 micro-batches of 4, two processes
+    take one each, replicated (DDP) or sharded (FSDP2), over gloo; and a sharded run resumes the one
+    process's checkpoint. Same tokens, same losses, same weights, within float tolerance."""
+    common = ["pretrain", *TINY_MODEL_FLAGS, "--seq-len", "64", "--batch-size", "4", "--total-batch-tokens", "512",
+              "--eval-batches", "2", "--max-steps", "6", "--ckpt-every", "3", "--eval-every", "0", "--device", "cpu"]
     single = fresh_copy(tiny_run, tmp_path, "single")
-    out = picochat(*common, "--batch-size", "8", "--run", str(single), env=one_thread_env())
+    out = picochat(*common, "--run", str(single), env=one_thread_env())
     assert out.returncode == 0, out.stderr
-    ddp = fresh_copy(tiny_run, tmp_path, "ddp")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "picochat", "--",
-                          *common, "--batch-size", "4", "--run", str(ddp)], capture_output=True, text=True, env=one_thread_env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    a, b = weights(single / "base"), weights(ddp / "base")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert "(1 x 4 x 64 x 2 accumulated)" in out.stdout
+    one = metrics(single / "base")
+    assert [r["tokens"] for r in one] == [512 * step for step in range(1, 7)]
+    assert one[-1]["loss"] < one[0]["loss"]  # the curve compared is a learning one
+
+    resumed = fresh_copy(tiny_run, tmp_path, "resumed")  # the single run's step-3 checkpoint, resumed sharded
+    shutil.copytree(single / "base" / "checkpoints" / "step-000003", resumed / "base" / "checkpoints" / "step-000003")
+    (resumed / "base" / "checkpoints" / "LATEST").write_text("step-000003")
+    shutil.copy(single / "base" / "metrics.jsonl", resumed / "base" / "metrics.jsonl")
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("resumed", ["--fsdp", "--resume"])):
+        run = tmp_path / name if name == "resumed" else fresh_copy(tiny_run, tmp_path, name)
+        out = torchrun(*common, *extra, "--run", str(run))
+        assert out.returncode == 0, (name, out.stderr[-3000:])
+        assert "(2 x 4 x 64 x 1 accumulated)" in out.stdout
+        two = metrics(run / "base")
+        assert [r["tokens"] for r in two] == [r["tokens"] for r in one], name
+        torch.testing.assert_close([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4, atol=1e-4, msg=name)
+        a, b = weights(single / "base"), weights(run / "base")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
 
 
 def test_pretrain_sft_sample_chat_end_to_end(tiny_run, tmp_path):
     run = fresh_copy(tiny_run, tmp_path, "e2e")
     out = picochat("pretrain", "--run", str(run), *TINY_MODEL_FLAGS, *TINY_TRAIN, "--max-steps", "30", "--eval-every", "15", "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    records = [json.loads(line) for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(run / "base")
     assert records[-1]["loss"] < records[0]["loss"] - 0.5  # it learns
     assert 0 < records[-1]["val_bpb"] < records[14]["val_bpb"]
 
-    out = picochat("sft", "--run", str(run), "--seq-len", "128", "--batch-size", "4", "--max-steps", "10", "--device", "cpu")
+    out = picochat("sft", "--run", str(run), "--seq-len", "128", "--batch-size", "4", "--total-batch-tokens", "512",
+                   "--max-steps", "10", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert (run / "sft" / "done.json").exists()
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]

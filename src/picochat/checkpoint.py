@@ -41,31 +41,38 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-def _save_weights(model: Transformer, path: Path) -> None:
+def _save_weights(model: Transformer, path: Path, state: dict | None = None) -> None:
+    """`state`: the model's full state dict when it is not `model.state_dict()` (a sharded model's, gathered)."""
     # Tied embeddings share storage; safetensors refuses shared tensors, so the tie is stored in the config.
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     write_safetensors(path, state)
 
 
-def _load_weights(model: Transformer, path: Path) -> None:
+def _read_weights(model: Transformer, path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: unreadable weights ({e})") from None
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def _load_weights(model: Transformer, path: Path) -> None:
+    state = _read_weights(model, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 # --- a stage's final model ------------------------------------------------------------------------
-def save_model(stage_dir: Path, model: Transformer, info: dict | None = None) -> None:
+def save_model(stage_dir: Path, model: Transformer, info: dict | None = None, state: dict | None = None) -> None:
+    """`state`: the full state dict of a sharded model (see `picochat.train.sharding.full_states`)."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _save_weights(model, stage_dir / "model.safetensors")
+    _save_weights(model, stage_dir / "model.safetensors", state)
     atomic_write_json(stage_dir / "model.json", {"model": model.config.to_dict(), **(info or {})})
 
 
@@ -82,8 +89,10 @@ def load_model(stage_dir: Path, device: str | torch.device = "cpu") -> tuple[Tra
 
 
 # --- resumable training state ---------------------------------------------------------------------
-def save_training_state(stage_dir: Path, step: int, model: Transformer, optimizers: list, extra: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-XXXXXX atomically, point LATEST at it, and keep the newest `keep`."""
+def save_training_state(stage_dir: Path, step: int, model: Transformer, optimizers: list, extra: dict, keep: int = 2,
+                        full: tuple[dict, list[dict]] | None = None) -> Path:
+    """Write checkpoints/step-XXXXXX atomically, point LATEST at it, and keep the newest `keep`.
+    `full`: (model state, optimizer states) gathered from a sharded model, written in place of its own."""
     ckpt_root = Path(stage_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for left_by_a_kill in ckpt_root.glob(".step-*"):
@@ -91,9 +100,9 @@ def save_training_state(stage_dir: Path, step: int, model: Transformer, optimize
     final = ckpt_root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step:06d}."))
     try:
-        _save_weights(model, tmp / "model.safetensors")
+        _save_weights(model, tmp / "model.safetensors", full[0] if full else None)
         state = {
-            "optimizers": [opt.state_dict() for opt in optimizers],
+            "optimizers": full[1] if full else [opt.state_dict() for opt in optimizers],
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -121,12 +130,18 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     return path if (path / "meta.json").exists() else None
 
 
-def load_training_state(ckpt: Path, model: Transformer, optimizers: list) -> dict:
-    """Restore weights, optimizer and RNG states from a checkpoint folder; returns its meta.json."""
-    _load_weights(model, ckpt / "model.safetensors")
+def load_training_state(ckpt: Path, model: Transformer, optimizers: list, sharded: bool = False) -> dict:
+    """Restore weights, optimizer and RNG states from a checkpoint folder; returns its meta.json.
+    sharded: the model is sharded with FSDP2 (every rank calls this and reads the files)."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
+    if sharded:
+        from picochat.train.sharding import load_full_states
+
+        load_full_states(model, optimizers, _read_weights(model, ckpt / "model.safetensors"), state["optimizers"])
+    else:
+        _load_weights(model, ckpt / "model.safetensors")
+        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])

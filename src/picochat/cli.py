@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("picochat.tokenizer", "train / inspect the byte-level BPE tokenizer"),
     "data": ("picochat.data.shards", "tokenize documents into binary token shards"),
     "index": ("picochat.data.index", "build / query a search index over documents (the search tool)"),
+    "plan": ("picochat.plan", "print a preset's tokens, steps, FLOPs, memory and hours before training"),
     "pretrain": ("picochat.train.pretrain", "pretrain the Transformer on token shards (base model)"),
     "sample": ("picochat.sample", "continue a document with the base model"),
     "sft": ("picochat.train.sft", "supervised fine-tuning on conversations (chat model)"),

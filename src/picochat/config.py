@@ -1,4 +1,4 @@
-"""Training configuration and the named presets (cpu, gpu-small, gpu-d20).
+"""Training configuration and the named presets (cpu, gpu-135m, gpu-564m: named by parameter count).
 
 A preset fixes the model's shape and each stage's hyperparameters. Every field can be overridden on
 the command line: `add_dataclass_args` turns each field of a dataclass into a `--flag`.
@@ -21,10 +21,14 @@ def knob(default, help: str):
 class TrainConfig:
     """Hyperparameters of one training stage (pretraining or SFT)."""
 
-    batch_size: int = knob(16, "sequences per micro-batch, per process")
+    batch_size: int = knob(16, "largest micro-batch per process, in sequences (a memory knob: gradients accumulate "
+                               "over micro-batches up to the global batch)")
     seq_len: int = knob(256, "tokens per sequence")
-    grad_accum: int = knob(1, "micro-batches per optimizer step")
-    max_steps: int = knob(1000, "optimizer steps")
+    total_batch_tokens: int = knob(4096, "global batch: tokens per optimizer step over all processes, the same on 1 or "
+                                         "8 GPUs (accumulation = this / (batch-size x seq-len x processes))")
+    max_steps: int = knob(1000, "horizon in optimizer steps (one of --max-steps, --max-tokens, --tokens-per-param)")
+    max_tokens: int = knob(0, "horizon in training tokens (steps = this / total-batch-tokens, rounded up)")
+    tokens_per_param: float = knob(0.0, "horizon as tokens per model parameter (20 is Chinchilla's compute-optimal ratio)")
     optimizer: str = knob("adamw", "adamw, or muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)")
     lr: float = knob(3e-3, "AdamW peak learning rate")
     muon_lr: float = knob(0.02, "Muon peak learning rate (hidden matrices)")
@@ -38,6 +42,10 @@ class TrainConfig:
     ckpt_every: int = knob(200, "steps between checkpoints (0: only at the end)")
     dtype: str = knob("float32", "float32, or bfloat16 (autocast; fast on GPUs, slow on CPUs without bf16 units)")
     compile: bool = knob(False, "torch.compile the model")
+    fsdp: bool = knob(False, "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) "
+                             "instead of replicating them (DDP): for models whose training state does not fit one device")
+    activation_checkpointing: bool = knob(False, "recompute each layer's activations in the backward pass instead of "
+                                                 "keeping them: less memory, about a third more compute")
     seed: int = knob(0, "seed of the initial weights and the data order")
 
 
@@ -90,41 +98,48 @@ PRESETS: dict[str, Preset] = {
         world_mb=2,
         world_scale=0.25,
         # Muon: more facts learnt than AdamW in the same wall time (BENCHMARKS.md).
-        pretrain=TrainConfig(batch_size=8, seq_len=256, max_steps=400, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
+        pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=400, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
         # SFT: 300 steps over the world's chats, word problems and one replayed shard of its documents.
         # SFT: one pass over the world's mixture (conversations, word problems with and without the
         # calculator, answers from search, replayed documents), ~780k tokens.
-        sft=TrainConfig(batch_size=8, seq_len=256, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
+        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
         # RL: 32 problems x 8 samples a step (a quarter of them questions about facts), ~6 minutes in all
         # on 2 cores; fewer problems a step made the noisy early steps undo the SFT model (BENCHMARKS.md).
         # Replies with a calculator call per step need up to ~120 tokens.
         rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
                     eval_problems=100, eval_k=8),
     ),
-    # ~100M parameters, one GPU in bf16.
-    "gpu-small": Preset(
+    # 135M parameters (85M without embeddings; nanochat's d12 shape), 2.7B tokens (20 per parameter),
+    # 0.5M tokens a step on any number of GPUs; `picochat plan --preset gpu-135m` for time and memory.
+    "gpu-135m": Preset(
         model=dict(n_layer=12, d_model=768, n_head=6, n_kv_head=6, max_seq_len=2048, tie_embeddings=False),
         vocab_size=32768,
         world_mb=200,
-        pretrain=TrainConfig(batch_size=32, seq_len=2048, grad_accum=8, max_steps=5000, optimizer="muon", lr=3e-3, warmup_steps=100, weight_decay=0.0, eval_every=250, ckpt_every=500, dtype="bfloat16", compile=True),
-        sft=TrainConfig(batch_size=16, seq_len=2048, max_steps=1000, lr=3e-4, warmup_steps=20, eval_every=0, ckpt_every=250, dtype="bfloat16", compile=True),
+        pretrain=TrainConfig(batch_size=32, seq_len=2048, total_batch_tokens=524288, max_steps=0, tokens_per_param=20, optimizer="muon", lr=3e-3, warmup_steps=100, weight_decay=0.0, eval_every=250, ckpt_every=500, dtype="bfloat16", compile=True),
+        sft=TrainConfig(batch_size=16, seq_len=2048, total_batch_tokens=32768, max_steps=1000, lr=3e-4, warmup_steps=20, eval_every=0, ckpt_every=250, dtype="bfloat16", compile=True),
         rl=RLConfig(steps=300, problems_per_step=32, group_size=16, max_new_tokens=256, lr=1e-5, dtype="bfloat16"),
     ),
-    # ~0.5B parameters (nanochat's d20 shape), 8 GPUs or patience.
-    "gpu-d20": Preset(
+    # 564M parameters (397M without embeddings; nanochat's d20 shape), 11.3B tokens (20 per parameter);
+    # micro-batch 16, which the plan estimates to fit an 80 GB GPU (32 would not).
+    "gpu-564m": Preset(
         model=dict(n_layer=20, d_model=1280, n_head=10, n_kv_head=10, max_seq_len=2048, tie_embeddings=False),
         vocab_size=65536,
         world_mb=200,
-        pretrain=TrainConfig(batch_size=32, seq_len=2048, grad_accum=8, max_steps=21400, optimizer="muon", lr=3e-3, warmup_steps=200, eval_every=500, ckpt_every=1000, dtype="bfloat16", compile=True),
-        sft=TrainConfig(batch_size=16, seq_len=2048, max_steps=2000, lr=2e-4, warmup_steps=50, eval_every=0, ckpt_every=500, dtype="bfloat16", compile=True),
+        pretrain=TrainConfig(batch_size=16, seq_len=2048, total_batch_tokens=524288, max_steps=0, tokens_per_param=20, optimizer="muon", lr=3e-3, warmup_steps=200, eval_every=500, ckpt_every=1000, dtype="bfloat16", compile=True),
+        sft=TrainConfig(batch_size=16, seq_len=2048, total_batch_tokens=32768, max_steps=2000, lr=2e-4, warmup_steps=50, eval_every=0, ckpt_every=500, dtype="bfloat16", compile=True),
         rl=RLConfig(steps=500, problems_per_step=32, group_size=16, max_new_tokens=512, lr=5e-6, micro_batch=32, dtype="bfloat16"),
     ),
 }
 
 
+# The names the presets had before they were named by size; runs and scripts may still use them.
+ALIASES = {"gpu-small": "gpu-135m", "gpu-d20": "gpu-564m"}
+
+
 def get_preset(name: str) -> Preset:
+    name = ALIASES.get(name, name)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} (or the old names {', '.join(ALIASES)})")
     return PRESETS[name]
 
 
@@ -142,19 +157,26 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
                                help=f.metadata.get("help"))
 
 
+HORIZON = ("max_steps", "max_tokens", "tokens_per_param")  # a TrainConfig sets exactly one
+
+
 def apply_overrides(config, args: argparse.Namespace, prefix: str = ""):
-    """A copy of `config` with every field given on the command line replaced."""
+    """A copy of `config` with every field given on the command line replaced. A horizon given on the
+    command line (--max-steps, --max-tokens, --tokens-per-param) replaces the preset's, whichever it was."""
     changes = {}
     for f in dataclasses.fields(config):
         value = getattr(args, prefix.replace("-", "_") + f.name, None)
         if value is not None:
             changes[f.name] = value
+    if isinstance(config, TrainConfig) and any(name in changes for name in HORIZON):
+        changes = {**{name: type(getattr(config, name))(0) for name in HORIZON}, **changes}
     return dataclasses.replace(config, **changes)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The flags every training stage takes: --run, --preset, --resume, --device."""
     parser.add_argument("--run", required=True, help="run folder (holds tokenizer/, shards/, and the stages' outputs)")
-    parser.add_argument("--preset", default="cpu", help="named preset: cpu, gpu-small, gpu-d20 (default cpu)")
+    parser.add_argument("--preset", default="cpu", help="named preset: cpu, gpu-135m, gpu-564m (default cpu); "
+                                                        "`picochat plan --preset NAME` shows what it costs")
     parser.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: cuda when available)")

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets equal to this are not trained (the SFT/RL loss-mask convention)
+# Float32 logits computed at once by the loss: 2**25 (128 MiB) is 16k positions at a 2k vocabulary
+# (the cpu preset's whole micro-batch: one chunk, the plain loss) and 512 at 64k.
+LOSS_CHUNK_ELEMENTS = 2**25
 
 
 class ModelConfigError(ValueError):
@@ -266,6 +270,35 @@ class KVCache:
         return self.length + num_new - 1 - self.min_pad
 
 
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, reduction: str = "sum",
+                       chunk_rows: int | None = None) -> torch.Tensor:
+    """Cross-entropy of `head(hidden)` (float32 logits) against `targets`, never holding the logits of
+    more than `chunk_rows` positions (default LOSS_CHUNK_ELEMENTS // vocab).
+
+    hidden (..., d), targets (...). reduction "sum" (over positions whose target is not IGNORE_INDEX)
+    or "none" (a loss per position, 0 where ignored, shaped like targets). With more positions than a
+    chunk, each chunk's logits are recomputed in the backward pass (activation checkpointing) instead
+    of being kept: the memory of a full-vocabulary logits tensor (17 GB in float32 for 32 x 2,048
+    positions at 65,536) becomes one chunk's, for one more head matmul forward. The result is the plain
+    loss's, summed in another order.
+    """
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+    if len(flat_targets) <= rows:
+        losses = piece(flat_hidden, flat_targets)
+    else:
+        grad = torch.is_grad_enabled()
+        parts = [checkpoint(piece, flat_hidden[i : i + rows], flat_targets[i : i + rows], use_reentrant=False) if grad
+                 else piece(flat_hidden[i : i + rows], flat_targets[i : i + rows])
+                 for i in range(0, len(flat_targets), rows)]
+        losses = torch.cat(parts) if reduction == "none" else torch.stack(parts).sum()
+    return losses.view(targets.shape) if reduction == "none" else losses
+
+
 class Transformer(nn.Module):
     """The language model: token ids in, next-token logits (or the training loss) out."""
 
@@ -279,6 +312,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Recompute each layer's activations in the backward pass instead of keeping them (training only):
+        # activation memory becomes one layer's plus the layer inputs, for about a third more compute.
+        self.checkpoint_layers = False
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -326,9 +362,12 @@ class Transformer(nn.Module):
         return 6 * matmul_params + attention
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, positions: torch.Tensor | None = None, logits_to_keep: int = 0):
+                kv_cache: KVCache | None = None, positions: torch.Tensor | None = None, logits_to_keep: int = 0,
+                reduction: str = "mean"):
         """input_ids (B, T). Returns float32 logits (B, T, V), or, with targets (B, T), the mean
-        cross-entropy over positions whose target is not IGNORE_INDEX (0 if there are none).
+        cross-entropy over positions whose target is not IGNORE_INDEX (0 if there are none), or with
+        reduction="none" the loss of every position (B, T), 0 where ignored; the loss is computed in
+        chunks of positions (`head_cross_entropy`), never from all logits at once.
         logits_to_keep > 0 computes logits for the last that many positions only (B, logits_to_keep, V):
         a prefill needs just the last one, and the output head is the largest matmul.
 
@@ -362,17 +401,19 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
         mask = kv_cache.attention_mask(seq) if kv_cache is not None else None
+        recompute = self.checkpoint_layers and kv_cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.model.layers):
             writer = kv_cache.layer_writer(index, start) if kv_cache is not None else None
-            x = layer(x, cos, sin, mask, writer)
+            x = checkpoint(layer, x, cos, sin, mask, writer, use_reentrant=False) if recompute else layer(x, cos, sin, mask, writer)
         if kv_cache is not None:
             kv_cache.length = start + seq
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x)).float()
         if targets is None:
-            return logits
-        losses = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        counted = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        return losses / counted
+            return self.lm_head(self.model.norm(x)).float()
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be mean or none, not {reduction!r}")
+        losses = head_cross_entropy(self.model.norm(x), self.lm_head, targets, "none" if reduction == "none" else "sum")
+        if reduction == "none":
+            return losses
+        return losses / (targets != IGNORE_INDEX).sum().clamp(min=1)

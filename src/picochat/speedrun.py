@@ -1,7 +1,7 @@
 """`picochat speedrun`: every stage end to end, then a report card.
 
     picochat speedrun --preset cpu --run runs/demo
-    torchrun --standalone --nproc_per_node=8 -m picochat -- speedrun --preset gpu-small --run runs/gpu \
+    torchrun --standalone --nproc_per_node=8 -m picochat -- speedrun --preset gpu-135m --run runs/gpu \
         --docs data/fineweb --chat chats.jsonl
 
 world -> index -> tokenizer -> shards -> pretrain -> eval -> SFT -> eval -> RL -> eval -> report (the
@@ -270,7 +270,7 @@ def _follow(run: Path, plan: list, run_id: str) -> None:
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default="runs/demo", help="run folder (default runs/demo)")
-    parser.add_argument("--preset", default="cpu", help="cpu, gpu-small or gpu-d20 (default cpu)")
+    parser.add_argument("--preset", default="cpu", help="cpu, gpu-135m or gpu-564m (default cpu); `picochat plan` shows their cost")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     parser.add_argument("--docs", type=Path, default=None, metavar="PATH",
                         help="pretraining documents beside the synthetic world's: a folder of FineWeb-edu parquet shards "

@@ -2,11 +2,13 @@
 `ConversationLoader` (SFT, rendered conversations), on one epoch / rank / resume core.
 
 Both yield `(inputs, targets)` int64 tensors of shape (batch_size, seq_len) forever. Each epoch lays
-the data out as rows in an order drawn from (seed, epoch) and takes global batches of
-world_size * batch_size rows, skipping the rows left after the last full global batch. Rank r gets
-rows [r * batch_size, (r + 1) * batch_size) of each global batch: every rank must be given the same
-data, and N ranks with batch B together read what one rank with batch N * B reads, disjointly.
-`state_dict()` is the same on every rank and resumes a loader exactly.
+the data out as rows in an order drawn from (seed, epoch) and takes global batches (one optimizer
+step) of grad_accum * world_size * batch_size rows, skipping the rows left after the last full global
+batch. Micro-batch m of rank r gets rows [(m * world_size + r) * batch_size, ... + batch_size) of each
+global batch: every rank must be given the same data, and any layout with the same global batch
+(1 rank accumulating 8 micro-batches, 8 ranks with one each) reads the same rows at each step,
+disjointly across ranks. `state_dict()` is the same on every rank, does not depend on the layout,
+and resumes a loader exactly.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from picochat.data.shards import MANIFEST, ShardError, read_manifest, split_summ
 from picochat.model import IGNORE_INDEX
 
 
-def check_layout(batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
-    if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need batch_size, seq_len >= 1 and 0 <= rank < world_size, got "
-                         f"{batch_size}, {seq_len}, rank {rank} of {world_size}")
+def check_layout(batch_size: int, seq_len: int, rank: int, world_size: int, grad_accum: int = 1) -> None:
+    if batch_size < 1 or seq_len < 1 or world_size < 1 or grad_accum < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_size, seq_len, grad_accum >= 1 and 0 <= rank < world_size, got "
+                         f"{batch_size}, {seq_len}, {grad_accum}, rank {rank} of {world_size}")
 
 
 class EpochLoader:
@@ -37,11 +39,12 @@ class EpochLoader:
     error: type[Exception] = ValueError
     what = "data loader"
 
-    def __init__(self, batch_size: int, seq_len: int, rank: int, world_size: int, seed: int):
-        check_layout(batch_size, seq_len, rank, world_size)
+    def __init__(self, batch_size: int, seq_len: int, rank: int, world_size: int, seed: int, grad_accum: int = 1):
+        check_layout(batch_size, seq_len, rank, world_size, grad_accum)
         self.batch_size, self.seq_len, self.rank, self.world_size, self.seed = batch_size, seq_len, rank, world_size, seed
-        self.global_batch_size = batch_size * world_size
-        self.epoch = self.step = 0
+        self.grad_accum = grad_accum
+        self.global_batch_size = batch_size * world_size * grad_accum  # rows per optimizer step
+        self.epoch = self.step = self.micro = 0
 
     def _epoch_rows(self, epoch: int) -> Sequence:
         raise NotImplementedError
@@ -59,21 +62,24 @@ class EpochLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.step * self.global_batch_size + self.rank * self.batch_size
+        first = self.step * self.global_batch_size + (self.micro * self.world_size + self.rank) * self.batch_size
         batch = self._batch(self._epoch_rows(self.epoch)[first : first + self.batch_size])
-        self.step += 1
-        if self.step == self.steps_in_epoch(self.epoch):
-            self.epoch, self.step = self.epoch + 1, 0
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.step, self.micro = self.step + 1, 0
+            if self.step == self.steps_in_epoch(self.epoch):
+                self.epoch, self.step = self.epoch + 1, 0
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "seq_len": self.seq_len,
+        return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed, "seq_len": self.seq_len,
                 "global_batch_size": self.global_batch_size, **self._identity()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue where `state` left off; the data, seed, seq_len and global batch must match it."""
+        """Continue where `state` left off; the data, seed, seq_len and global batch must match it (the
+        number of processes need not: a run may resume on another number of GPUs)."""
         mine = self.state_dict()
-        differs = [k for k in mine if k not in ("epoch", "step") and state.get(k) != mine[k]]
+        differs = [k for k in mine if k not in ("epoch", "step", "micro") and state.get(k) != mine[k]]
         if differs:
             raise self.error(f"cannot resume the {self.what}: " + ", ".join(
                 f"{k} was {state.get(k)}, is {mine[k]}" for k in differs))
@@ -81,7 +87,10 @@ class EpochLoader:
         if epoch < 0 or not 0 <= step < self.steps_in_epoch(epoch):
             raise self.error(f"cannot resume the {self.what}: step {step} of epoch {epoch} is outside that epoch "
                              f"of {self.steps_in_epoch(epoch)} steps")
-        self.epoch, self.step = epoch, step
+        micro = int(state.get("micro", 0))  # checkpoints before gradient accumulation in the loader have none
+        if not 0 <= micro < self.grad_accum:
+            raise self.error(f"cannot resume the {self.what}: micro-batch {micro} of {self.grad_accum}")
+        self.epoch, self.step, self.micro = epoch, step, micro
 
 
 # --- pretraining: token shards ---------------------------------------------------------------------
@@ -129,14 +138,15 @@ def _batch_tensors(stream: _TokenStream, sequence_ids, seq_len: int) -> tuple[to
     return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
 
-def _sequence_count(stream: _TokenStream, split: str, batch_size: int, seq_len: int, world_size: int, shards_dir) -> int:
+def _sequence_count(stream: _TokenStream, split: str, batch_size: int, seq_len: int, world_size: int, shards_dir,
+                    grad_accum: int = 1) -> int:
     """The number of sequences in the stream; errors when not even one global batch fits."""
     n_sequences = (stream.n_tokens - 1) // seq_len
-    if n_sequences < batch_size * world_size:
+    rows = batch_size * world_size * grad_accum
+    if n_sequences < rows:
         raise ShardError(
             f"{shards_dir}: the {split} split has {stream.n_tokens} tokens, too few for one batch of "
-            f"{world_size} x {batch_size} sequences of {seq_len}+1 tokens "
-            f"({batch_size * world_size * seq_len + 1} needed); use more data or a smaller batch"
+            f"{rows} sequences of {seq_len}+1 tokens ({rows * seq_len + 1} needed); use more data or a smaller batch"
         )
     return n_sequences
 
@@ -149,17 +159,18 @@ class ShardLoader(EpochLoader):
     last T (the next token at each position). Each epoch visits the sequences in a fresh random order
     (a permutation seeded by (seed, epoch)), taking global batches of world_size * batch_size
     sequences; the sequences left over after the last full global batch are skipped that epoch.
-    Rank r gets rows [r * batch_size, (r + 1) * batch_size) of each global batch, so N ranks with
-    batch B together read exactly what one rank with batch N * B reads, in rank order, disjointly.
+    Micro-batch m of rank r gets rows [(m * world_size + r) * batch_size, ... + batch_size) of each
+    global batch (see the module docstring).
     """
 
     error = ShardError
 
     def __init__(self, shards_dir, split: str = "train", *, batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, expect_fingerprint: str | None = None):
-        super().__init__(batch_size, seq_len, rank, world_size, seed)
+                 rank: int = 0, world_size: int = 1, seed: int = 0, expect_fingerprint: str | None = None,
+                 grad_accum: int = 1):
+        super().__init__(batch_size, seq_len, rank, world_size, seed, grad_accum)
         self.stream = _TokenStream(shards_dir, split, expect_fingerprint)
-        self.n_sequences = _sequence_count(self.stream, split, batch_size, seq_len, world_size, shards_dir)
+        self.n_sequences = _sequence_count(self.stream, split, batch_size, seq_len, world_size, shards_dir, grad_accum)
         self._order_epoch, self._order = None, None
 
     def _epoch_rows(self, epoch: int) -> np.ndarray:
@@ -241,8 +252,8 @@ class ConversationLoader(EpochLoader):
 
     def __init__(self, conversations: Sequence, tokenizer, batch_size: int = 8, seq_len: int = 512, *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, pack: bool = True,
-                 too_long: str = "truncate", show_progress: bool = False):
-        super().__init__(batch_size, seq_len, rank, world_size, seed)
+                 too_long: str = "truncate", show_progress: bool = False, grad_accum: int = 1):
+        super().__init__(batch_size, seq_len, rank, world_size, seed, grad_accum)
         if too_long not in ("truncate", "drop"):
             raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
         self.pack, self.pad_id = pack, tokenizer.pad_id
@@ -254,7 +265,7 @@ class ConversationLoader(EpochLoader):
         self.stats["rows_first_epoch"] = len(self._epoch_rows(0))
         if self.stats["rows_first_epoch"] < self.global_batch_size:
             raise ValueError(f"{self.stats['rows_first_epoch']} rows of {seq_len}+1 tokens are too few for one batch of "
-                             f"{world_size} x {batch_size} rows; use more conversations or a smaller batch")
+                             f"{self.global_batch_size} rows; use more conversations or a smaller batch")
 
     def _epoch_rows(self, epoch: int) -> list[list[int]]:
         """The epoch's rows (lists of conversation indices), cached for the current epoch."""

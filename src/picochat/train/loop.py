@@ -26,6 +26,7 @@ from picochat.checkpoint import latest_checkpoint, load_training_state, save_mod
 from picochat.config import TrainConfig
 from picochat.io import atomic_write_json, atomic_write_text
 from picochat.model import IGNORE_INDEX, Transformer
+from picochat.train.budget import Budget, batch_budget
 from picochat.train.muon import Muon
 
 
@@ -99,22 +100,26 @@ def build_optimizers(model: Transformer, kind: str, lr: float, muon_lr: float = 
     fused = {"fused": True}  # one kernel per step instead of one per parameter; CPU and CUDA
     if kind == "adamw":
         groups = [{"params": hidden, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-        return [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **fused)]
-    if kind == "muon":
+        optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **fused)]
+    elif kind == "muon":
         muon = Muon(hidden, lr=muon_lr, weight_decay=weight_decay, momentum=0.95)
-        adamw = torch.optim.AdamW(other, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)
-        return [muon, adamw]
-    raise ValueError(f"optimizer must be adamw or muon, not {kind!r}")
+        optimizers = [muon, torch.optim.AdamW(other, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)]
+    else:
+        raise ValueError(f"optimizer must be adamw or muon, not {kind!r}")
+    set_lr(optimizers, 1.0)  # records each group's initial_lr, so a saved state has the keys a fresh one has
+    return optimizers
 
 
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, constant, then linear decay to final_lr_frac over the last decay_frac of the steps."""
+def lr_multiplier(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
+    """Linear warmup, constant, then linear decay to final_lr_frac over the last decay_frac of the
+    `steps` (default cfg.max_steps)."""
+    steps = steps or cfg.max_steps
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    decay_start = cfg.max_steps * (1 - cfg.decay_frac)
+    decay_start = steps * (1 - cfg.decay_frac)
     if step < decay_start:
         return 1.0
-    progress = (step - decay_start) / max(1.0, cfg.max_steps - decay_start)
+    progress = (step - decay_start) / max(1.0, steps - decay_start)
     return 1.0 - progress * (1.0 - cfg.final_lr_frac)
 
 
@@ -184,8 +189,7 @@ def evaluate_loss(model: Transformer, batches: Iterator, rt: Runtime, dtype: str
     for x, y in batches:
         x, y = x.to(rt.device), y.to(rt.device)
         with autocast(rt, dtype):
-            logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+            loss = model(x, targets=y, reduction="none").flatten()  # in chunks: never every position's logits
         valid = y.flatten() != IGNORE_INDEX
         nats += loss[valid].sum().item()
         tokens += valid.sum().item()
@@ -207,7 +211,7 @@ def evaluate_loss(model: Transformer, batches: Iterator, rt: Runtime, dtype: str
 def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime, steps: int,
               step_fn: Callable[[int], dict], *, resume: bool, ckpt_every: int, desc: str, info: dict | None = None,
               stateful: dict | None = None, meta: dict | None = None, summary: dict | None = None,
-              postfix: Sequence[str] = ()) -> dict:
+              postfix: Sequence[str] = (), sharded: bool = False) -> dict:
     """Run `step_fn(step)` for steps 0 .. steps-1 as a stage writing `stage_dir`; returns the summary.
 
     `step_fn` does one optimizer step and returns its metrics record. The loop refuses a finished
@@ -215,7 +219,8 @@ def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime
     `stateful` object (state_dict / load_state_dict, e.g. a data loader) from the latest checkpoint;
     logs each record with its step and elapsed time to `metrics.jsonl`; checkpoints every
     `ckpt_every` steps and at the end (with `meta` in its meta.json); and writes the model and
-    `done.json` (the last record, the seconds and `summary`). Under DDP only rank 0 writes.
+    `done.json` (the last record, the seconds and `summary`). Under DDP only rank 0 writes; a model
+    sharded with FSDP2 (`sharded`) is gathered by every rank first, and every rank resumes from the files.
     """
     stage_dir = Path(stage_dir)
     done = stage_dir / "done.json"
@@ -225,9 +230,11 @@ def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime
     if ckpt and not resume:
         raise TrainingError(f"{stage_dir} has a checkpoint ({ckpt.name}); pass --resume to continue it, or remove the folder")
     stateful = stateful or {}
+    if sharded:
+        from picochat.train.sharding import full_states as gather  # FSDP2 (torch >= 2.6) only when asked
     step = 0
     if ckpt:
-        saved = load_training_state(ckpt, model, optimizers)
+        saved = load_training_state(ckpt, model, optimizers, sharded=sharded)
         for name, obj in stateful.items():
             obj.load_state_dict(saved[name])
         step = saved["step"]
@@ -249,16 +256,18 @@ def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime
         bar.set_postfix({k: record[k] for k in postfix if k in record}, refresh=False)
         bar.update(1)
         if (ckpt_every and step % ckpt_every == 0) or step == steps:
+            full = gather(model, optimizers) if sharded else None
             if rt.is_main:
                 state = {name: obj.state_dict() for name, obj in stateful.items()}
-                save_training_state(stage_dir, step, model, optimizers, {**state, **(meta or {})})
+                save_training_state(stage_dir, step, model, optimizers, {**state, **(meta or {})}, full=full)
             if rt.distributed:
                 dist.barrier()
     bar.close()
 
     result = {**last, "seconds": round(time.perf_counter() - t_start, 2), **(summary or {})}
+    weights = gather(model, [])[0] if sharded else None
     if rt.is_main:
-        save_model(stage_dir, model, info)
+        save_model(stage_dir, model, info, weights)
         atomic_write_json(done, result)
     if rt.distributed:
         dist.barrier()
@@ -276,35 +285,53 @@ def train(
     evaluate: Callable[[Transformer], dict] | None = None,
     info: dict | None = None,
     desc: str = "train",
+    budget: Budget | None = None,
 ) -> dict:
-    """Run `cfg.max_steps` optimizer steps of next-token training and save the stage's model.
+    """Run the budget's optimizer steps of next-token training and save the stage's model.
 
-    `loader` yields (inputs, targets) and has state_dict()/load_state_dict() so a resumed run sees
-    exactly the batches an uninterrupted one would. `evaluate(model)` returns metrics to log every
-    `eval_every` steps and at the end. Returns the final metrics.
+    `budget` (default: `batch_budget(cfg, ...)` for this world size) gives the micro-batch, the
+    accumulation and the steps; `loader` yields this rank's micro-batches of that layout and has
+    state_dict()/load_state_dict() so a resumed run sees exactly the batches an uninterrupted one
+    would. `evaluate(model)` returns metrics to log every `eval_every` steps and at the end. Returns
+    the final metrics.
     """
+    budget = budget or batch_budget(cfg, rt.world_size, model.num_params())
+    if (loader.batch_size, loader.grad_accum) != (budget.micro_batch, budget.grad_accum):
+        raise TrainingError(f"{desc}: the loader's micro-batch {loader.batch_size} x {loader.grad_accum} "
+                            f"does not match the budget's {budget.micro_batch} x {budget.grad_accum}")
+    steps, accum = budget.steps, budget.grad_accum
     model.to(rt.device).train()
+    model.checkpoint_layers = cfg.activation_checkpointing
+    sharded = cfg.fsdp and rt.distributed
+    if sharded:
+        from picochat.train.sharding import local_value, shard  # FSDP2 (torch >= 2.6) only when asked
+
+        shard(model)  # before the optimizers, which then hold the shards
     optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.muon_lr, cfg.weight_decay)
     train_model = torch.compile(model) if cfg.compile else model
-    if rt.distributed:
+    if rt.distributed and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     peak = measured_peak_flops(rt.device)
     flops_per_token = model.flops_per_token(cfg.seq_len)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
+    tokens_per_step = budget.tokens_per_step
 
     def step_fn(step: int) -> dict:
         t0 = time.perf_counter()
-        set_lr(optimizers, lr_multiplier(step, cfg))
+        set_lr(optimizers, lr_multiplier(step, cfg, steps))
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
+        for micro in range(accum):
             x, y = next(loader)
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            sync = not rt.distributed or micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else train_model.no_sync(), autocast(rt, cfg.dtype):
-                loss = train_model(x, targets=y) / cfg.grad_accum
+            sync = not rt.distributed or micro == accum - 1
+            if sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or sharded else train_model.no_sync(), autocast(rt, cfg.dtype):
+                loss = train_model(x, targets=y) / accum
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        if sharded:
+            grad_norm = local_value(grad_norm)
         for opt in optimizers:
             opt.step()
         for opt in optimizers:
@@ -315,16 +342,16 @@ def train(
         if not math.isfinite(loss_value):
             raise TrainingError(f"{desc}: loss became {loss_value} at step {step + 1}; lower the learning rate")
         dt = time.perf_counter() - t0
-        record = {"loss": round(loss_value, 5), "lr_mult": round(lr_multiplier(step, cfg), 5),
+        record = {"loss": round(loss_value, 5), "lr_mult": round(lr_multiplier(step, cfg, steps), 5),
                   "grad_norm": round(float(grad_norm), 4), "tokens": (step + 1) * tokens_per_step,
                   "tok_per_s": round(tokens_per_step / dt)}
         if peak:
             record["mfu"] = round(flops_per_token * tokens_per_step / dt / (peak * rt.world_size), 4)
-        if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
+        if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
             record.update(evaluate(model))
         return record
 
-    return run_steps(stage_dir, model, optimizers, rt, cfg.max_steps, step_fn, resume=resume, ckpt_every=cfg.ckpt_every,
-                     desc=desc, info=info, stateful={"loader": loader}, meta={"train_config": asdict(cfg)},
-                     summary={"params": model.num_params(), "flops": flops_per_token * cfg.max_steps * tokens_per_step},
-                     postfix=("loss", "tok_per_s", "mfu", "val_bpb"))
+    return run_steps(stage_dir, model, optimizers, rt, steps, step_fn, resume=resume, ckpt_every=cfg.ckpt_every,
+                     desc=desc, info=info, stateful={"loader": loader}, meta={"train_config": asdict(cfg), "budget": asdict(budget)},
+                     summary={"params": model.num_params(), "tokens": budget.tokens, "flops": flops_per_token * budget.tokens},
+                     postfix=("loss", "tok_per_s", "mfu", "val_bpb"), sharded=sharded)

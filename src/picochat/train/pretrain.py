@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on token shards turns a random Transformer into a base model.
 
     picochat pretrain --run runs/demo --preset cpu            # reads runs/demo/{tokenizer,shards}
-    torchrun --standalone --nproc_per_node=8 -m picochat -- pretrain --run runs/big --preset gpu-small   # "--": see README
+    torchrun --standalone --nproc_per_node=8 -m picochat -- pretrain --run runs/big --preset gpu-135m   # "--": see README
 
 Writes `runs/<name>/base/` (see picochat.checkpoint for the layout).
 """
@@ -20,6 +20,7 @@ from picochat.data.shards import read_manifest
 from picochat.model import ModelConfig, Transformer
 from picochat.run import Run
 from picochat.tokenizer import Tokenizer, token_byte_lengths
+from picochat.train.budget import batch_budget
 from picochat.train.loop import evaluate_loss, setup_runtime, teardown_runtime, train
 
 MODEL_FLAGS = ("n_layer", "d_model", "n_head", "n_kv_head")
@@ -47,17 +48,20 @@ def run_pretrain(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = N
         torch.manual_seed(cfg.seed)
         model = Transformer(config)
         model.init_weights(cfg.seed)
+        budget = batch_budget(cfg, rt.world_size, model.num_params())
         if rt.is_main:
             print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {config.n_layer} layers x {config.d_model}, "
-                  f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size:,} tokens per step, {cfg.max_steps} steps, device {rt.device}")
-        loader = ShardLoader(shards_dir, split="train", batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=rt.rank, world_size=rt.world_size, seed=cfg.seed)
+                  f"{budget.tokens_per_step:,} tokens per step ({rt.world_size} x {budget.micro_batch} x {cfg.seq_len} x "
+                  f"{budget.grad_accum} accumulated), {budget.steps} steps, {budget.tokens:,} tokens, device {rt.device}")
+        loader = ShardLoader(shards_dir, split="train", batch_size=budget.micro_batch, seq_len=cfg.seq_len, rank=rt.rank,
+                             world_size=rt.world_size, seed=cfg.seed, grad_accum=budget.grad_accum)
         token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float32)
 
         def evaluate(m: Transformer) -> dict:
             batches = iter_val_batches(shards_dir, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches, rank=rt.rank, world_size=rt.world_size)
             return evaluate_loss(m, batches, rt, cfg.dtype, token_bytes)
 
-        return train(model, loader, cfg, run.stage("base"), rt, resume=resume, evaluate=evaluate,
+        return train(model, loader, cfg, run.stage("base"), rt, resume=resume, evaluate=evaluate, budget=budget,
                      info={"stage": "base", "preset": preset, "tokenizer": tok.fingerprint}, desc="pretrain")
     finally:
         teardown_runtime(rt)

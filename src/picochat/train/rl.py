@@ -22,7 +22,7 @@ seed and the CPU's rounding; practising those questions too holds that behaviour
 (BENCHMARKS.md, "RL over seeds").
 
     picochat rl --run runs/demo                        # <run>/sft -> <run>/rl, problems from the world
-    picochat rl --run runs/x --problems gsm8k/train.jsonl --heldout gsm8k/test.jsonl --preset gpu-small
+    picochat rl --run runs/x --problems gsm8k/train.jsonl --heldout gsm8k/test.jsonl --preset gpu-135m
 
 Writes `<run>/rl/` with the layout of every stage (see picochat.checkpoint); `--resume` continues
 a killed run to the same weights (sampling is seeded per step, problem order per epoch).

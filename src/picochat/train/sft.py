@@ -25,6 +25,7 @@ from picochat.data.conversations import load_mixture
 from picochat.data.loader import ConversationLoader
 from picochat.run import Run
 from picochat.tokenizer import Tokenizer
+from picochat.train.budget import batch_budget
 from picochat.train.loop import setup_runtime, teardown_runtime, train
 
 
@@ -39,12 +40,14 @@ def run_sft(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = None, 
         model, meta = load_model(Path(init) if init else run.stage("base"))
         if cfg.seq_len > model.config.max_seq_len:
             raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context of {model.config.max_seq_len}")
+        budget = batch_budget(cfg, rt.world_size, model.num_params())
         conversations = load_mixture(data, cfg.seed)
-        loader = ConversationLoader(conversations, tok, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=rt.rank,
-                                    world_size=rt.world_size, seed=cfg.seed, show_progress=rt.is_main)
+        loader = ConversationLoader(conversations, tok, batch_size=budget.micro_batch, seq_len=cfg.seq_len, rank=rt.rank,
+                                    world_size=rt.world_size, seed=cfg.seed, show_progress=rt.is_main, grad_accum=budget.grad_accum)
         if rt.is_main:
-            print(f"sft: {len(conversations):,} conversations from {', '.join(data)}; {loader.steps_in_epoch(0)} steps per epoch, {cfg.max_steps} steps")
-        summary = train(model, loader, cfg, run.stage("sft"), rt, resume=resume,
+            print(f"sft: {len(conversations):,} conversations from {', '.join(data)}; {loader.steps_in_epoch(0)} steps per epoch, "
+                  f"{budget.steps} steps of {budget.tokens_per_step:,} tokens")
+        summary = train(model, loader, cfg, run.stage("sft"), rt, resume=resume, budget=budget,
                         info={"stage": "sft", "preset": preset, "tokenizer": tok.fingerprint, "data": data}, desc="sft")
         summary["conversations"] = loader.stats
         return summary
