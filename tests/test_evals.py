@@ -325,3 +325,23 @@ def test_eval_command_writes_each_suite_beside_the_stage(exported, tmp_path, cap
     with pytest.raises(SystemExit) as refused:
         cli_main(["eval", "--hf", str(exported[1])])
     assert refused.value.code == 2 and "--suite" in capsys.readouterr().err
+
+
+# --- the report card ---------------------------------------------------------------------------------
+
+
+def test_speedrun_measure_and_the_report_section(exported, tmp_path):
+    """The speedrun's benchmark stage writes held-out bpb and the base model's suite; the report's
+    section shows each task's accuracy with chance beside it."""
+    from picochat.evals.card import benchmark_lines, measure
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": SAMPLE_TEXT[i : i + 200]} for i in range(0, 1000, 200)])
+    measure(exported[0], docs, val_docs=2, tasks_dir=small_tasks(tmp_path / "tasks"))
+    bpb = json.loads((exported[0] / "base" / "eval-bpb.json").read_text())
+    assert bpb["documents"] == 2 and bpb["bytes"] == len(SAMPLE_TEXT[:400].encode())
+    lines, figures = benchmark_lines(exported[0])
+    text = "\n".join(lines)
+    assert "## Real benchmarks" in text and f"| base | {bpb['bpb']:.3f} | 2 |" in text
+    mc = figures["core"]["base"]["tasks"]["mc"]
+    assert f"| mc | 0.33 | {mc['accuracy']:.3f} ({mc['examples']}) |" in text
+    assert "| **core** (mean centred) | 0 |" in text

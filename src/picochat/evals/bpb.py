@@ -9,6 +9,7 @@ byte = the summed negative log-likelihood in bits / the UTF-8 bytes of the text.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,13 +27,21 @@ def windows(ids: list[int], context: int) -> list[list[int]]:
     return [ids[start : start + context + 1] for start in range(0, max(1, len(ids) - 1), context)]
 
 
-@torch.inference_mode()
 def bits_per_byte(ev: Evaluated, paths: list[Path], max_bytes: int | None = None, progress: bool = True) -> dict:
-    """{"bpb", "bytes", "tokens", "documents"} of the model on the documents in `paths` (the first
-    documents up to `max_bytes` bytes when given)."""
+    """{"bpb", "bytes", "tokens", "documents", "files"} of the model on the documents in `paths` (the
+    first documents up to `max_bytes` bytes when given)."""
+    result = documents_bpb(ev, iter_documents(paths), max_bytes, progress)
+    if not result["bytes"]:
+        raise ValueError(f"{', '.join(map(str, paths))}: no text to measure")
+    return {**result, "files": [str(p) for p in paths]}
+
+
+@torch.inference_mode()
+def documents_bpb(ev: Evaluated, texts: Iterable[str], max_bytes: int | None = None, progress: bool = True) -> dict:
+    """{"bpb", "bytes", "tokens", "documents"} of the model on the texts (bpb None when they are empty)."""
     context = ev.model.config.max_seq_len
     pieces, total_bytes, documents = [], 0, 0
-    for text in iter_documents(paths):
+    for text in texts:
         if max_bytes is not None and total_bytes >= max_bytes:
             break
         ids = ev.bos + ev.encode(text)
@@ -41,8 +50,6 @@ def bits_per_byte(ev: Evaluated, paths: list[Path], max_bytes: int | None = None
         pieces.extend(windows(ids, context))
         total_bytes += len(text.encode("utf-8"))
         documents += 1
-    if not total_bytes:
-        raise ValueError(f"{', '.join(map(str, paths))}: no text to measure")
     device = ev.model.lm_head.weight.device
     nats, tokens = 0.0, 0
     for group in tqdm(batches([len(p) - 1 for p in pieces], 0, ev.model.config.vocab_size),
@@ -57,5 +64,5 @@ def bits_per_byte(ev: Evaluated, paths: list[Path], max_bytes: int | None = None
         nats += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(device),
                                       ignore_index=IGNORE_INDEX, reduction="sum"))
         tokens += int((targets != IGNORE_INDEX).sum())
-    return {"bpb": nats / math.log(2) / total_bytes, "bytes": total_bytes, "tokens": tokens, "documents": documents,
-            "files": [str(p) for p in paths], "model": ev.name}
+    return {"bpb": nats / math.log(2) / total_bytes if total_bytes else None, "bytes": total_bytes, "tokens": tokens,
+            "documents": documents, "model": ev.name}
