@@ -322,6 +322,18 @@ def test_eval_command_writes_each_suite_beside_the_stage(exported, tmp_path, cap
     assert core["limit"] == 3 and core["tasks"]["mc"]["examples"] == 3
     assert json.loads((run / "base" / "eval-bpb.json").read_text())["bytes"] == len(SAMPLE_TEXT[:400].encode())
     assert "CORE-like" in capsys.readouterr().out
+    question = {"query": "Question: Which is a planet?", "choices": ["Moon", "Mars", "Sun", "Comet"], "gold": 1}
+    write_jsonl(folder / "arc_easy.jsonl", [question] * 2)  # not in tasks.json: the chat suite's ARC file
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 4. How many?",
+                                                    "answer": "3 + 4 = 7\n#### 7"}])
+    out = tmp_path / "hf.json"
+    with pytest.raises(SystemExit) as done:
+        cli_main(["eval", "--hf", str(exported[1]), "--suite", "core", "chat", "--tasks-dir", str(folder),
+                  "--gsm8k", str(gsm8k), "--out", str(out)])
+    assert done.value.code == 0
+    results = json.loads(out.read_text())
+    assert results["core"]["tasks"]["mc"]["examples"] == 6 and results["core"]["model"] == str(exported[1])
+    assert results["chat"]["tasks"]["arc_easy"]["examples"] == 2 and results["chat"]["tasks"]["gsm8k"]["examples"] == 1
     with pytest.raises(SystemExit) as refused:
         cli_main(["eval", "--hf", str(exported[1])])
     assert refused.value.code == 2 and "--suite" in capsys.readouterr().err

@@ -45,6 +45,9 @@ def load_hf(folder: Path, device: str = "cpu") -> Evaluated:
     if not tokenizer_path.exists():
         raise HFImportError(f"{tokenizer_path}: missing; the evaluation needs the fast tokenizer file tokenizer.json")
     hf_tok = read_tokenizer_file(tokenizer_path)
+    if hf_tok.get_vocab_size() > config.vocab_size:
+        raise HFImportError(f"{tokenizer_path}: {hf_tok.get_vocab_size()} tokens, more than the model's "
+                            f"{config.vocab_size} embeddings (config.json vocab_size)")
     model = Transformer(config)
     load_hf_weights(model, weight_files(folder))
     model = model.to(device).eval()
