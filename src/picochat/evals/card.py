@@ -78,8 +78,8 @@ def benchmark_lines(run: Path) -> tuple[list[str], dict]:
     if not lines:
         return [], {}
     intro = ["## Real benchmarks", "",
-             "Held-out bits per byte, the CORE-like suite (centred accuracy: 0 is chance, 1 perfect) and the chat "
-             "suite (`picochat eval --suite core|chat --bpb`).", ""]
+             ("Held-out bits per byte, the CORE-like suite (centred accuracy: 0 is chance, 1 perfect) and the chat "
+              "suite (`picochat eval --suite core|chat --bpb`)."), ""]
     return intro + lines, {"core": core, "chat": chat, "bpb": bpb}
 
 
