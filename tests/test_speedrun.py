@@ -182,10 +182,12 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "--",
                           "speedrun", "--preset", "tiny", "--run", str(run), "--device", "cpu", "--docs", str(docs),
                           "--val-docs", "40", "--chat", f"{chats}:2"],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+                         cwd=tmp_path)  # no ../shared/data/eval here: the CORE-like suite is tested in test_evals
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for stage in ("base", "sft", "rl"):
         assert (run / stage / "done.json").exists() and (run / stage / "eval.json").exists(), stage
+        assert json.loads((run / stage / "eval-bpb.json").read_text())["documents"] == 40, stage  # --val-docs, held out
     assert (run / "report.md").exists() and not (run / sr.FAILED).exists()
     evaluation = json.loads((run / "sft" / "eval.json").read_text())
     assert {"pass@1_tools", "known_fact_qa_tools", "unknown_idk_tools", "news_qa", "news_qa_tools"} <= set(evaluation)
@@ -195,7 +197,8 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     report = (run / "report.md").read_text()
     assert "## Tools: the same evaluations without and with them" in report and "*(tools offered)*" in report
     assert "| system_followed |" in report and "*system:* " in report
-    assert out.stdout.count("[5/11] base ...") == 1  # one rank tells the story
+    assert "## Real benchmarks" in report and "the CORE-like suite is left out" in out.stdout
+    assert out.stdout.count("[5/12] base ...") == 1  # one rank tells the story
     sft_data = json.loads((run / "sft" / "model.json").read_text())["data"]
     assert str(chats) in sft_data[-1]
     assert Path(sft_data[3]).name == "train-00000.jsonl"  # the world's documents replayed: pretraining read them too

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("picochat.train.sft", "supervised fine-tuning on conversations (chat model)"),
     "rl": ("picochat.train.rl", "reinforcement learning on verifiable problems"),
     "chat": ("picochat.chat_cli", "talk to a chat model in the terminal"),
-    "eval": ("picochat.evaluate", "evaluate a checkpoint (facts, I-don't-know, arithmetic, pass@k)"),
+    "eval": ("picochat.evaluate", "evaluate a checkpoint: the world's sets; real benchmarks (--suite core/chat, --bpb)"),
     "speedrun": ("picochat.speedrun", "run every stage end to end and write a report card"),
     "serve": ("picochat.serve.app", "OpenAI-compatible API and web chat"),
     "export": ("picochat.hf:register_export_cli", "export a checkpoint to the Hugging Face format"),

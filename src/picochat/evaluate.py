@@ -223,15 +223,24 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
 
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder (e.g. runs/demo)")
-    parser.add_argument("--stage", required=True, choices=STAGES, help="which model to evaluate")
+    from picochat.evals.cli import add_arguments
+
+    parser.add_argument("--run", help="run folder (e.g. runs/demo)")
+    parser.add_argument("--stage", choices=STAGES, help="which model to evaluate (--suite/--bpb: default the most advanced)")
     parser.add_argument("--k", type=int, default=8, help="samples per word problem for pass@k (default 8)")
     parser.add_argument("--problems", type=int, default=200, help="held-out word problems (default 200)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_arguments(parser)
     parser.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> None:
+    from picochat.evals import cli as real_benchmarks
+
+    if real_benchmarks.wanted(args):
+        return real_benchmarks.run(args)
+    if not args.run or not args.stage:
+        raise ValueError("the world's evaluation needs --run and --stage (or ask for --suite / --bpb)")
     metrics = evaluate_stage(Path(args.run), args.stage, args.k, args.problems, args.device)
     for name, value in metrics.items():
         print(f"{name:>32}: {value:.3f}" if isinstance(value, float) else f"{name:>32}: {value}")

@@ -13,6 +13,7 @@ import torch
 
 from picochat.checkpoint import load_model
 from picochat.engine import Sampling
+from picochat.evals.card import benchmark_lines
 from picochat.evaluate import chat_replies, complete, offer
 from picochat.io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from picochat.run import STAGES, Run
@@ -244,6 +245,8 @@ def write_report(run: Path) -> dict:
         for metric in TOOL_METRICS:
             cells = [f"{_fmt(stages[name].get(metric))} | {_fmt(stages[name].get(metric + '_tools'))}" for name in chat_stages]
             lines.append(f"| {metric} | " + " | ".join(cells) + f" | {METRIC_MEANING[metric]} |")
+    benchmarks, figures["benchmarks"] = benchmark_lines(run)
+    lines += [""] + benchmarks if benchmarks else []
     lines += ["", "## Cost per stage", "", "| stage | train seconds | wall seconds | tokens | FLOPs | parameters |", "| --- | --- | --- | --- | --- | --- |"]
     for name, s in stages.items():
         flops = f"{s['flops']:.2e}" if "flops" in s else "–"

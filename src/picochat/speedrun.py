@@ -112,6 +112,12 @@ def _evaluate(stage: str, preset, device: str) -> Callable:
     return run_eval
 
 
+def _benchmarks(run: Run, docs: Path, val_docs: int, device: str) -> None:
+    from picochat.evals.card import measure
+
+    measure(run.root, docs, val_docs, ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
 def _report(run: Run) -> None:
     write_report(run.root)
 
@@ -135,6 +141,8 @@ def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[s
         ("eval rl", _evaluate("rl", preset, device), stage_file("rl", "eval.json")),
         ("report", _report, lambda run: False),
     ]
+    if docs:  # held-out bits per byte of your documents, and the CORE-like suite (evals.card)
+        plan.insert(-1, ("benchmarks", lambda run: _benchmarks(run, docs, val_docs, device), stage_file("rl", "eval-bpb.json")))
     on_path = lambda f: (lambda path: f(Run(path)))  # noqa: E731  (the plan is driven with the run's Path)
     return [(name, on_path(action), on_path(is_done)) for name, action, is_done in plan]
 
