@@ -38,7 +38,7 @@ from picochat.train.rl import problems_for_step
 class RMConfig:
     """Hyperparameters of reward-model training (the defaults suit the cpu preset)."""
 
-    steps: int = knob(150, "optimizer steps")
+    steps: int = knob(100, "optimizer steps")
     batch_size: int = knob(16, "pairs per step")
     lr: float = knob(5e-5, "AdamW learning rate of the Transformer, constant")
     head_lr: float = knob(1e-3, "AdamW learning rate of the new scalar head")
