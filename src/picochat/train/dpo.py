@@ -116,8 +116,8 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             record = {"loss": round(loss.item(), 5), "accuracy": round(float((margins > 0).float().mean()), 4),
-                      "margin": round(float(margins.mean()), 4), "chosen_logp": round(float(chosen.mean()), 3),
-                      "rejected_logp": round(float(rejected.mean()), 3), "grad_norm": round(float(grad_norm), 4),
+                      "margin": round(float(margins.mean()), 4), "chosen_logp": round(float(chosen.detach().mean()), 3),
+                      "rejected_logp": round(float(rejected.detach().mean()), 3), "grad_norm": round(float(grad_norm), 4),
                       "seconds": round(time.perf_counter() - t0, 3)}
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                 model.eval()
