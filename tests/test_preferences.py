@@ -11,13 +11,15 @@ from conftest import shared_data
 from picochat.checkpoint import save_model
 from picochat.data.preferences import PreferenceFileError, encode_pairs, read_preferences
 from picochat.model import ModelConfig, Transformer
+from picochat.report import _plot_curves, _preference_lines, preference_figures
 from picochat.run import Run
+from picochat.speedrun import stages
 from picochat.tokenizer import Tokenizer
 from picochat.train.dpo import DPOConfig, dpo_loss, run_dpo
 from picochat.train.rlhf import rlhf_config, run_rlhf
 from picochat.train.rm import RMConfig, bradley_terry_loss, load_reward_model, reward_model, rewards, run_rm, sequences_batch
 from picochat.world.knowledge import build_world
-from picochat.world.preferences import Labeler, heldout_entities, open_prompts, sample_pairs
+from picochat.world.preferences import Labeler, heldout_entities, judge_stage, open_prompts, sample_pairs
 
 
 # --- the labeler ----------------------------------------------------------------------------------
@@ -177,6 +179,21 @@ def test_reward_model_dpo_and_rlhf_write_their_stages(pref_run, tmp_path):
     # The tuned stages are chat stages: the newest is what chat, serve and export pick by default.
     assert Run(run).find_stage().name == "rlhf"
     assert Run(run).load("dpo")[2].name == "dpo"
+    # The report card: win rates judged by the labeler, the reward model's accuracy, the RLHF plot.
+    judged = judge_stage(run, "dpo", samples=1)
+    assert judged["wins"] + judged["ties"] + judged["losses"] == judged["replies"] > 0
+    figures = preference_figures(run)
+    assert figures["dpo"]["win_rate"] == judged["win_rate"] and figures["rm"]["heldout_accuracy"] == rm["heldout_accuracy"]
+    assert "Preferences" in "\n".join(_preference_lines(figures))
+    assert "rlhf_reward.png" in _plot_curves(run) and (run / "rlhf_reward.png").stat().st_size > 0
+
+
+def test_the_speedrun_runs_the_preference_stages_only_when_asked():
+    names = [name for name, _, _ in stages("cpu", "cpu")]
+    with_prefs = [name for name, _, _ in stages("cpu", "cpu", with_preferences=True)]
+    assert "rm" not in names and with_prefs[-1] == "report"
+    assert with_prefs[with_prefs.index("eval rl") + 1 : -1] == ["prefs", "rm", "dpo", "eval dpo", "judge dpo", "rlhf",
+                                                               "eval rlhf", "judge rlhf"]
 
 
 def test_a_reward_model_from_another_tokenizer_is_refused(pref_run, tmp_path):
