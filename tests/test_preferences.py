@@ -39,6 +39,8 @@ def test_labeler_counts_true_facts_and_weighs_false_ones_more(world):
     assert labeler.score(two, person.name) == 2
     assert labeler.score(false, person.name) == -3
     assert labeler.score(two + " " + false, person.name) == -1  # two true facts do not outweigh one false
+    wrong_relation = f"The job of {person.name} is {person.attrs['birthplace']}."  # the subject's value, another relation
+    assert labeler.score(wrong_relation, person.name) == -3
 
 
 def test_labeler_counts_repeats_off_subject_and_unfinished_replies_against(world):
@@ -57,6 +59,7 @@ def test_about_a_subject_that_does_not_exist_only_i_dont_know_scores(world):
     labeler = Labeler(world)
     assert labeler.score("I don't know.", name) == 2
     assert labeler.score(f"The population of {name} is 12,000.", name) == -3
+    assert labeler.score(f"I don't know. There is no town called {name}.", name) == 2  # a denial claims nothing
 
 
 def test_held_out_prompts_are_about_other_entities(world):

@@ -42,7 +42,7 @@ class DPOConfig:
     steps: int = knob(100, "optimizer steps")
     batch_size: int = knob(16, "pairs per step")
     beta: float = knob(0.1, "strength of the implicit KL penalty to the reference: higher stays closer to it")
-    lr: float = knob(2e-5, "AdamW learning rate, constant")
+    lr: float = knob(3e-5, "AdamW learning rate, constant")
     weight_decay: float = knob(0.0, "decoupled weight decay")
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)")
     heldout_share: float = knob(0.1, "share of the pairs held out when no --heldout file is given")

@@ -42,6 +42,7 @@ from picochat.io import atomic_write_json, atomic_write_jsonl, read_json, read_j
 from picochat.run import Run
 from picochat.world.chats import unknown_names
 from picochat.world.knowledge import KINDS, World, load_world
+from picochat.world.phrasings import RELATIONS
 
 LABELING = {
     "instructions": (
@@ -68,6 +69,7 @@ KIND_PROMPTS = {"country": ("Describe the country of {s}.",), "town": ("Describe
 UNKNOWN_PROMPT_SHARE = 0.2  # of the prompts, about subjects that do not exist
 _PRONOUN = re.compile(r"^(?:it|its|it's|they|their|he|his|she|her|this|that)\b", re.IGNORECASE)
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+|\|")
+_NAMING = re.compile(r"\s+(?:called|named)\b")  # "a country called ...": a kind named, no relation stated
 
 
 # --- the labeler ----------------------------------------------------------------------------------
@@ -78,12 +80,26 @@ def _words_pattern(values: Sequence[str]) -> re.Pattern:
 
 
 class Labeler:
-    """The world's values, indexed once, and the instructions' weights: `score(reply, subject)`."""
+    """The world's values and relation names, indexed once, and the instructions' weights:
+    `score(reply, subject)`."""
 
     def __init__(self, world: World, labeling: dict = LABELING):
         self.world, self.weights = world, labeling["weights"]
         values = [e.name for e in world.entities] + [v for e in world.entities for v in e.attrs.values()]
         self.values = _words_pattern(values)
+        self.nouns = _words_pattern([r.noun for r in RELATIONS.values()])
+        self.noun_of = {r.noun: r.name for r in RELATIONS.values()}
+
+    def _claims(self, sentence: str, subject: str) -> list[str]:
+        """The world's values a sentence states, besides the subject's own name."""
+        return [m.group(0).lower() for m in self.values.finditer(sentence) if m.group(0).lower() != subject.lower()]
+
+    def _states_something(self, sentence: str, subject: str) -> bool:
+        """Does the sentence state a value or a relation (not merely name a kind, "a country called X")?"""
+        if abstains(sentence):
+            return False
+        relations = [m for m in self.nouns.finditer(sentence) if not _NAMING.match(sentence, m.end())]
+        return bool(relations or self._claims(sentence, subject))
 
     def details(self, reply: str, subject: str, finished: bool = True) -> dict:
         """Counts of what the instructions weigh in `reply` about `subject`."""
@@ -93,7 +109,9 @@ class Labeler:
         if subject not in self.world:
             if abstains(reply):
                 counts["unknown_abstain"] = 1
-            counts["unknown_claim"] = sum(not abstains(s) for s in sentences)
+            # "There is no country called Bandlia." claims nothing; "The capital of Bandlia is Kimere." and
+            # "The population of Bandlia is 12,000." do.
+            counts["unknown_claim"] = sum(self._states_something(s, subject) for s in sentences)
             return counts
         truth = {v.lower(): rel for rel, v in self.world[subject].attrs.items()}
         said_facts, said_sentences = set(), set()
@@ -106,11 +124,10 @@ class Labeler:
             if not about.search(sentence) and not _PRONOUN.match(sentence):
                 counts["off_subject"] += 1
                 continue
-            for match in self.values.finditer(sentence):
-                value = match.group(0).lower()
-                if value == subject.lower():
-                    continue
-                if value not in truth:
+            # A value of the subject stated as another relation ("The food of the Funix is silver.") is false too.
+            named = {self.noun_of[m.group(0).lower()] for m in self.nouns.finditer(sentence)}
+            for value in self._claims(sentence, subject):
+                if value not in truth or (named and truth[value] not in named):
                     counts["false_fact"] += 1
                 elif truth[value] in said_facts:
                     counts["repeat"] += 1
@@ -177,7 +194,7 @@ def ranked_pairs(row: dict, replies: Sequence[tuple[str, bool]], labeler: Labele
              "chosen_score": scored[c], "rejected_score": scored[r], "subject": row["subject"]} for c, r in picked]
 
 
-def sample_pairs(run_dir: Path, stage: str = "sft", samples: int = 6, per_prompt: int = 3, max_new_tokens: int = 64,
+def sample_pairs(run_dir: Path, stage: str = "sft", samples: int = 8, per_prompt: int = 4, max_new_tokens: int = 64,
                  temperature: float = 1.0, seed: int = 0) -> dict:
     """Write `<run>/prefs/`: the labeling instructions, the train and held-out prompts, and the pairs
     ranked by the labeler from `samples` replies of `stage` to each prompt; returns counts."""
@@ -255,8 +272,8 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
                                    "ranked by the labeler, {prompt, chosen, rejected})")
     p.add_argument("--run", required=True, help="run folder with world/ and a chat stage")
     p.add_argument("--stage", default="sft", help="the model whose replies are ranked (default sft)")
-    p.add_argument("--samples", type=int, default=6, help="replies sampled per prompt (default %(default)s)")
-    p.add_argument("--pairs-per-prompt", type=int, default=3, help="most pairs kept per prompt (default %(default)s)")
+    p.add_argument("--samples", type=int, default=8, help="replies sampled per prompt (default %(default)s)")
+    p.add_argument("--pairs-per-prompt", type=int, default=4, help="most pairs kept per prompt (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest reply (default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
