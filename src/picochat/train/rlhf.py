@@ -37,8 +37,8 @@ from picochat.world.preferences import load_labeler
 STAGE = "rlhf"
 # RL's preset with what RLHF changes: open prompts need shorter replies than worked problems, the
 # reward model's scores are not 0/1, and the KL penalty keeps the policy near the SFT model.
-RLHF_SETTINGS = dict(steps=40, problems_per_step=8, group_size=4, max_new_tokens=64, lr=3e-5, kl_coef=0.05,
-                     eval_problems=0, ckpt_every=20, replay_coef=0.0)
+RLHF_SETTINGS = {"steps": 40, "problems_per_step": 8, "group_size": 4, "max_new_tokens": 64, "lr": 3e-5, "kl_coef": 0.05,
+                 "eval_problems": 0, "ckpt_every": 20, "replay_coef": 0.0}
 
 
 def rlhf_config(preset: str) -> RLConfig:

@@ -30,7 +30,7 @@ from picochat.data.preferences import encode_pairs, read_preference_files, skipp
 from picochat.model import ModelConfig, Transformer
 from picochat.run import REWARD_STAGE, Run
 from picochat.tokenizer import Tokenizer
-from picochat.train.loop import autocast, build_optimizers, run_steps, setup_runtime, teardown_runtime
+from picochat.train.loop import autocast, run_steps, setup_runtime, teardown_runtime
 from picochat.train.rl import problems_for_step
 
 
