@@ -158,6 +158,9 @@ def pref_run(tiny_run, tmp_path_factory):
     save_model(run / "sft", model, {"stage": "sft", "tokenizer": tok.fingerprint})
     counts = sample_pairs(run, samples=3, per_prompt=1, max_new_tokens=12)
     assert counts["train"]["pairs"] > 10 and counts["heldout"]["pairs"] > 2
+    for name, keep in (("pairs.jsonl", 24), ("pairs-heldout.jsonl", 8), ("prompts-heldout.jsonl", 8)):  # a short test
+        path = run / "prefs" / name
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:keep]))
     return run
 
 
