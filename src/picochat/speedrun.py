@@ -316,7 +316,7 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
                              "(default 0; the world and the evaluation sets do not change with it)")
     parser.add_argument("--with-preferences", action="store_true",
                         help="after RL, the preference stages (the lecture's RLHF): pairs ranked by the world's labeler, "
-                             "a reward model, DPO and RLHF, each judged against the SFT model (about 15 more minutes on "
+                             "a reward model, DPO and RLHF, each judged against the SFT model (about 25 more minutes on "
                              "2 CPU cores, so not in the default demo); rerun with it to add them to a finished run")
     parser.set_defaults(func=lambda args: speedrun(Path(args.run), args.preset, args.device, args.docs, args.chat,
                                                    args.val_docs, args.seed, args.with_preferences))
