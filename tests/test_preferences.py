@@ -19,7 +19,7 @@ from picochat.train.dpo import DPOConfig, dpo_loss, run_dpo
 from picochat.train.rlhf import rlhf_config, run_rlhf
 from picochat.train.rm import RMConfig, bradley_terry_loss, load_reward_model, reward_model, rewards, run_rm, sequences_batch
 from picochat.world.knowledge import build_world
-from picochat.world.preferences import Labeler, heldout_entities, judge_stage, open_prompts, sample_pairs
+from picochat.world.preferences import Labeler, heldout_entities, judge_stage, load_labeler, open_prompts, sample_pairs
 
 
 # --- the labeler ----------------------------------------------------------------------------------
@@ -200,6 +200,16 @@ def test_the_speedrun_runs_the_preference_stages_only_when_asked():
     assert "rm" not in names and with_prefs[-1] == "report"
     assert with_prefs[with_prefs.index("eval rl") + 1 : -1] == ["prefs", "rm", "dpo", "eval dpo", "judge dpo", "rlhf",
                                                                "eval rlhf", "judge rlhf"]
+
+
+def test_labeling_instructions_without_every_weight_are_refused(pref_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pref_run, run)
+    labeling = json.loads((run / "prefs" / "labeling.json").read_text())
+    del labeling["weights"]["false_fact"]
+    (run / "prefs" / "labeling.json").write_text(json.dumps(labeling))
+    with pytest.raises(ValueError, match=r"labeling.json: expected .*false_fact"):
+        load_labeler(run)
 
 
 def test_a_reward_model_from_another_tokenizer_is_refused(pref_run, tmp_path):

@@ -226,7 +226,13 @@ def load_labeler(run_dir: Path) -> Labeler:
     path = run.root / PREFS_DIR / LABELING_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no labeling instructions; run `picochat prefs sample --run {run.root}` first")
-    return Labeler(load_world(run.world), read_json(path))
+    labeling = read_json(path)
+    weights = labeling.get("weights") if isinstance(labeling, dict) else None
+    if not isinstance(weights, dict) or set(weights) != set(LABELING["weights"]) \
+            or not all(isinstance(v, (int, float)) for v in weights.values()):
+        raise ValueError(f'{path}: expected {{"instructions": ..., "weights": {{...}}}} with a number for each of '
+                         f'{", ".join(LABELING["weights"])}')
+    return Labeler(load_world(run.world), labeling)
 
 
 @torch.inference_mode()
