@@ -118,7 +118,7 @@ class ChatSession:
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (e.g. runs/demo)")
-    parser.add_argument("--stage", default=None, help="sft or rl (default: the most advanced finished stage)")
+    parser.add_argument("--stage", default=None, help="sft, rl, dpo or rlhf (default: the most advanced finished stage)")
     parser.add_argument("--prompt", default=None, help="ask one question, print the reply and exit")
     parser.add_argument("--system", default=None, help="a system prompt placed before the conversation")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")

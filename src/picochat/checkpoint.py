@@ -1,6 +1,6 @@
 """Checkpoints on disk: a stage's model (safetensors + config) and resumable training state.
 
-Layout of one stage of a run (`runs/<name>/<stage>/`, stage = base | sft | rl):
+Layout of one stage of a run (`runs/<name>/<stage>/`, stage = base | sft | rl | rm | dpo | rlhf):
 
     model.safetensors, model.json     the stage's result, read by the next stage, chat, serve, export
     checkpoints/step-000200/          periodic training state: model.safetensors, state.pt, meta.json
@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,14 +77,16 @@ def save_model(stage_dir: Path, model: Transformer, info: dict | None = None, st
     atomic_write_json(stage_dir / "model.json", {"model": model.config.to_dict(), **(info or {})})
 
 
-def load_model(stage_dir: Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
-    """Load `<stage_dir>/model.safetensors`; returns (model in eval mode, model.json contents)."""
+def load_model(stage_dir: Path, device: str | torch.device = "cpu",
+               build: Callable[[ModelConfig], Transformer] = Transformer) -> tuple[Transformer, dict]:
+    """Load `<stage_dir>/model.safetensors`; returns (model in eval mode, model.json contents).
+    `build` makes the empty model from its config (the reward model adds its scalar head)."""
     stage_dir = Path(stage_dir)
     meta_path = stage_dir / "model.json"
     if not meta_path.exists():
         raise CheckpointError(f"{stage_dir}: no model here (model.json missing); has this stage been run?")
     meta = json.loads(meta_path.read_text())
-    model = Transformer(ModelConfig.from_dict(meta["model"]))
+    model = build(ModelConfig.from_dict(meta["model"]))
     _load_weights(model, stage_dir / "model.safetensors")
     return model.to(device).eval(), meta
 

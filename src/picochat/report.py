@@ -1,5 +1,6 @@
 """The report card of a run: `report.md` with loss plots, a metrics table per stage, the same prompts
-answered by the base, SFT and RL models side by side, and time / tokens / FLOPs per stage;
+answered by the base, SFT and RL models (and DPO and RLHF, when run) side by side, the preference
+stages' win rates and reward-model accuracy, and time / tokens / FLOPs per stage;
 `report.json` holds the same figures for programs.
 """
 
@@ -98,7 +99,10 @@ def _plot_curves(run: Path) -> list[str]:
             continue
         steps = [r["step"] for r in records]
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        if stage == "rl":
+        if stage == "rlhf":
+            _plot_rlhf(ax, records)
+            name, title = "rlhf_reward.png", "rlhf: reward model's score and labeler's score per step"
+        elif stage == "rl":
             ax.plot(steps, [r["reward"] for r in records], label="mean reward", lw=1)
             ax.plot(steps, [r["pass_rate"] for r in records], label="problems with a right sample", lw=1)
             ax.set_ylim(0, 1)
@@ -124,6 +128,53 @@ def _plot_curves(run: Path) -> list[str]:
         plt.close(fig)
         written.append(name)
     return written
+
+
+def _plot_rlhf(ax, records: list[dict]) -> None:
+    """The reward model's score of each step's replies and, on a second axis, the labeler's score of
+    the same replies: where the first still climbs while the second falls, the policy games the
+    reward model (the lecture's adversarial examples of the simulator)."""
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["reward"] for r in records], color="tab:blue", lw=1)
+    ax.set_ylabel("reward model's score", color="tab:blue")
+    labeled = [r for r in records if "labeler_score" in r]
+    if labeled:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in labeled], [r["labeler_score"] for r in labeled], color="tab:red", lw=1)
+        ax2.set_ylabel("labeler's score", color="tab:red")
+
+
+def preference_figures(run: Path) -> dict:
+    """The preference stages' figures: the reward model's held-out accuracy and each tuned stage's
+    win rate against the SFT model (`picochat prefs judge`)."""
+    figures = {}
+    rm = _read_json(Run(run).stage("rm") / "done.json")
+    if rm:
+        figures["rm"] = {k: rm[k] for k in ("heldout_accuracy", "heldout_pairs", "train_pairs", "seconds") if k in rm}
+    for stage in ("dpo", "rlhf"):
+        winrate = _read_json(run / stage / "winrate.json")
+        if winrate:
+            figures[stage] = winrate
+    return figures
+
+
+def _preference_lines(figures: dict) -> list[str]:
+    if not figures:
+        return []
+    lines = ["", "## Preferences", "",
+             "Open prompts about held-out entities (\"Tell me about Traby.\"), answered by each tuned stage and by the SFT "
+             "model and scored by the world's simulated labeler (`prefs/labeling.json`: true facts for, false facts "
+             "strongly against, repeats and off-subject text against); a win is a higher score, a tie counts half.", ""]
+    if "rm" in figures:
+        rm = figures["rm"]
+        lines += [f"- reward model: {_fmt(rm.get('heldout_accuracy'))} accuracy on {_fmt(rm.get('heldout_pairs'))} held-out pairs "
+                  f"(trained on {_fmt(rm.get('train_pairs'))}, in {_fmt(rm.get('seconds'))} s)"]
+    for stage in ("dpo", "rlhf"):
+        if stage in figures:
+            w = figures[stage]
+            lines += [f"- {stage}: win rate {_fmt(w['win_rate'])} against {w['reference']} ({w['wins']} wins, {w['ties']} ties, "
+                      f"{w['losses']} losses); labeler's mean score {_fmt(w['score'])} against {_fmt(w['reference_score'])}"]
+    return lines
 
 
 def _ask(prompt: str, tools: bool = False) -> dict:
@@ -227,6 +278,7 @@ def write_report(run: Path) -> dict:
     plots = _plot_curves(run)
     side = _side_by_side(run)
     figures["side_by_side"] = side
+    figures["preferences"] = preference_figures(run)
     stages = figures["stages"]
 
     lines = [f"# picochat report card: `{run}`", "", f"Machine: {figures['machine']}", "", "## What each stage changed", ""]
@@ -247,6 +299,7 @@ def write_report(run: Path) -> dict:
             lines.append(f"| {metric} | " + " | ".join(cells) + f" | {METRIC_MEANING[metric]} |")
     benchmarks, figures["benchmarks"] = benchmark_lines(run)
     lines += [""] + benchmarks if benchmarks else []
+    lines += _preference_lines(figures["preferences"])
     lines += ["", "## Cost per stage", "", "| stage | train seconds | wall seconds | tokens | FLOPs | parameters |", "| --- | --- | --- | --- | --- | --- |"]
     for name, s in stages.items():
         flops = f"{s['flops']:.2e}" if "flops" in s else "–"

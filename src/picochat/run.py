@@ -7,6 +7,8 @@
       index/            the search index over the world's documents (`picochat.data.index`)
       base/ sft/ rl/    one folder per training stage, laid out as `picochat.checkpoint` says;
                         `base` is pretraining's output, the base model
+      prefs/            preference pairs and the labeling instructions (`picochat.world.preferences`)
+      rm/ dpo/ rlhf/    the reward model, and the chat models tuned on preferences
       speedrun.json     the inputs the speedrun was started with; timings.json: seconds per stage
       report.md, report.json, *.png   the report card
 
@@ -25,7 +27,8 @@ from picochat.data.index import INDEX_FILE, SearchIndex
 from picochat.model import Transformer
 from picochat.tokenizer import Tokenizer
 
-STAGES = ("base", "sft", "rl")  # the training stages, in pipeline order; each is a folder of the run
+STAGES = ("base", "sft", "rl", "dpo", "rlhf")  # the chat-model stages, in pipeline order; each is a folder of the run
+REWARD_STAGE = "rm"  # the reward model: a stage folder too, but no chat model (never picked by `find_stage`)
 
 # The world's SFT data: its conversations, its worked word problems, and the first shard of its
 # pretraining documents, replayed so that SFT does not overwrite what pretraining stored.
@@ -45,8 +48,8 @@ class Run:
         object.__setattr__(self, "root", Path(self.root))
 
     def stage(self, name: str) -> Path:
-        if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGES)}")
+        if name not in STAGES and name != REWARD_STAGE:
+            raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGES)} (and {REWARD_STAGE}, the reward model)")
         return self.root / name
 
     @property
@@ -56,6 +59,11 @@ class Run:
     @property
     def shards(self) -> Path:
         return self.root / "shards"
+
+    @property
+    def prefs(self) -> Path:
+        """Preference pairs, open prompts and the labeling instructions."""
+        return self.root / "prefs"
 
     @property
     def index(self) -> Path:
@@ -149,7 +157,7 @@ class Run:
         return self.root / "timings.json"
 
     def find_stage(self, stage: str | None = None) -> Path:
-        """The folder of `stage`, or of the run's most advanced finished stage (rl > sft > base)."""
+        """The folder of `stage`, or of the run's most advanced finished stage (rlhf > dpo > rl > sft > base)."""
         candidates = [stage] if stage else list(reversed(STAGES))
         for name in candidates:
             if (self.stage(name) / "model.json").exists():

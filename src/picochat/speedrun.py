@@ -5,7 +5,8 @@
         --docs data/fineweb --chat chats.jsonl
 
 world -> index -> tokenizer -> shards -> pretrain -> eval -> SFT -> eval -> RL -> eval -> report (the
-index is the search tool's, over the world's documents). A stage whose output is complete is
+index is the search tool's, over the world's documents); `--with-preferences` adds, before the report,
+pairs ranked by the world's labeler -> reward model -> DPO -> eval -> RLHF -> eval, each judged against SFT. A stage whose output is complete is
 skipped; an interrupted training stage resumes from its last checkpoint, so rerunning the same
 command after a crash picks up where it stopped. The run folder remembers its
 inputs (`speedrun.json`: preset, `--docs`, `--val-docs`, `--chat`); a rerun with other inputs is
@@ -50,9 +51,13 @@ from picochat.run import Run
 from picochat.tokenizer import Tokenizer, limit_chars
 from picochat.train.loop import setup_runtime, teardown_runtime
 from picochat.train.pretrain import run_pretrain
+from picochat.train.dpo import DPOConfig, run_dpo
 from picochat.train.rl import run_rl
+from picochat.train.rlhf import rlhf_config, run_rlhf
+from picochat.train.rm import RMConfig, run_rm
 from picochat.train.sft import run_sft
 from picochat.world import generate, search_documents
+from picochat.world.preferences import judge_stage, sample_pairs
 from picochat.world.tool_chats import WORLD_PASSAGE_CHARS
 
 ALL_RANKS = ("base", "sft")  # the DDP stages: every torchrun process trains
@@ -122,10 +127,31 @@ def _report(run: Run) -> None:
     write_report(run.root)
 
 
+def preference_stages(preset_name: str, device: str, seed: int) -> list[tuple[str, Callable, Callable[[Run], bool]]]:
+    """The preference stages (`--with-preferences`): the labeler ranks the SFT model's replies, a
+    reward model learns the rankings, DPO and RLHF tune the SFT model, each judged against it."""
+    preset = get_preset(preset_name)
+    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    done = lambda stage, name: (lambda run: (run.stage(stage) / name).exists())  # noqa: E731
+    rlhf_cfg = dataclasses.replace(rlhf_config(preset_name), seed=seed)
+    return [
+        ("prefs", lambda run: sample_pairs(run.root, seed=seed), lambda run: (run.prefs / "pairs-heldout.jsonl").exists()),
+        ("rm", lambda run: run_rm(run.root, RMConfig(seed=seed), resume=True, device=resolved), done("rm", "done.json")),
+        ("dpo", lambda run: run_dpo(run.root, DPOConfig(seed=seed), resume=True, device=resolved), done("dpo", "done.json")),
+        ("eval dpo", _evaluate("dpo", preset, device), done("dpo", "eval.json")),
+        ("judge dpo", lambda run: judge_stage(run.root, "dpo"), done("dpo", "winrate.json")),
+        ("rlhf", lambda run: run_rlhf(run.root, preset_name, rlhf_cfg, resume=True, device=resolved), done("rlhf", "done.json")),
+        ("eval rlhf", _evaluate("rlhf", preset, device), done("rlhf", "eval.json")),
+        ("judge rlhf", lambda run: judge_stage(run.root, "rlhf"), done("rlhf", "winrate.json")),
+    ]
+
+
 def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[str] | None = None,
-           val_docs: int = DEFAULT_VAL_DOCS, seed: int = 0) -> list[tuple[str, Callable, Callable[[Path], bool]]]:
+           val_docs: int = DEFAULT_VAL_DOCS, seed: int = 0,
+           with_preferences: bool = False) -> list[tuple[str, Callable, Callable[[Path], bool]]]:
     """(name, action(run), is_done(run)) in pipeline order. `seed` seeds every training stage (initial
-    weights, data order, RL's sampling); the world, its data and the evaluations stay the same."""
+    weights, data order, RL's sampling); the world, its data and the evaluations stay the same.
+    `with_preferences` adds the preference stages after RL."""
     preset = get_preset(preset_name)
     stage_file = lambda stage, name: (lambda run: (run.stage(stage) / name).exists())  # noqa: E731
     plan = [
@@ -139,6 +165,7 @@ def stages(preset_name: str, device: str, docs: Path | None = None, chat: list[s
         ("eval sft", _evaluate("sft", preset, device), stage_file("sft", "eval.json")),
         ("rl", lambda run: _rl(run, preset_name, device, seed), stage_file("rl", "done.json")),
         ("eval rl", _evaluate("rl", preset, device), stage_file("rl", "eval.json")),
+        *(preference_stages(preset_name, device, seed) if with_preferences else []),
         ("report", _report, lambda run: False),
     ]
     if docs:  # held-out bits per byte of your documents, and the CORE-like suite (evals.card)
@@ -210,10 +237,11 @@ def wait_for(run: Path, is_done: Callable[[Path], bool], run_id: str, poll_s: fl
 
 
 def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Path | None = None,
-             chat: list[str] | None = None, val_docs: int = DEFAULT_VAL_DOCS, seed: int = 0) -> None:
+             chat: list[str] | None = None, val_docs: int = DEFAULT_VAL_DOCS, seed: int = 0,
+             with_preferences: bool = False) -> None:
     run = Path(run)
     rank, world_size, run_id = torchrun_env()
-    plan = stages(preset_name, device, docs, chat, val_docs, seed)
+    plan = stages(preset_name, device, docs, chat, val_docs, seed, with_preferences)
     inputs = run_inputs(preset_name, docs, chat, val_docs, seed)
     if world_size == 1:
         _lead(run, plan, world_size, run_id, docs, chat, val_docs, inputs)
@@ -294,5 +322,9 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of every training stage: initial weights, data order, RL's problems and samples "
                              "(default 0; the world and the evaluation sets do not change with it)")
+    parser.add_argument("--with-preferences", action="store_true",
+                        help="after RL, the preference stages (the lecture's RLHF): pairs ranked by the world's labeler, "
+                             "a reward model, DPO and RLHF, each judged against the SFT model (about 25 more minutes on "
+                             "2 CPU cores, so not in the default demo); rerun with it to add them to a finished run")
     parser.set_defaults(func=lambda args: speedrun(Path(args.run), args.preset, args.device, args.docs, args.chat,
-                                                   args.val_docs, args.seed))
+                                                   args.val_docs, args.seed, args.with_preferences))

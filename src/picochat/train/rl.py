@@ -35,7 +35,7 @@ import copy
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,11 @@ from picochat.tools import Tools
 from picochat.train.loop import Runtime, TrainingError, autocast, build_optimizers, run_steps, setup_runtime, teardown_runtime
 
 RewardFn = Callable[[str, dict], float]
+# Rewards of a whole step at once: (replies as text, [problem][sample]; the problems) -> (problems, group)
+# tensor. RLHF scores replies with a reward model this way, in batches, instead of checking each.
+GroupRewardFn = Callable[[list[list[str]], Sequence[dict]], torch.Tensor]
+# Extra metrics of a step's replies, logged beside the reward (RLHF: the labeler's own score).
+StepMetricsFn = Callable[[list[list[str]], Sequence[dict]], dict]
 
 
 # --- problems -------------------------------------------------------------------------------------
@@ -187,19 +192,25 @@ class Rollouts:
 
     completions: list[list[Completion]]
     rewards: torch.Tensor  # (problems, group)
+    texts: list[list[str]] = field(default_factory=list)  # the completions decoded
 
 
 def sample_groups(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[int]], problems: Sequence[dict],
-                  cfg: RLConfig, seed: int, reward_fn: RewardFn = reward, tools: Tools | None = None) -> Rollouts:
-    """Sample `group_size` replies per prompt in one batched call and reward each; `tools` runs the
-    replies' tool calls (default: the calculator)."""
+                  cfg: RLConfig, seed: int, reward_fn: RewardFn = reward, tools: Tools | None = None,
+                  group_reward: GroupRewardFn | None = None) -> Rollouts:
+    """Sample `group_size` replies per prompt in one batched call and reward each (with `reward_fn`
+    one by one, or `group_reward` all at once); `tools` runs the replies' tool calls (default: the calculator)."""
     model.eval()
     sampling = Sampling(cfg.temperature, seed=seed, stop_ids=REPLY_STOP_IDS)  # as every reply ends
     completions = generate(model, prompts, cfg.max_new_tokens, sampling, num_samples=cfg.group_size, tokenizer=tok, tools=tools)
     model.train()
-    rewards = torch.tensor([[reward_fn(tok.decode(c.tokens), problem) for c in group]
-                            for group, problem in zip(completions, problems, strict=True)], dtype=torch.float)
-    return Rollouts(completions, rewards)
+    texts = [[tok.decode(c.tokens) for c in group] for group in completions]
+    if group_reward is not None:
+        rewards = group_reward(texts, problems).float().cpu()
+    else:
+        rewards = torch.tensor([[reward_fn(text, problem) for text in group]
+                                for group, problem in zip(texts, problems, strict=True)], dtype=torch.float)
+    return Rollouts(completions, rewards, texts)
 
 
 def policy_batch(tok: Tokenizer, prompts: Sequence[Sequence[int]], rollouts: Rollouts, normalize_std: bool) -> PolicyBatch | None:
@@ -317,9 +328,11 @@ def heldout_metrics(model: Transformer, tok: Tokenizer, problems: list[dict], cf
 def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init: Path | None = None,
            problems: Sequence[str] | None = None, heldout_path: Path | None = None, resume: bool = False,
            device: str = "auto", reward_fn: RewardFn = reward, join_group: bool = True,
-           replay: list[str] | None = None) -> dict:
-    """Train `<init or run/sft>` with RL on the problems and write `<run>/rl/`; returns the summary.
+           replay: list[str] | None = None, stage: str = "rl", group_reward: GroupRewardFn | None = None,
+           step_metrics: StepMetricsFn | None = None) -> dict:
+    """Train `<init or run/sft>` with RL on the problems and write `<run>/<stage>/`; returns the summary.
     With cfg.replay_coef > 0, `replay` (FILE[:WEIGHT] specs, default the world's SFT mixture) is replayed.
+    `group_reward` replaces `reward_fn` (RLHF's reward model); `step_metrics` adds to each step's record.
 
     join_group=False runs in one process even under torchrun (see `setup_runtime`)."""
     run = Run(run_dir)
@@ -345,7 +358,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
             replay = replay or [str(path) for path in run.world_sft_data]
             stateful["replay_loader"] = ConversationLoader(load_mixture(replay, cfg.seed), tok, batch_size=cfg.replay_batch,
                                                            seq_len=model.config.max_seq_len, seed=cfg.seed)
-        print(f"rl: {len(problems):,} problems from {', '.join(specs)} ({too_long} longer than the context left out), "
+        print(f"{stage}: {len(problems):,} problems from {', '.join(specs)} ({too_long} longer than the context left out), "
               f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, from {init}"
               + (f"; replaying {cfg.replay_batch} rows a step of {', '.join(replay)}" if stateful else ""))
 
@@ -354,7 +367,8 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
             chosen = problems_for_step(len(problems), step, cfg.problems_per_step, cfg.seed)
             step_prompts = [prompts[i] for i in chosen]
             rollouts = sample_groups(model, tok, step_prompts, [problems[i] for i in chosen], cfg,
-                                     seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn, tools=tools)
+                                     seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn, tools=tools,
+                                     group_reward=group_reward)
             sample_s = time.perf_counter() - t0
             batch = policy_batch(tok, step_prompts, rollouts, cfg.normalize_std)
             replay_rows = next(stateful["replay_loader"]) if stateful else None
@@ -363,13 +377,15 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
             else:
                 trained = update(model, optimizers, batch, cfg, rt, reference, replay_rows)
             record = step_record(rollouts, trained, sample_s, time.perf_counter() - t0)
+            if step_metrics is not None:
+                record.update(step_metrics(rollouts.texts, [problems[i] for i in chosen]))
             if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
                 record.update(heldout_metrics(model, tok, heldout, cfg))
             return record
 
-        info = {"stage": "rl", "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": specs}
-        return run_steps(run.stage("rl"), model, optimizers, rt, cfg.steps, step_fn, resume=resume,
-                         ckpt_every=cfg.ckpt_every, desc="rl", info=info, stateful=stateful,
+        info = {"stage": stage, "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": specs}
+        return run_steps(run.stage(stage), model, optimizers, rt, cfg.steps, step_fn, resume=resume,
+                         ckpt_every=cfg.ckpt_every, desc=stage, info=info, stateful=stateful,
                          meta={"rl_config": asdict(cfg)}, summary={"rl_config": asdict(cfg)},
                          postfix=("reward", "pass_rate", "response_len", "loss", "seconds"))
     finally:

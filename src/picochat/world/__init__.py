@@ -12,6 +12,7 @@ of it; only the speedrun, the evaluation and the report card import this package
     requests.py       requests from outside the world: harmless ones to attempt, harmful ones to refuse; small talk
     few_shot.py       few-shot prompts for the base model
     tool_chats.py     conversations using the calculator and search; write_tool_chats
+    preferences.py    the simulated labeler and its instructions, open prompts, ranked pairs (`picochat prefs`)
 
 `generate` writes all of it (`picochat world generate`); `picochat world show` prints samples.
 """

@@ -1,0 +1,157 @@
+"""Direct Preference Optimisation: learn from the ranked pairs directly, without a reward model.
+
+DPO (Rafailov et al., 2023) shows that the policy maximising a reward under a KL penalty to a
+reference model implies that reward: r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) up to a term that
+cancels in a pair. Putting it into the reward model's Bradley-Terry loss gives a loss on the policy
+itself: -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))),
+log-probabilities summed over the reply's tokens (and its closing `<|im_end|>`). The reference is
+the SFT model, frozen; its log-probabilities are computed once, before training.
+
+    picochat dpo --run runs/demo                          # <run>/prefs/pairs.jsonl -> <run>/dpo/
+    picochat dpo --run runs/x --pairs prefs.jsonl --cut-long-prompts
+
+Writes `<run>/dpo/`, a chat stage like sft and rl (chat, serve and export take `--stage dpo`);
+`--resume` continues a killed run. The held-out pairs measure the implicit reward's accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from picochat.checkpoint import load_model
+from picochat.config import add_common_args, add_dataclass_args, apply_overrides, knob
+from picochat.data.preferences import pair_batch
+from picochat.run import Run
+from picochat.tokenizer import Tokenizer
+from picochat.train.loop import autocast, build_optimizers, run_steps, setup_runtime, teardown_runtime
+from picochat.train.rl import problems_for_step, token_log_probs
+from picochat.train.rm import train_pairs
+
+
+@dataclass
+class DPOConfig:
+    """Hyperparameters of DPO (the defaults suit the cpu preset)."""
+
+    steps: int = knob(100, "optimizer steps")
+    batch_size: int = knob(16, "pairs per step")
+    beta: float = knob(0.1, "strength of the implicit KL penalty to the reference: higher stays closer to it")
+    lr: float = knob(3e-5, "AdamW learning rate, constant")
+    weight_decay: float = knob(0.0, "decoupled weight decay")
+    grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)")
+    heldout_share: float = knob(0.1, "share of the pairs held out when no --heldout file is given")
+    eval_every: int = knob(50, "steps between held-out evaluations (0: only at the end)")
+    ckpt_every: int = knob(50, "steps between checkpoints (0: only at the end)")
+    dtype: str = knob("float32", "float32, or bfloat16 (autocast)")
+    seed: int = knob(0, "seed of the held-out split and the pair order")
+
+
+def reply_log_probs(model, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(chosen reply), log p(rejected reply)) of each pair, summed over the reply's tokens."""
+    inputs, targets, mask, _ = pair_batch([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    logp = (token_log_probs(model, inputs.to(device), targets.to(device)) * mask.to(device)).sum(dim=1)
+    return logp[: len(pairs)], logp[len(pairs) :]
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean DPO loss, implicit reward margins beta * (log-ratio chosen - log-ratio rejected))."""
+    margins = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -F.logsigmoid(margins).mean(), margins.detach()
+
+
+@torch.no_grad()
+def reference_log_probs(model, pairs: list[dict], device, batch_size: int = 32) -> list[tuple[float, float]]:
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = reply_log_probs(model, pairs[start : start + batch_size], device)
+        out.extend(zip(chosen.tolist(), rejected.tolist()))
+    return out
+
+
+def heldout_metrics(model, pairs: list[dict], ref_logps: list[tuple[float, float]], beta: float, device) -> dict:
+    """The implicit reward's accuracy on held-out pairs (margin > 0), and the mean margin."""
+    policy = reference_log_probs(model, pairs, device)
+    margins = torch.tensor([beta * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(policy, ref_logps)])
+    return {"heldout_accuracy": round(float((margins > 0).float().mean()), 4), "heldout_margin": round(float(margins.mean()), 4)}
+
+
+def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None = None, heldout: str | None = None,
+            init: Path | None = None, cut_prompts: bool = False, resume: bool = False, device: str = "auto") -> dict:
+    """DPO from `<init or run/sft>` (also the reference) on the pairs; writes `<run>/dpo/`."""
+    run = Run(run_dir)
+    cfg = cfg or DPOConfig()
+    init = Path(init) if init else run.stage("sft")
+    rt = setup_runtime(device, join_group=False)
+    try:
+        tok = Tokenizer.load(run.tokenizer)
+        model, meta = load_model(init, rt.device)
+        if meta.get("tokenizer") not in (None, tok.fingerprint):
+            raise ValueError(f"{init}: trained with another tokenizer than {run.tokenizer}")
+        train, held = train_pairs(run, tok, pairs, heldout, model.config.max_seq_len, cut_prompts, cfg.heldout_share,
+                                  cfg.seed, "dpo")
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        with autocast(rt, cfg.dtype):
+            ref_train = reference_log_probs(reference, train, rt.device)
+            ref_held = reference_log_probs(reference, held, rt.device)
+        model.train()
+        optimizers = build_optimizers(model, "adamw", cfg.lr, weight_decay=cfg.weight_decay)
+
+        def step_fn(step: int) -> dict:
+            t0 = time.perf_counter()
+            chosen_rows = problems_for_step(len(train), step, cfg.batch_size, cfg.seed)
+            ref = torch.tensor([ref_train[i] for i in chosen_rows], device=rt.device)
+            with autocast(rt, cfg.dtype):
+                chosen, rejected = reply_log_probs(model, [train[i] for i in chosen_rows], rt.device)
+            loss, margins = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            record = {"loss": round(loss.item(), 5), "accuracy": round(float((margins > 0).float().mean()), 4),
+                      "margin": round(float(margins.mean()), 4), "chosen_logp": round(float(chosen.detach().mean()), 3),
+                      "rejected_logp": round(float(rejected.detach().mean()), 3), "grad_norm": round(float(grad_norm), 4),
+                      "seconds": round(time.perf_counter() - t0, 3)}
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+                model.eval()
+                with autocast(rt, cfg.dtype):
+                    record.update(heldout_metrics(model, held, ref_held, cfg.beta, rt.device))
+                model.train()
+            return record
+
+        info = {"stage": "dpo", "tokenizer": tok.fingerprint, "init": str(init), "pairs": pairs or "world"}
+        return run_steps(run.stage("dpo"), model, optimizers, rt, cfg.steps, step_fn, resume=resume,
+                         ckpt_every=cfg.ckpt_every, desc="dpo", info=info, meta={"dpo_config": asdict(cfg)},
+                         summary={"dpo_config": asdict(cfg), "train_pairs": len(train), "heldout_pairs": len(held)},
+                         postfix=("loss", "accuracy", "margin", "heldout_accuracy"))
+    finally:
+        teardown_runtime(rt)
+
+
+def register_cli(parser: argparse.ArgumentParser) -> None:
+    add_common_args(parser)
+    parser.add_argument("--pairs", nargs="+", default=None, metavar="FILE",
+                        help="preference files: JSON or JSONL of {prompt, chosen, rejected} (strings or message lists) or "
+                             "stack-exchange-paired {question, response_j, response_k} (default: the world's "
+                             "<run>/prefs/pairs.jsonl from `picochat prefs sample`)")
+    parser.add_argument("--heldout", default=None, metavar="FILE",
+                        help="held-out pairs (default: <run>/prefs/pairs-heldout.jsonl for the world's pairs, else "
+                             "--heldout-share of --pairs)")
+    parser.add_argument("--init", default=None, help="model folder to start from and to stay close to (default: <run>/sft)")
+    parser.add_argument("--cut-long-prompts", action="store_true",
+                        help="keep a pair longer than the context by cutting its prompt to its end, when its replies fit")
+    add_dataclass_args(parser, DPOConfig)
+    parser.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> None:
+    cfg = apply_overrides(DPOConfig(), args)
+    summary = run_dpo(Path(args.run), cfg, args.pairs, args.heldout, args.init, args.cut_long_prompts, args.resume, args.device)
+    print(f"dpo: done, held-out accuracy {summary.get('heldout_accuracy')} -> {Path(args.run) / 'dpo'}")
