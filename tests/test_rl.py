@@ -123,7 +123,7 @@ def test_training_forward_scores_the_tokens_the_engine_sampled(small_tokenizer):
     problems = [{"prompt": "Ann has 3 apples.", "answer": 3}, {"prompt": "A much longer question about pears?", "answer": 1}]
     prompts = [render_for_reply([{"role": "user", "content": p["prompt"]}], tok) for p in problems]
     rollouts = sample_groups(model, tok, prompts, problems, replace(RLConfig(), temperature=1e-6, group_size=2, max_new_tokens=12),
-                             seed=0, reward_fn=lambda text, problem: 0.0)
+                             seeds=[0, 1], reward_fn=lambda text, problem: 0.0)
     rows = [trained_tokens(group[0], None) for group in rollouts.completions]
     batch = build_batch(prompts, [r[0] for r in rows], [r[1] for r in rows], [1.0, 1.0])
     with torch.no_grad():
@@ -302,3 +302,61 @@ def test_settings_that_cannot_train_are_refused(rl_run):
         run_rl(rl_run, cfg=replace(TINY_RL, replay_coef=-1.0), device="cpu")
     with pytest.raises(ValueError, match="--replay-batch must be at least 1"):
         run_rl(rl_run, cfg=replace(TINY_RL, replay_batch=0), device="cpu")
+
+
+# --- every rank --------------------------------------------------------------------------------------
+RANKS_SCRIPT = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+from picochat.config import RLConfig
+from picochat.train.rl import run_rl
+
+def odd_length_reward(text, problem):
+    return float(len(text) % 2 == 1)
+
+cfg = eval(sys.argv[2])
+run_rl(Path(sys.argv[1]), cfg=cfg, device="cpu", reward_fn=odd_length_reward)
+"""
+
+
+def torchrun_rl(script, run, cfg: RLConfig, nproc: int = 2):
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(script), str(run), repr(cfg)], capture_output=True, text=True, env=env)
+
+
+def test_two_processes_sample_their_share_and_update_as_one(rl_run, tmp_path):
+    """Each of 2 gloo processes samples half of each step's problems (seeded per problem, so the same
+    replies as one process), and their summed gradients make one process's update: same rewards,
+    losses, held-out pass@k and weights after two steps, with PPO clipping, KL and replay on."""
+    cfg = replace(TINY_RL, steps=2, problems_per_step=4, micro_batch=3, kl_coef=0.05, clip_eps=0.2, ppo_epochs=2,
+                  replay_coef=0.5, replay_batch=2, eval_problems=4)
+    single = copy_run(rl_run, tmp_path, "single")
+    run_rl(single, cfg=cfg, device="cpu", reward_fn=odd_length_reward)
+    script = tmp_path / "rl_ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    two = copy_run(rl_run, tmp_path, "two")
+    out = torchrun_rl(script, two, cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(2 problems on each of 2 processes)" in out.stdout
+
+    one_records, two_records = [[json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+                                for run in (single, two)]
+    assert sum(r["trained_groups"] for r in one_records) > 0  # there was an update to compare
+    for a, b in zip(one_records, two_records, strict=True):
+        for name in ("reward", "pass_rate", "response_len", "trained_groups", "heldout_pass@1", "heldout_pass@k"):
+            assert a.get(name) == b.get(name), (a["step"], name)
+        for name in ("loss", "kl", "clipped", "replay_loss", "grad_norm"):
+            assert b[name] == pytest.approx(a[name], rel=1e-3, abs=1e-5), (a["step"], name)
+    start = load_file(str(rl_run / "sft" / "model.safetensors"))
+    one, other = load_file(str(single / "rl" / "model.safetensors")), load_file(str(two / "rl" / "model.safetensors"))
+    assert any(not torch.equal(start[name], one[name]) for name in start)
+    for name in one:
+        torch.testing.assert_close(other[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    uneven = copy_run(rl_run, tmp_path, "uneven")
+    out = torchrun_rl(script, uneven, replace(cfg, problems_per_step=3))
+    assert out.returncode != 0 and "--problems-per-step 3 does not split over 2 processes" in out.stderr

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -377,15 +377,23 @@ class ContinuousBatch:
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-             num_samples: int = 1, tokenizer=None, tools: Tools | None = None) -> list[list[Completion]]:
+             num_samples: int = 1, tokenizer=None, tools: Tools | None = None,
+             seeds: Sequence[int] | None = None) -> list[list[Completion]]:
     """Complete each prompt num_samples times; result[i][j] is sample j of prompt i.
 
     A completion ends at a stop id (excluded; finish_reason "stop") or after max_new_tokens, or
     when the model's context is full ("length"). Pass the tokenizer to enable calculator tool calls,
-    or `tools` for the tools it holds (search too, given an index).
+    or `tools` for the tools it holds (search too, given an index). `seeds` (one per prompt, in place
+    of sampling.seed) gives each prompt its own random stream, so its samples do not depend on which
+    prompts are decoded beside it (RL's problems split over ranks).
     """
     batch = ContinuousBatch(model, tokenizer, tools)
-    ids = batch.add_all(prompts, max_new_tokens, sampling, num_samples)
+    if seeds is None:
+        ids = batch.add_all(prompts, max_new_tokens, sampling, num_samples)
+    else:
+        _check_request(model, [list(p) for p in prompts], max_new_tokens, num_samples)  # refuse before queueing any
+        ids = [batch.add(prompt, max_new_tokens, replace(sampling, seed=seed), num_samples)
+               for prompt, seed in zip(prompts, seeds, strict=True)]
     tokens: dict[int, list[int]] = {sequence: [] for group in ids for sequence in group}
     ends: dict[int, StepEvent] = {}
     while len(batch):

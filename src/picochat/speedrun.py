@@ -112,7 +112,8 @@ def _rl(run: Run, preset_name: str, device: str, seed: int) -> None:
 def _evaluate(stage: str, preset, device: str) -> Callable:
     def run_eval(run: Run):
         resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        evaluate_stage(run.root, stage, k=preset.rl.eval_k, n_problems=preset.rl.eval_problems, device=resolved)
+        evaluate_stage(run.root, stage, k=preset.rl.eval_k, n_problems=preset.rl.eval_problems, device=resolved,
+                       join_group=False)
 
     return run_eval
 
@@ -140,7 +141,7 @@ def preference_stages(preset_name: str, device: str, seed: int) -> list[tuple[st
         ("dpo", lambda run: run_dpo(run.root, DPOConfig(seed=seed), resume=True, device=resolved), done("dpo", "done.json")),
         ("eval dpo", _evaluate("dpo", preset, device), done("dpo", "eval.json")),
         ("judge dpo", lambda run: judge_stage(run.root, "dpo"), done("dpo", "winrate.json")),
-        ("rlhf", lambda run: run_rlhf(run.root, preset_name, rlhf_cfg, resume=True, device=resolved), done("rlhf", "done.json")),
+        ("rlhf", lambda run: run_rlhf(run.root, preset_name, rlhf_cfg, resume=True, device=resolved, join_group=False), done("rlhf", "done.json")),
         ("eval rlhf", _evaluate("rlhf", preset, device), done("rlhf", "eval.json")),
         ("judge rlhf", lambda run: judge_stage(run.root, "rlhf"), done("rlhf", "winrate.json")),
     ]

@@ -25,7 +25,14 @@ seed and the CPU's rounding; practising those questions too holds that behaviour
     picochat rl --run runs/x --problems gsm8k/train.jsonl --heldout gsm8k/test.jsonl --preset gpu-135m
 
 Writes `<run>/rl/` with the layout of every stage (see picochat.checkpoint); `--resume` continues
-a killed run to the same weights (sampling is seeded per step, problem order per epoch).
+a killed run to the same weights (sampling is seeded per step and problem, problem order per epoch).
+
+Under torchrun every rank samples and rewards its share of each step's problems (`problems_per_step`
+must split evenly) and computes its groups' advantages; the ranks' gradients are summed, each loss
+already divided by the whole step's trained tokens, so the update is one process's on the same
+samples; the held-out pass@k is split over the ranks too, and rank 0 writes the stage.
+
+    torchrun --standalone --nproc_per_node=8 -m picochat -- rl --run runs/gpu --preset gpu-135m
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from picochat.chat import REPLY_STOP_IDS, render_for_reply
@@ -49,7 +57,7 @@ from picochat.data.loader import ConversationLoader
 from picochat.data.tasks import read_problems, reward
 from picochat.engine import FINISH_STOP, Completion, Sampling, generate
 from picochat.evaluate import problem_metrics
-from picochat.model import Transformer
+from picochat.model import IGNORE_INDEX, Transformer
 from picochat.run import Run
 from picochat.tokenizer import TOOL_RESULT_END_ID, TOOL_RESULT_ID, Tokenizer
 from picochat.tools import Tools
@@ -195,14 +203,22 @@ class Rollouts:
     texts: list[list[str]] = field(default_factory=list)  # the completions decoded
 
 
+def problem_seeds(seed: int, step: int, positions: Sequence[int]) -> list[int]:
+    """The sampling seed of each problem of a step, by its position in the step: the same whichever
+    rank samples it, so 1 and N processes draw the same replies."""
+    return [(seed * 1_000_003 + step) * 100_003 + position for position in positions]
+
+
 def sample_groups(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence[int]], problems: Sequence[dict],
-                  cfg: RLConfig, seed: int, reward_fn: RewardFn = reward, tools: Tools | None = None,
+                  cfg: RLConfig, seeds: Sequence[int], reward_fn: RewardFn = reward, tools: Tools | None = None,
                   group_reward: GroupRewardFn | None = None) -> Rollouts:
-    """Sample `group_size` replies per prompt in one batched call and reward each (with `reward_fn`
-    one by one, or `group_reward` all at once); `tools` runs the replies' tool calls (default: the calculator)."""
+    """Sample `group_size` replies per prompt in one batched call, each prompt from its own random
+    stream (`seeds`), and reward each (with `reward_fn` one by one, or `group_reward` all at once);
+    `tools` runs the replies' tool calls (default: the calculator)."""
     model.eval()
-    sampling = Sampling(cfg.temperature, seed=seed, stop_ids=REPLY_STOP_IDS)  # as every reply ends
-    completions = generate(model, prompts, cfg.max_new_tokens, sampling, num_samples=cfg.group_size, tokenizer=tok, tools=tools)
+    sampling = Sampling(cfg.temperature, stop_ids=REPLY_STOP_IDS)  # as every reply ends
+    completions = generate(model, prompts, cfg.max_new_tokens, sampling, num_samples=cfg.group_size, tokenizer=tok,
+                           tools=tools, seeds=seeds)
     model.train()
     texts = [[tok.decode(c.tokens) for c in group] for group in completions]
     if group_reward is not None:
@@ -230,11 +246,39 @@ def policy_batch(tok: Tokenizer, prompts: Sequence[Sequence[int]], rollouts: Rol
     return build_batch(*zip(*rows)) if rows else None
 
 
+def sum_over_ranks(rt: Runtime, values: Sequence[float]) -> list[float]:
+    """Each value summed over the ranks (itself in one process)."""
+    if not rt.distributed:
+        return list(values)
+    totals = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def all_reduce_gradients(model: Transformer, rt: Runtime) -> None:
+    """Sum every gradient over the ranks. Not DDP: the ranks' batches have different numbers of
+    micro-batches (or none), and each loss is already divided by the whole step's trained tokens."""
+    if not rt.distributed:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
 def update(model: Transformer, optimizers: list, batch: PolicyBatch | None, cfg: RLConfig, rt: Runtime,
-           reference: Transformer | None, replay: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+           reference: Transformer | None, replay: tuple[torch.Tensor, torch.Tensor] | None = None,
+           n_tokens: int | None = None) -> dict:
     """`ppo_epochs` optimizer steps on the batch, each accumulating micro-batches of `micro_batch` rows,
-    plus `replay_coef` times the SFT loss on the `replay` rows (inputs, targets) at each of them."""
-    n_tokens = int(batch.mask.sum()) if batch is not None else 1
+    plus `replay_coef` times the SFT loss on the `replay` rows (inputs, targets) at each of them.
+
+    Over several ranks each passes its own batch and replay rows, `n_tokens` is the trained tokens of
+    all the ranks' batches, and the update (and the returned totals) equal one process's on all of them."""
+    n_tokens = max(1, int(n_tokens if n_tokens is not None else batch.mask.sum() if batch is not None else 0))
+    if replay is not None:
+        replay_targets = int((replay[1] != IGNORE_INDEX).sum())
+        replay_targets = max(1, int(sum_over_ranks(rt, [replay_targets])[0]))
     rows = len(batch.advantages) if batch is not None else 0
     chunks = [batch.rows(i, i + cfg.micro_batch) for i in range(0, rows, cfg.micro_batch)]
     chunks = [PolicyBatch(*(t.to(rt.device) for t in (c.inputs, c.targets, c.mask, c.advantages))) for c in chunks]
@@ -243,7 +287,9 @@ def update(model: Transformer, optimizers: list, batch: PolicyBatch | None, cfg:
         with torch.no_grad(), autocast(rt, cfg.dtype):
             ref_logps = [token_log_probs(reference, c.inputs, c.targets, cfg.temperature) for c in chunks]
     old_logps: list[torch.Tensor] = []
-    totals = {"loss": 0.0}
+    # The same keys on every rank (they are summed over the ranks), whatever this rank's batch holds.
+    names = ["loss"] + ["clipped"] * (cfg.clip_eps > 0) + ["kl"] * (cfg.kl_coef > 0 and reference is not None)
+    totals = dict.fromkeys(names + ["replay_loss"] * (replay is not None), 0.0)
     grad_norm = None
     for epoch in range(cfg.ppo_epochs):
         for index, (chunk, ref_logp) in enumerate(zip(chunks, ref_logps)):
@@ -257,17 +303,19 @@ def update(model: Transformer, optimizers: list, batch: PolicyBatch | None, cfg:
             if epoch == 0:
                 totals["loss"] += loss.item()
                 for name, value in stats.items():
-                    totals[name] = totals.get(name, 0.0) + value / n_tokens
-        if replay is not None:
+                    totals[name] += value / n_tokens
+        if replay is not None:  # the mean over every rank's replayed tokens
             with autocast(rt, cfg.dtype):
-                replay_loss = model(replay[0].to(rt.device), replay[1].to(rt.device))
+                replay_loss = model(replay[0].to(rt.device), replay[1].to(rt.device), reduction="none").sum() / replay_targets
             (cfg.replay_coef * replay_loss).backward()
             if epoch == 0:
                 totals["replay_loss"] = replay_loss.item()
+        all_reduce_gradients(model, rt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+    totals = dict(zip(totals, sum_over_ranks(rt, list(totals.values()))))
     if grad_norm is not None:
         totals["grad_norm"] = float(grad_norm)
     return totals
@@ -304,10 +352,19 @@ def training_problems(tok: Tokenizer, specs: Sequence[str], context: int, seed: 
     return [problems[i] for i in fits], [prompts[i] for i in fits], len(problems) - len(fits)
 
 
-def step_record(rollouts: Rollouts, trained: dict, sample_s: float, step_s: float) -> dict:
+def gather_rollouts(rt: Runtime, rollouts: Rollouts) -> tuple[torch.Tensor, list[int], list[list[str]]]:
+    """(rewards, reply lengths, texts) of the whole step, every rank's in problem order, on every rank."""
+    mine = (rollouts.rewards.tolist(), [len(c.tokens) for group in rollouts.completions for c in group], rollouts.texts)
+    parts = [mine]
+    if rt.distributed:
+        parts = [None] * rt.world_size
+        dist.all_gather_object(parts, mine)
+    return (torch.tensor([row for rewards, _, _ in parts for row in rewards]),
+            [n for _, lengths, _ in parts for n in lengths], [t for _, _, texts in parts for t in texts])
+
+
+def step_record(rewards: torch.Tensor, lengths: Sequence[int], trained: dict, sample_s: float, step_s: float) -> dict:
     """The metrics of one step: reward, pass rate, reply length, the update's loss, time."""
-    rewards = rollouts.rewards
-    lengths = [len(c.tokens) for group in rollouts.completions for c in group]
     return {
         "reward": round(rewards.mean().item(), 4),
         "pass_rate": round((rewards.max(dim=1).values > 0).float().mean().item(), 4),
@@ -319,9 +376,9 @@ def step_record(rollouts: Rollouts, trained: dict, sample_s: float, step_s: floa
     }
 
 
-def heldout_metrics(model: Transformer, tok: Tokenizer, problems: list[dict], cfg: RLConfig) -> dict:
-    """pass@1 / pass@k on held-out problems, as `picochat eval` measures them."""
-    metrics = problem_metrics(model, tok, problems, cfg.eval_k)
+def heldout_metrics(model: Transformer, tok: Tokenizer, problems: list[dict], cfg: RLConfig, rt: Runtime | None = None) -> dict:
+    """pass@1 / pass@k on held-out problems, as `picochat eval` measures them (split over the ranks)."""
+    metrics = problem_metrics(model, tok, problems, cfg.eval_k, rt=rt)
     return {"heldout_pass@1": round(metrics["pass@1"], 4), "heldout_pass@k": round(metrics["pass@k"], 4), "k": metrics["k"]}
 
 
@@ -343,8 +400,11 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
     heldout_path = Path(heldout_path) if heldout_path else run.eval_problems
     rt = setup_runtime(device, join_group)
     try:
-        if rt.distributed:
-            raise TrainingError("rl runs in one process; start it without torchrun")
+        for name in ("problems_per_step",) + ("replay_batch",) * (cfg.replay_coef > 0):
+            if getattr(cfg, name) % rt.world_size:
+                raise TrainingError(f"--{name.replace('_', '-')} {getattr(cfg, name)} does not split over {rt.world_size} "
+                                    f"processes; make it a multiple of {rt.world_size}")
+        per_rank = cfg.problems_per_step // rt.world_size
         tok = Tokenizer.load(run.tokenizer)
         model, _ = load_model(init, rt.device)
         problems, prompts, too_long = training_problems(tok, specs, model.config.max_seq_len, cfg.seed)
@@ -356,31 +416,37 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
         stateful = {}
         if cfg.replay_coef > 0:
             replay = replay or [str(path) for path in run.world_sft_data]
-            stateful["replay_loader"] = ConversationLoader(load_mixture(replay, cfg.seed), tok, batch_size=cfg.replay_batch,
-                                                           seq_len=model.config.max_seq_len, seed=cfg.seed)
-        print(f"{stage}: {len(problems):,} problems from {', '.join(specs)} ({too_long} longer than the context left out), "
-              f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples, from {init}"
-              + (f"; replaying {cfg.replay_batch} rows a step of {', '.join(replay)}" if stateful else ""))
+            stateful["replay_loader"] = ConversationLoader(load_mixture(replay, cfg.seed), tok, seq_len=model.config.max_seq_len,
+                                                           batch_size=cfg.replay_batch // rt.world_size, rank=rt.rank,
+                                                           world_size=rt.world_size, seed=cfg.seed)
+        if rt.is_main:
+                print(f"{stage}: {len(problems):,} problems from {', '.join(specs)} ({too_long} longer than the context left out), "
+                  f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples"
+                  + (f" ({per_rank} problems on each of {rt.world_size} processes)" if rt.distributed else "") + f", from {init}"
+                  + (f"; replaying {cfg.replay_batch} rows a step of {', '.join(replay)}" if stateful else ""))
 
         def step_fn(step: int) -> dict:
             t0 = time.perf_counter()
             chosen = problems_for_step(len(problems), step, cfg.problems_per_step, cfg.seed)
-            step_prompts = [prompts[i] for i in chosen]
-            rollouts = sample_groups(model, tok, step_prompts, [problems[i] for i in chosen], cfg,
-                                     seed=cfg.seed * 1_000_003 + step, reward_fn=reward_fn, tools=tools,
+            positions = range(rt.rank * per_rank, (rt.rank + 1) * per_rank)  # this rank's share of the step
+            step_prompts = [prompts[chosen[i]] for i in positions]
+            rollouts = sample_groups(model, tok, step_prompts, [problems[chosen[i]] for i in positions], cfg,
+                                     seeds=problem_seeds(cfg.seed, step, positions), reward_fn=reward_fn, tools=tools,
                                      group_reward=group_reward)
             sample_s = time.perf_counter() - t0
             batch = policy_batch(tok, step_prompts, rollouts, cfg.normalize_std)
             replay_rows = next(stateful["replay_loader"]) if stateful else None
-            if batch is None and replay_rows is None:
+            n_tokens = sum_over_ranks(rt, [float(batch.mask.sum()) if batch is not None else 0.0])[0]
+            if n_tokens == 0 and replay_rows is None:
                 trained = {"loss": 0.0}
             else:
-                trained = update(model, optimizers, batch, cfg, rt, reference, replay_rows)
-            record = step_record(rollouts, trained, sample_s, time.perf_counter() - t0)
+                trained = update(model, optimizers, batch, cfg, rt, reference, replay_rows, n_tokens=int(n_tokens))
+            rewards, lengths, texts = gather_rollouts(rt, rollouts)
+            record = step_record(rewards, lengths, trained, sample_s, time.perf_counter() - t0)
             if step_metrics is not None:
-                record.update(step_metrics(rollouts.texts, [problems[i] for i in chosen]))
+                record.update(step_metrics(texts, [problems[i] for i in chosen]))
             if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
-                record.update(heldout_metrics(model, tok, heldout, cfg))
+                record.update(heldout_metrics(model, tok, heldout, cfg, rt))
             return record
 
         info = {"stage": stage, "preset": preset, "tokenizer": tok.fingerprint, "init": str(init), "problems": specs}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,18 +88,21 @@ def check_tokenizers(rm_meta: dict, policy_dir: Path, rm_dir: Path) -> None:
 
 def run_rlhf(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init: Path | None = None,
              reward_dir: Path | None = None, prompts: Sequence[str] | None = None, resume: bool = False,
-             device: str = "auto") -> dict:
-    """RL from `<init or run/sft>` against the reward model `<reward_dir or run/rm>`; writes `<run>/rlhf/`."""
+             device: str = "auto", join_group: bool = True) -> dict:
+    """RL from `<init or run/sft>` against the reward model `<reward_dir or run/rm>`; writes `<run>/rlhf/`.
+    join_group=False: one process even under torchrun (see `setup_runtime`)."""
     run = Run(run_dir)
     cfg = cfg or rlhf_config(preset)
     init = Path(init) if init else run.stage("sft")
     reward_dir = Path(reward_dir) if reward_dir else run.stage(REWARD_STAGE)
-    rm, rm_meta = load_reward_model(reward_dir, "cuda" if device == "cuda" else "cpu")
+    local_gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # each rank's own GPU under torchrun
+    rm, rm_meta = load_reward_model(reward_dir, local_gpu if device == "cuda" else "cpu")
     check_tokenizers(rm_meta, init, reward_dir)
     specs = list(prompts) if prompts else [str(run.prefs / "prompts.jsonl")]
     tok = Tokenizer.load(run.tokenizer)
     return run_rl(run_dir, preset, cfg, init, specs, resume=resume, device=device, stage=STAGE,
-                  group_reward=reward_model_scores(rm, tok, rm.lm_head.weight.device), step_metrics=labeler_metrics(run))
+                  group_reward=reward_model_scores(rm, tok, rm.lm_head.weight.device), step_metrics=labeler_metrics(run),
+                  join_group=join_group)
 
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
