@@ -17,7 +17,7 @@ from picochat.model import ModelConfig, Transformer
 from picochat.tokenizer import Tokenizer
 from picochat.train.loop import TrainingError
 from picochat.chat import render_for_reply
-from picochat.train.rl import (Rollouts, build_batch, group_advantages, policy_batch, policy_loss, problems_for_step, run_rl,
+from picochat.train.rl import (Rollouts, build_batch, check_ranks, group_advantages, policy_batch, policy_loss, problems_for_step, run_rl,
                                sample_groups, token_log_probs, trained_tokens)
 
 
@@ -357,6 +357,11 @@ def test_two_processes_sample_their_share_and_update_as_one(rl_run, tmp_path):
     for name in one:
         torch.testing.assert_close(other[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
 
-    uneven = copy_run(rl_run, tmp_path, "uneven")
-    out = torchrun_rl(script, uneven, replace(cfg, problems_per_step=3))
-    assert out.returncode != 0 and "--problems-per-step 3 does not split over 2 processes" in out.stderr
+
+def test_a_step_that_does_not_split_over_the_ranks_is_refused():
+    check_ranks(replace(TINY_RL, problems_per_step=4), 2)
+    with pytest.raises(TrainingError, match="--problems-per-step 3 does not split over 2 processes; make it a multiple of 2"):
+        check_ranks(replace(TINY_RL, problems_per_step=3), 2)
+    check_ranks(replace(TINY_RL, problems_per_step=4, replay_batch=3), 2)  # nothing replayed: no rows to split
+    with pytest.raises(TrainingError, match="--replay-batch 3 does not split"):
+        check_ranks(replace(TINY_RL, problems_per_step=4, replay_coef=0.5, replay_batch=3), 2)

@@ -101,6 +101,14 @@ def check_config(cfg: RLConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
 
 
+def check_ranks(cfg: RLConfig, world_size: int) -> None:
+    """Refuse a step's problems (or replayed rows) that do not split evenly over the processes."""
+    for name in ("problems_per_step",) + ("replay_batch",) * (cfg.replay_coef > 0):
+        if getattr(cfg, name) % world_size:
+            raise TrainingError(f"--{name.replace('_', '-')} {getattr(cfg, name)} does not split over {world_size} "
+                                f"processes; make it a multiple of {world_size}")
+
+
 # --- the algorithm --------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = False, eps: float = 1e-4) -> torch.Tensor:
     """rewards (problems, group) -> reward minus the group's mean, optionally over its (population)
@@ -400,10 +408,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
     heldout_path = Path(heldout_path) if heldout_path else run.eval_problems
     rt = setup_runtime(device, join_group)
     try:
-        for name in ("problems_per_step",) + ("replay_batch",) * (cfg.replay_coef > 0):
-            if getattr(cfg, name) % rt.world_size:
-                raise TrainingError(f"--{name.replace('_', '-')} {getattr(cfg, name)} does not split over {rt.world_size} "
-                                    f"processes; make it a multiple of {rt.world_size}")
+        check_ranks(cfg, rt.world_size)
         per_rank = cfg.problems_per_step // rt.world_size
         tok = Tokenizer.load(run.tokenizer)
         model, _ = load_model(init, rt.device)
