@@ -1,5 +1,5 @@
 """The speedrun under torchrun: rank 0 runs the single-process stages while the other ranks wait (and
-stop on its failure), every rank trains in pretraining and SFT; `--docs` and `--chat` inputs."""
+stop on its failure), every rank trains in pretraining, SFT and RL and evaluates; `--docs` and `--chat` inputs."""
 
 import json
 import os
@@ -14,6 +14,7 @@ import pytest
 from picochat import speedrun as sr
 from picochat.data.sources import SourceError
 from picochat.run import Run
+from picochat.train.loop import TrainingError
 
 TINY_PRESET_SCRIPT = """
 import sys
@@ -114,14 +115,23 @@ def test_a_single_process_writes_no_failure_marker(tmp_path, monkeypatch):
     assert not (tmp_path / sr.FAILED).exists()
 
 
-def test_other_ranks_train_in_the_ddp_stages_wait_for_the_rest_and_stop_after_sft(tmp_path, monkeypatch):
+def test_other_ranks_train_and_evaluate_wait_for_the_rest_and_stop_after_rl(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))
     groups = as_rank(monkeypatch, 1)
-    for name in ("world", "tokenizer", "shards", "eval base"):  # rank 0's work, already done
+    for name in ("world", "tokenizer", "shards", "eval sft"):  # rank 0's work, and a stage already done
         (tmp_path / f"{name}.done").touch()
-    sr.speedrun(tmp_path)  # would wait forever for rank 0's rl/report if it did not stop after sft
-    assert calls == ["base", "sft"] and groups == ["joined", "left group"]
+    sr.speedrun(tmp_path)  # would wait forever for rank 0's report if it did not stop after eval rl
+    assert calls == ["base", "eval base", "sft", "rl", "eval rl"] and groups == ["joined", "left group"]
+
+
+def test_a_speedrun_whose_rl_step_does_not_split_over_the_ranks_is_refused_before_any_work(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))
+    as_rank(monkeypatch, 0, world_size=3)  # the cpu preset samples 32 problems a step
+    with pytest.raises(TrainingError, match="--problems-per-step 32 does not split over 3 processes"):
+        sr.speedrun(tmp_path)
+    assert calls == []
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path):

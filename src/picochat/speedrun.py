@@ -21,9 +21,10 @@ read its facts would be taught by SFT to answer questions about entities it know
 very way the lecture says hallucination is made. `--chat FILE[:WEIGHT]` adds conversation files to
 the SFT mixture beside the world's.
 
-Under torchrun every process runs this loop. Pretraining and SFT train on all of them (DDP); the
-other stages run on rank 0 alone (RL in one process too) while the other ranks poll the stage's
-output every few seconds. If a stage fails on rank 0, it writes `speedrun-failed.json` in the run
+Under torchrun every process runs this loop. Pretraining, SFT and RL train on all of them (data
+parallel) and the evaluations after them decode split over all of them; the other stages (the
+world, tokenizer, shards, the preference stages, the report) run on rank 0 alone while the other
+ranks poll the stage's output every few seconds. If a stage fails on rank 0, it writes `speedrun-failed.json` in the run
 folder, and the waiting ranks stop with its message instead of waiting forever.
 """
 
@@ -52,7 +53,7 @@ from picochat.tokenizer import Tokenizer, limit_chars
 from picochat.train.loop import setup_runtime, teardown_runtime
 from picochat.train.pretrain import run_pretrain
 from picochat.train.dpo import DPOConfig, run_dpo
-from picochat.train.rl import run_rl
+from picochat.train.rl import check_ranks, run_rl
 from picochat.train.rlhf import rlhf_config, run_rlhf
 from picochat.train.rm import RMConfig, run_rm
 from picochat.train.sft import run_sft
@@ -60,7 +61,7 @@ from picochat.world import generate, search_documents
 from picochat.world.preferences import judge_stage, sample_pairs
 from picochat.world.tool_chats import WORLD_PASSAGE_CHARS
 
-ALL_RANKS = ("base", "sft")  # the DDP stages: every torchrun process trains
+ALL_RANKS = ("base", "eval base", "sft", "eval sft", "rl", "eval rl")  # every torchrun process works in these
 FAILED = "speedrun-failed.json"  # rank 0's note that a stage failed, for the waiting ranks
 INPUTS = "speedrun.json"  # the inputs the run was started with
 POLL_SECONDS = 5.0
@@ -106,14 +107,15 @@ def _sft(run: Run, preset_name: str, device: str, chat: list[str], seed: int) ->
 
 def _rl(run: Run, preset_name: str, device: str, seed: int) -> None:
     cfg = dataclasses.replace(get_preset(preset_name).rl, seed=seed)
-    run_rl(run.root, preset_name, cfg, resume=True, device=device, join_group=False)  # one process, even under torchrun
+    run_rl(run.root, preset_name, cfg, resume=True, device=device)
 
 
-def _evaluate(stage: str, preset, device: str) -> Callable:
+def _evaluate(stage: str, preset, device: str, every_rank: bool = True) -> Callable:
+    """The stage's evaluation: split over the ranks, or (every_rank=False) on rank 0 alone."""
     def run_eval(run: Run):
         resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         evaluate_stage(run.root, stage, k=preset.rl.eval_k, n_problems=preset.rl.eval_problems, device=resolved,
-                       join_group=False)
+                       join_group=every_rank)
 
     return run_eval
 
@@ -139,10 +141,10 @@ def preference_stages(preset_name: str, device: str, seed: int) -> list[tuple[st
         ("prefs", lambda run: sample_pairs(run.root, seed=seed), lambda run: (run.prefs / "pairs-heldout.jsonl").exists()),
         ("rm", lambda run: run_rm(run.root, RMConfig(seed=seed), resume=True, device=resolved), done("rm", "done.json")),
         ("dpo", lambda run: run_dpo(run.root, DPOConfig(seed=seed), resume=True, device=resolved), done("dpo", "done.json")),
-        ("eval dpo", _evaluate("dpo", preset, device), done("dpo", "eval.json")),
+        ("eval dpo", _evaluate("dpo", preset, device, every_rank=False), done("dpo", "eval.json")),
         ("judge dpo", lambda run: judge_stage(run.root, "dpo"), done("dpo", "winrate.json")),
         ("rlhf", lambda run: run_rlhf(run.root, preset_name, rlhf_cfg, resume=True, device=resolved, join_group=False), done("rlhf", "done.json")),
-        ("eval rlhf", _evaluate("rlhf", preset, device), done("rlhf", "eval.json")),
+        ("eval rlhf", _evaluate("rlhf", preset, device, every_rank=False), done("rlhf", "eval.json")),
         ("judge rlhf", lambda run: judge_stage(run.root, "rlhf"), done("rlhf", "winrate.json")),
     ]
 
@@ -244,6 +246,7 @@ def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Pa
     rank, world_size, run_id = torchrun_env()
     plan = stages(preset_name, device, docs, chat, val_docs, seed, with_preferences)
     inputs = run_inputs(preset_name, docs, chat, val_docs, seed)
+    check_ranks(get_preset(preset_name).rl, world_size)  # before hours of pretraining, not at RL
     if world_size == 1:
         _lead(run, plan, world_size, run_id, docs, chat, val_docs, inputs)
         return
@@ -294,8 +297,8 @@ def _lead(run: Path, plan: list, world_size: int, run_id: str, docs: Path | None
 
 
 def _follow(run: Path, plan: list, run_id: str) -> None:
-    """A rank other than 0: train in the DDP stages, wait for rank 0 in the others, and stop after the
-    last DDP stage (what follows runs on rank 0 alone)."""
+    """A rank other than 0: work in the stages of every rank, wait for rank 0 in the others, and stop
+    after the last of them (what follows runs on rank 0 alone)."""
     last_shared = max(i for i, (name, _, _) in enumerate(plan) if name in ALL_RANKS)
     for name, action, is_done in plan[: last_shared + 1]:
         if name in ALL_RANKS:
