@@ -54,7 +54,7 @@ class Runtime:
 def setup_runtime(device: str = "auto", join_group: bool = True) -> Runtime:
     """Pick the device and, under torchrun (WORLD_SIZE set), join the process group (NCCL on GPU, gloo on CPU).
 
-    join_group=False: run as one process (rank 0 of 1) even under torchrun, as the speedrun's RL does on rank 0."""
+    join_group=False: run as one process (rank 0 of 1) even under torchrun, as the speedrun's preference stages do on rank 0."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if join_group else 1
     rank = int(os.environ.get("RANK", "0")) if join_group else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
