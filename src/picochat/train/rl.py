@@ -425,7 +425,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
                                                            batch_size=cfg.replay_batch // rt.world_size, rank=rt.rank,
                                                            world_size=rt.world_size, seed=cfg.seed)
         if rt.is_main:
-                print(f"{stage}: {len(problems):,} problems from {', '.join(specs)} ({too_long} longer than the context left out), "
+            print(f"{stage}: {len(problems):,} problems from {', '.join(specs)} ({too_long} longer than the context left out), "
                   f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples"
                   + (f" ({per_rank} problems on each of {rt.world_size} processes)" if rt.distributed else "") + f", from {init}"
                   + (f"; replaying {cfg.replay_batch} rows a step of {', '.join(replay)}" if stateful else ""))
