@@ -25,14 +25,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from picochat.checkpoint import load_model
 from picochat.config import add_common_args, add_dataclass_args, apply_overrides, knob
 from picochat.data.preferences import pair_batch
 from picochat.run import Run
-from picochat.tokenizer import Tokenizer
-from picochat.train.loop import autocast, build_optimizers, run_steps, setup_runtime, teardown_runtime
+from picochat.train.loop import (
+    autocast,
+    build_optimizers,
+    run_steps,
+    setup_runtime,
+    teardown_runtime,
+)
 from picochat.train.rl import problems_for_step, token_log_probs
-from picochat.train.rm import train_pairs
+from picochat.train.rm import load_start, train_pairs
 
 
 @dataclass
@@ -90,10 +94,7 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
     init = Path(init) if init else run.stage("sft")
     rt = setup_runtime(device, join_group=False)
     try:
-        tok = Tokenizer.load(run.tokenizer)
-        model, meta = load_model(init, rt.device)
-        if meta.get("tokenizer") not in (None, tok.fingerprint):
-            raise ValueError(f"{init}: trained with another tokenizer than {run.tokenizer}")
+        tok, model = load_start(run, init, rt.device)
         train, held = train_pairs(run, tok, pairs, heldout, model.config.max_seq_len, cut_prompts, cfg.heldout_share,
                                   cfg.seed, "dpo")
         reference = copy.deepcopy(model).eval().requires_grad_(False)

@@ -147,6 +147,16 @@ def train_pairs(run: Run, tok: Tokenizer, pairs: list[str] | None, heldout: str 
     return split_heldout(train, share, seed)
 
 
+def load_start(run: Run, init: Path, device) -> tuple[Tokenizer, Transformer]:
+    """The run's tokenizer and the model a preference stage starts from, refusing a model that was
+    trained with another tokenizer."""
+    tok = Tokenizer.load(run.tokenizer)
+    model, meta = load_model(init, device)
+    if meta.get("tokenizer") not in (None, tok.fingerprint):
+        raise ValueError(f"{init}: trained with another tokenizer than {run.tokenizer}")
+    return tok, model
+
+
 def run_rm(run_dir: Path, cfg: RMConfig | None = None, pairs: list[str] | None = None, heldout: str | None = None,
            init: Path | None = None, cut_prompts: bool = False, resume: bool = False, device: str = "auto") -> dict:
     """Train the reward model from `<init or run/sft>` and write `<run>/rm/`; returns the summary."""
@@ -155,10 +165,7 @@ def run_rm(run_dir: Path, cfg: RMConfig | None = None, pairs: list[str] | None =
     init = Path(init) if init else run.stage("sft")
     rt = setup_runtime(device, join_group=False)
     try:
-        tok = Tokenizer.load(run.tokenizer)
-        model, meta = load_model(init, rt.device)
-        if meta.get("tokenizer") not in (None, tok.fingerprint):
-            raise ValueError(f"{init}: trained with another tokenizer than {run.tokenizer}")
+        tok, model = load_start(run, init, rt.device)
         with_score_head(model, cfg.seed)
         train, held = train_pairs(run, tok, pairs, heldout, model.config.max_seq_len, cut_prompts, cfg.heldout_share,
                                   cfg.seed, "rm")
