@@ -335,7 +335,12 @@ def test_two_processes_sample_their_share_and_update_as_one(rl_run, tmp_path):
     cfg = replace(TINY_RL, steps=2, problems_per_step=4, micro_batch=3, kl_coef=0.05, clip_eps=0.2, ppo_epochs=2,
                   replay_coef=0.5, replay_batch=2, eval_problems=4)
     single = copy_run(rl_run, tmp_path, "single")
-    run_rl(single, cfg=cfg, device="cpu", reward_fn=odd_length_reward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process: the same reduction order, so PPO clips the same tokens
+    try:
+        run_rl(single, cfg=cfg, device="cpu", reward_fn=odd_length_reward)
+    finally:
+        torch.set_num_threads(threads)
     script = tmp_path / "rl_ranks.py"
     script.write_text(RANKS_SCRIPT)
     two = copy_run(rl_run, tmp_path, "two")
