@@ -29,6 +29,10 @@ class TrainConfig:
     max_steps: int = knob(1000, "horizon in optimizer steps (one of --max-steps, --max-tokens, --tokens-per-param)")
     max_tokens: int = knob(0, "horizon in training tokens (steps = this / total-batch-tokens, rounded up)")
     tokens_per_param: float = knob(0.0, "horizon as tokens per model parameter (20 is Chinchilla's compute-optimal ratio)")
+    time_budget: float = knob(0.0, "wall-clock budget in seconds of training steps (0: off). When set it replaces the "
+                                   "step/token horizon: training ends when the steps have taken this long, and the "
+                                   "learning-rate decay is laid out over the seconds, not over steps (warmup stays in "
+                                   "steps); evaluations and checkpoint writes do not count against it")
     optimizer: str = knob("adamw", "adamw, or muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)")
     lr: float = knob(3e-3, "AdamW peak learning rate")
     muon_lr: float = knob(0.02, "Muon peak learning rate (hidden matrices)")
