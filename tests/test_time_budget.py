@@ -3,7 +3,7 @@ out over them, a final checkpoint as at the end of any run, and a resumed run co
 
 The schedule is checked with an injected clock (each step takes exactly 0.25 s of it), so nothing here
 depends on how loaded the machine is; the command-line run uses the real clock and checks only what
-holds at any speed."""
+holds at any speed. Also the recipe's knobs: untied embeddings with a learning rate of their own."""
 
 import json
 
@@ -17,7 +17,7 @@ from picochat.data.loader import ShardLoader
 from picochat.model import ModelConfig, Transformer
 from picochat.tokenizer import Tokenizer
 from picochat.train.budget import BudgetError, batch_budget
-from picochat.train.loop import lr_multiplier, setup_runtime, train
+from picochat.train.loop import build_optimizers, lr_multiplier, setup_runtime, train
 
 from test_train import TINY_MODEL_FLAGS, TINY_TRAIN, fresh_copy, metrics, one_thread_env, picochat
 
@@ -108,7 +108,7 @@ def test_a_negative_budget_is_refused():
 def test_pretrain_with_a_short_time_budget_ends_on_time_with_a_finished_schedule(tiny_run, tmp_path):
     run = fresh_copy(tiny_run, tmp_path, "budget")
     out = picochat("pretrain", "--run", str(run), *TINY_MODEL_FLAGS, *TINY_TRAIN, "--time-budget", "3", "--eval-every", "0",
-                   "--ckpt-every", "0", "--device", "cpu", env=one_thread_env())
+                   "--ckpt-every", "0", "--no-tie-embeddings", "--device", "cpu", env=one_thread_env())
     assert out.returncode == 0, out.stderr
     assert "a time budget of 3 s" in out.stdout
     records = metrics(run / "base")
@@ -119,4 +119,18 @@ def test_pretrain_with_a_short_time_budget_ends_on_time_with_a_finished_schedule
     assert 3 - 1.5 * longest <= seconds[-1] <= 3 + 2 * longest and len(records) > 2
     assert records[-1]["lr_mult"] == pytest.approx(0.05)  # the cpu preset's final_lr_frac: the schedule finished
     assert "val_bpb" in records[-1] and (run / "base" / "done.json").exists()
-    assert load_model(run / "base")[0].config.d_model == 64
+    model = load_model(run / "base")[0]
+    assert model.config.d_model == 64 and not model.config.tie_embeddings  # --no-tie-embeddings: two matrices
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_untied_input_embeddings_take_their_own_learning_rate():
+    shape = dict(vocab_size=64, n_layer=1, d_model=16, n_head=2, n_kv_head=1, max_seq_len=8)
+    untied = Transformer(ModelConfig(**shape, tie_embeddings=False))
+    muon, adamw = build_optimizers(untied, "muon", lr=3e-3, embedding_lr=0.1)
+    rates = {id(p): g["lr"] for g in adamw.param_groups for p in g["params"]}
+    assert rates[id(untied.model.embed_tokens.weight)] == 0.1 and rates[id(untied.lm_head.weight)] == 3e-3
+    assert sum(len(g["params"]) for g in muon.param_groups) == 7  # q, k, v, o, gate, up, down
+    tied = Transformer(ModelConfig(**shape, tie_embeddings=True))  # one matrix: the head's rate, the knob ignored
+    (adamw,) = build_optimizers(tied, "adamw", lr=3e-3, embedding_lr=0.1)
+    assert {g["lr"] for g in adamw.param_groups} == {3e-3}

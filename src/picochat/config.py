@@ -36,6 +36,8 @@ class TrainConfig:
     optimizer: str = knob("adamw", "adamw, or muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)")
     lr: float = knob(3e-3, "AdamW peak learning rate")
     muon_lr: float = knob(0.02, "Muon peak learning rate (hidden matrices)")
+    embedding_lr: float = knob(0.0, "AdamW peak learning rate of the input embeddings when they are untied from the "
+                                    "head (--no-tie-embeddings); 0: --lr")
     weight_decay: float = knob(0.0, "decoupled weight decay of the matrices")
     warmup_steps: int = knob(20, "steps of linear learning-rate warmup")
     decay_frac: float = knob(0.4, "share of the steps, at the end, over which the learning rate decays linearly")

@@ -88,22 +88,30 @@ def autocast(rt: Runtime, dtype: str):
 
 
 def build_optimizers(model: Transformer, kind: str, lr: float, muon_lr: float = 0.02,
-                     weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+                     weight_decay: float = 0.0, embedding_lr: float = 0.0) -> list[torch.optim.Optimizer]:
     """kind "adamw": AdamW for everything; "muon": Muon for the hidden 2-D matrices and AdamW for
-    embeddings, head and norms."""
-    hidden, other = [], []
+    embeddings, head and norms. `embedding_lr` (0: `lr`): the input embeddings' own rate, when they
+    are not tied to the head (a lookup table whose rows each see few gradients takes a larger one)."""
+    hidden, other, embeddings = [], [], []
+    untied = embedding_lr > 0 and not model.config.tie_embeddings
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_hidden_matrix = p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
-        (hidden if is_hidden_matrix else other).append(p)
+        if untied and "embed_tokens" in name:
+            embeddings.append(p)
+        elif p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            hidden.append(p)
+        else:
+            other.append(p)
     fused = {"fused": True}  # one kernel per step instead of one per parameter; CPU and CUDA
+    embedding_group = [{"params": embeddings, "lr": embedding_lr, "weight_decay": 0.0}] if embeddings else []
     if kind == "adamw":
-        groups = [{"params": hidden, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+        groups = [{"params": hidden, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}, *embedding_group]
         optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **fused)]
     elif kind == "muon":
         muon = Muon(hidden, lr=muon_lr, weight_decay=weight_decay, momentum=0.95)
-        optimizers = [muon, torch.optim.AdamW(other, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)]
+        groups = [{"params": other}, *embedding_group]
+        optimizers = [muon, torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)]
     else:
         raise ValueError(f"optimizer must be adamw or muon, not {kind!r}")
     set_lr(optimizers, 1.0)  # records each group's initial_lr, so a saved state has the keys a fresh one has
@@ -340,7 +348,7 @@ def train(
         from picochat.train.sharding import local_value, shard  # FSDP2 (torch >= 2.6) only when asked
 
         shard(model)  # before the optimizers, which then hold the shards
-    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.muon_lr, cfg.weight_decay)
+    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.muon_lr, cfg.weight_decay, cfg.embedding_lr)
     train_model = torch.compile(model) if cfg.compile else model
     if rt.distributed and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)

@@ -74,13 +74,16 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model shape overrides (default: the preset's)")
     for name in MODEL_FLAGS:
         group.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+    group.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                       help="share one matrix between the input embeddings and the output head (--no-tie-embeddings: "
+                            "two, which costs vocab x d-model parameters and learns faster on real text, BENCHMARKS.md)")
     add_dataclass_args(parser, TrainConfig)
     parser.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> None:
     cfg = apply_overrides(get_preset(args.preset).pretrain, args)
-    overrides = {name: getattr(args, name) for name in MODEL_FLAGS}
+    overrides = {name: getattr(args, name) for name in (*MODEL_FLAGS, "tie_embeddings")}
     summary = run_pretrain(Path(args.run), args.preset, cfg, overrides, args.shards, args.resume, args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         shown = {k: summary[k] for k in ("loss", "val_bpb", "seconds") if k in summary}

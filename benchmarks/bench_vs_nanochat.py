@@ -1,0 +1,267 @@
+"""picochat against karpathy/nanochat at equal wall time, on the same batches, scored on held-out text.
+
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat        # never vendored here
+    python benchmarks/bench_vs_nanochat.py --nanochat /tmp/nanochat --seconds 600 --seeds 0 1
+    python benchmarks/bench_vs_nanochat.py --nanochat /tmp/nanochat --seconds 300 --seeds 0 \\
+        --picochat "cpu=--preset cpu" --picochat "untied=--preset cpu --no-tie-embeddings" --sides
+
+Data (built once in --work): a 4,096-token BPE trained on the files of ../shared/data/text, which
+become the training token shards (`picochat data prepare`, as picochat tokenizes any text). The
+held-out text is the first --held-out passages of LAMBADA (OpenAI's version,
+../shared/data/eval/lambada_openai.jsonl: paragraphs of unpublished novels from BookCorpus, context
+and last word): English prose that is in none of the training files; it is the shards' validation
+split, so neither side ever trains on it.
+
+Sides. Each picochat variant is `NAME=FLAGS`, the flags of `picochat pretrain` (preset, shape,
+learning rates, --no-tie-embeddings, --compile...); it runs through `run_pretrain` with
+--time-budget. nanochat's GPT (same depth and width; head_dim 128 as its base_train sets, full
+attention: window pattern "L", which base_train advises without FlashAttention 3) trains with its own
+MuonAdamW in a loop that copies scripts/base_train.py: its learning rates, betas, warmup (40 steps),
+warmdown (last 65%, to 5%), Muon momentum and weight-decay schedules, and its batch rule, which
+scales every learning rate by sqrt(batch / 2^19) ("nanochat"), or with that scale left at 1
+("nanochat-unscaled"). Its schedules are laid out over the seconds as picochat's are (the progress of
+a step is the share of the budget spent before it) and it stops by the same rule (picochat's
+`is_last_step`). Both read the same ShardLoader (same seed, same 8 x 256 batches in the same order
+when the variant keeps the batch), and both are scored by `evaluate_loss` on the same held-out
+batches: bits per byte of the text.
+
+Fairness on a shared machine: every side is a process of its own with one thread, and they all run
+at once (--jobs: how many at a time), so each sees the same load. The budget counts every training
+step from the first (the one-time compile of nanochat's fused optimizer steps, or of a compiled
+model, included: its first-step time is shown). Prints one row per side and seed, then the mean
+over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+B_REF = 2**19  # nanochat's reference batch (tokens) for its learning-rate rule
+
+
+def build_data(work: Path, text_dir: Path, held_out: int, vocab_size: int) -> Path:
+    """The tokenizer and token shards in `work` (made once): train on `text_dir`, validate on LAMBADA."""
+    from picochat.data.shards import prepare
+    from picochat.data.sources import iter_documents
+    from picochat.io import atomic_write_text, read_jsonl
+    from picochat.tokenizer import Tokenizer
+
+    if (work / "shards" / "manifest.json").exists():
+        return work
+    work.mkdir(parents=True, exist_ok=True)
+    held = work / "held-out.jsonl"
+    rows = read_jsonl(SHARED / "eval" / "lambada_openai.jsonl")[:held_out]
+    atomic_write_text(held, "".join(json.dumps({"text": r["context"] + " " + r["continuation"]}) + "\n" for r in rows))
+    print(f"tokenizer: {vocab_size} tokens from {text_dir}", flush=True)
+    Tokenizer.train(iter_documents(text_dir), vocab_size=vocab_size).save(work / "tokenizer")
+    prepare(text_dir, work / "tokenizer", work / "shards", val_inputs=held, workers=1)
+    return work
+
+
+def picochat_side(work: Path, out: Path, flags: str, seconds: float, seed: int) -> dict:
+    from picochat.config import apply_overrides, get_preset
+    from picochat.train.pretrain import MODEL_FLAGS, register_cli, run_pretrain
+
+    run = out.with_suffix("")
+    run.mkdir(parents=True)
+    (run / "tokenizer").symlink_to(work / "tokenizer")
+    parser = argparse.ArgumentParser()
+    register_cli(parser)
+    args = parser.parse_args(["--run", str(run), *shlex.split(flags)])
+    cfg = apply_overrides(get_preset(args.preset).pretrain, args)
+    cfg = dataclasses.replace(cfg, time_budget=seconds, seed=seed, eval_every=0, ckpt_every=0, eval_batches=10**6)
+    overrides = {name: getattr(args, name) for name in (*MODEL_FLAGS, "tie_embeddings")}
+    summary = run_pretrain(run, args.preset, cfg, overrides, shards_dir=work / "shards", device="cpu")
+    rows = [json.loads(line) for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
+    return {"steps": len(rows), "tokens": rows[-1]["tokens"], "train_s": rows[-1]["train_s"],
+            "first_step_s": rows[0]["train_s"], "tok_per_s": statistics.median(r["tok_per_s"] for r in rows),
+            "bpb": summary["val_bpb"], "params": summary["params"], "batch": cfg.total_batch_tokens}
+
+
+def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled: bool, compile_model: bool,
+                  n_layer: int, d_model: int, batch: int, seq_len: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(nanochat))
+    from nanochat.gpt import GPT, GPTConfig
+
+    from picochat.data.loader import ShardLoader, iter_val_batches
+    from picochat.tokenizer import Tokenizer, token_byte_lengths
+    from picochat.train.loop import TrainClock, evaluate_loss, is_last_step, setup_runtime
+
+    tok = Tokenizer.load(work / "tokenizer")
+
+    def build(depth: int, dim: int) -> GPT:
+        config = GPTConfig(sequence_len=seq_len, vocab_size=tok.vocab_size, n_layer=depth, n_head=max(1, dim // 128),
+                           n_kv_head=max(1, dim // 128), n_embd=dim, window_pattern="L")
+        with torch.device("meta"):
+            return GPT(config)
+
+    def scaling_params(m: GPT) -> int:  # base_train's: transformer matrices + lm_head
+        counts = m.num_scaling_params()
+        return counts["transformer_matrices"] + counts["lm_head"]
+
+    torch.manual_seed(seed)
+    model = build(n_layer, d_model)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    # base_train's rules, with its default horizon (12 tokens per scaling parameter) and weight decay 0.28
+    target_tokens = 12 * scaling_params(model)
+    d_ref = 12 * scaling_params(build(12, 768))
+    lr_scale = math.sqrt(batch * seq_len / B_REF) if scaled else 1.0
+    weight_decay = 0.28 * math.sqrt(batch * seq_len / B_REF) * (d_ref / target_tokens)
+    optimizer = model.setup_optimizer(unembedding_lr=0.008 * lr_scale, embedding_lr=0.3 * lr_scale,
+                                      scalar_lr=0.5 * lr_scale, matrix_lr=0.02 * lr_scale, weight_decay=weight_decay)
+    train_model = torch.compile(model, dynamic=False) if compile_model else model
+    loader = ShardLoader(work / "shards", batch_size=batch, seq_len=seq_len, seed=seed)
+    warmup, warmdown, final = 40, 0.65, 0.05
+
+    def lr_mult(step: int, progress: float) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if progress <= 1 - warmdown:
+            return 1.0
+        left = (1 - progress) / warmdown
+        return left + (1 - left) * final
+
+    def momentum(step: int, progress: float) -> float:
+        if step < 400:
+            return 0.85 + step / 400 * (0.97 - 0.85)
+        if progress >= 1 - warmdown:
+            done = (progress - (1 - warmdown)) / warmdown
+            return 0.97 * (1 - done) + 0.90 * done
+        return 0.97
+
+    clock, rates, step = TrainClock(), [], 0
+    while not clock.finished:
+        t0 = time.perf_counter()
+        last = is_last_step(clock, seconds)
+        progress = 1.0 if last else clock.seconds / seconds
+        x, y = next(loader)
+        loss = train_model(x, y)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult(step, progress)
+            if group["kind"] == "muon":
+                group["momentum"] = momentum(step, progress)
+                group["weight_decay"] = weight_decay * 0.5 * (1 + math.cos(math.pi * progress))
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"nanochat: loss became {loss.item()} at step {step + 1}")
+        dt = time.perf_counter() - t0
+        first_step_s = dt if step == 0 else first_step_s
+        clock.seconds, clock.last_step_s, clock.finished = clock.seconds + dt, dt, last
+        rates.append(batch * seq_len / dt)
+        step += 1
+
+    class Scored(torch.nn.Module):  # evaluate_loss's calling convention over nanochat's forward
+        def __init__(self):
+            super().__init__()
+            self.gpt = model
+
+        def forward(self, x, targets, reduction):
+            return self.gpt(x, targets, loss_reduction=reduction)
+
+    token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float32)
+    held_out = evaluate_loss(Scored(), iter_val_batches(work / "shards", batch_size=batch, seq_len=seq_len),
+                             setup_runtime("cpu", join_group=False), "float32", token_bytes)
+    return {"steps": step, "tokens": step * batch * seq_len, "train_s": round(clock.seconds, 2),
+            "first_step_s": round(first_step_s, 2), "tok_per_s": statistics.median(rates), "bpb": held_out["val_bpb"],
+            "params": sum(p.numel() for p in model.parameters()), "batch": batch * seq_len,
+            "lr_scale": lr_scale, "weight_decay": weight_decay}
+
+
+def worker(args) -> None:
+    import torch
+
+    from picochat.io import atomic_write_json
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.side.startswith("picochat:"):
+        result = picochat_side(Path(args.work), out, args.side.split(":", 1)[1], args.seconds, args.seed)
+    else:
+        result = nanochat_side(Path(args.work), Path(args.nanochat), args.seconds, args.seed,
+                               scaled=args.side == "nanochat", compile_model=args.nanochat_compile,
+                               n_layer=args.n_layer, d_model=args.d_model, batch=8, seq_len=256)
+    atomic_write_json(out, result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--nanochat", required=True, help="a checkout of github.com/karpathy/nanochat (its folder holding nanochat/)")
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench-vs-nanochat"), help="data and runs (default runs/bench-vs-nanochat)")
+    parser.add_argument("--text", default=str(SHARED / "text"), help="training text (default ../shared/data/text)")
+    parser.add_argument("--held-out", type=int, default=500, help="LAMBADA passages held out for the bpb (default 500)")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--seconds", type=float, default=600, help="training wall time of every side (default 600)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--picochat", action="append", default=None, metavar="NAME=FLAGS",
+                        help="a picochat side: a name and `picochat pretrain` flags (repeat; default cpu=--preset cpu)")
+    parser.add_argument("--sides", nargs="*", default=["nanochat", "nanochat-unscaled"], help="the nanochat sides to run")
+    parser.add_argument("--nanochat-compile", action="store_true", help="torch.compile nanochat's model")
+    parser.add_argument("--n-layer", type=int, default=4, help="nanochat's depth (default 4, the cpu preset's)")
+    parser.add_argument("--d-model", type=int, default=256, help="nanochat's width (default 256)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per side (default 1)")
+    parser.add_argument("--jobs", type=int, default=0, help="sides trained at once (default 0: all)")
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        return worker(args)
+
+    work = build_data(Path(args.work), Path(args.text), args.held_out, args.vocab_size)
+    picochat_sides = dict(spec.split("=", 1) for spec in (args.picochat or ["cpu=--preset cpu"]))
+    runs_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    runs_dir.mkdir(parents=True)
+    jobs = [(name, f"picochat:{flags}", seed) for name, flags in picochat_sides.items() for seed in args.seeds]
+    jobs += [(side, side, seed) for side in args.sides for seed in args.seeds]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO / "src")}
+    pending, running, results = list(jobs), [], {}
+    while pending or running:
+        while pending and (not args.jobs or len(running) < args.jobs):
+            name, side, seed = pending.pop(0)
+            out = runs_dir / f"{name}-s{seed}.json"
+            cmd = [sys.executable, __file__, "--nanochat", args.nanochat, "--work", str(work), "--seconds", str(args.seconds),
+                   "--threads", str(args.threads), "--n-layer", str(args.n_layer), "--d-model", str(args.d_model),
+                   "--side", side, "--seed", str(seed), "--out", str(out)] + (["--nanochat-compile"] if args.nanochat_compile else [])
+            log = open(runs_dir / f"{name}-s{seed}.log", "w")
+            running.append((name, seed, out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(1)
+        for job in [j for j in running if j[3].poll() is not None]:
+            running.remove(job)
+            name, seed, out, proc = job
+            if proc.returncode:
+                sys.exit(f"{name} seed {seed} failed (exit {proc.returncode}): see {out.with_suffix('.log')}")
+            results[name, seed] = json.loads(out.read_text())
+            print(f"{name} seed {seed}: {results[name, seed]}", flush=True)
+
+    print(f"\n{args.seconds:g} s of training per side, {len(jobs)} sides at once ({args.jobs or 'all'}), "
+          f"{args.threads} thread each; held-out: {args.held_out} LAMBADA passages")
+    print("| side | seed | steps | tokens | first step s | tok/s (median) | held-out bpb |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for (name, seed), r in results.items():
+        print(f"| {name} | {seed} | {r['steps']} | {r['tokens']:,} | {r['first_step_s']} | {r['tok_per_s']:,.0f} | {r['bpb']:.4f} |")
+    for name in dict.fromkeys(name for name, _ in results):
+        rows = [r for (n, _), r in results.items() if n == name]
+        bpbs = [r["bpb"] for r in rows]
+        spread = f" (seeds {', '.join(f'{b:.4f}' for b in bpbs)})" if len(bpbs) > 1 else ""
+        print(f"{name}: held-out bpb {statistics.mean(bpbs):.4f}{spread}, tok/s {statistics.mean(r['tok_per_s'] for r in rows):,.0f}")
+
+
+if __name__ == "__main__":
+    main()
