@@ -26,10 +26,11 @@ when the variant keeps the batch), and both are scored by `evaluate_loss` on the
 batches: bits per byte of the text.
 
 Fairness on a shared machine: every side is a process of its own with one thread, and they all run
-at once (--jobs: how many at a time), so each sees the same load. The budget counts every training
-step from the first (the one-time compile of nanochat's fused optimizer steps, or of a compiled
-model, included: its first-step time is shown). Prints one row per side and seed, then the mean
-over the seeds.
+at once (--jobs: how many at a time), so each sees the same load. picochat's budget counts every
+step from the first; nanochat's leaves its first step out (there its fused optimizer steps compile,
+minutes on a loaded CPU the first time; base_train itself leaves its first 10 steps out of its
+training time), which favours nanochat. The first step's seconds are shown for both. Prints one row
+per side and seed, then the mean over the seeds.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def build_data(work: Path, text_dir: Path, held_out: int, vocab_size: int) -> Pa
     return work
 
 
-def picochat_side(work: Path, out: Path, flags: str, seconds: float, seed: int) -> dict:
+def picochat_side(work: Path, out: Path, flags: str, seconds: float, seed: int, steps: int) -> dict:
     from picochat.config import apply_overrides, get_preset
     from picochat.train.pretrain import MODEL_FLAGS, register_cli, run_pretrain
 
@@ -81,17 +82,18 @@ def picochat_side(work: Path, out: Path, flags: str, seconds: float, seed: int) 
     register_cli(parser)
     args = parser.parse_args(["--run", str(run), *shlex.split(flags)])
     cfg = apply_overrides(get_preset(args.preset).pretrain, args)
-    cfg = dataclasses.replace(cfg, time_budget=seconds, seed=seed, eval_every=0, ckpt_every=0, eval_batches=10**6)
+    horizon = {"max_steps": steps, "max_tokens": 0, "tokens_per_param": 0, "time_budget": 0} if steps else {"time_budget": seconds}
+    cfg = dataclasses.replace(cfg, **horizon, seed=seed, eval_every=0, ckpt_every=0, eval_batches=10**6)
     overrides = {name: getattr(args, name) for name in (*MODEL_FLAGS, "tie_embeddings")}
     summary = run_pretrain(run, args.preset, cfg, overrides, shards_dir=work / "shards", device="cpu")
     rows = [json.loads(line) for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": len(rows), "tokens": rows[-1]["tokens"], "train_s": rows[-1]["train_s"],
-            "first_step_s": rows[0]["train_s"], "tok_per_s": statistics.median(r["tok_per_s"] for r in rows),
+    return {"steps": len(rows), "tokens": rows[-1]["tokens"], "train_s": rows[-1].get("train_s") or round(sum(cfg.total_batch_tokens / r["tok_per_s"] for r in rows), 1),
+            "first_step_s": round(rows[0]["tokens"] / rows[0]["tok_per_s"], 2), "tok_per_s": statistics.median(r["tok_per_s"] for r in rows),
             "bpb": summary["val_bpb"], "params": summary["params"], "batch": cfg.total_batch_tokens}
 
 
 def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled: bool, compile_model: bool,
-                  n_layer: int, d_model: int, batch: int, seq_len: int) -> dict:
+                  n_layer: int, d_model: int, batch: int, seq_len: int, steps: int) -> dict:
     import torch
 
     sys.path.insert(0, str(nanochat))
@@ -147,8 +149,8 @@ def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled:
     clock, rates, step = TrainClock(), [], 0
     while not clock.finished:
         t0 = time.perf_counter()
-        last = is_last_step(clock, seconds)
-        progress = 1.0 if last else clock.seconds / seconds
+        last = step + 1 == steps if steps else is_last_step(clock, seconds)
+        progress = step / steps if steps else 1.0 if last else clock.seconds / seconds
         x, y = next(loader)
         loss = train_model(x, y)
         loss.backward()
@@ -162,8 +164,11 @@ def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled:
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"nanochat: loss became {loss.item()} at step {step + 1}")
         dt = time.perf_counter() - t0
-        first_step_s = dt if step == 0 else first_step_s
-        clock.seconds, clock.last_step_s, clock.finished = clock.seconds + dt, dt, last
+        if step == 0:  # its fused optimizer steps compile here: not counted (base_train skips its first 10 steps)
+            first_step_s = dt
+        else:
+            clock.seconds, clock.last_step_s = clock.seconds + dt, dt
+        clock.finished = last
         rates.append(batch * seq_len / dt)
         step += 1
 
@@ -192,11 +197,11 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.side.startswith("picochat:"):
-        result = picochat_side(Path(args.work), out, args.side.split(":", 1)[1], args.seconds, args.seed)
+        result = picochat_side(Path(args.work), out, args.side.split(":", 1)[1], args.seconds, args.seed, args.steps)
     else:
         result = nanochat_side(Path(args.work), Path(args.nanochat), args.seconds, args.seed,
                                scaled=args.side == "nanochat", compile_model=args.nanochat_compile,
-                               n_layer=args.n_layer, d_model=args.d_model, batch=8, seq_len=256)
+                               n_layer=args.n_layer, d_model=args.d_model, batch=8, seq_len=256, steps=args.steps)
     atomic_write_json(out, result)
 
 
@@ -209,6 +214,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=500, help="LAMBADA passages held out for the bpb (default 500)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seconds", type=float, default=600, help="training wall time of every side (default 600)")
+    parser.add_argument("--steps", type=int, default=0, help="train every side for this many steps instead of --seconds: "
+                                                                 "learning results that do not depend on the machine's load")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--picochat", action="append", default=None, metavar="NAME=FLAGS",
                         help="a picochat side: a name and `picochat pretrain` flags (repeat; default cpu=--preset cpu)")
@@ -238,6 +245,7 @@ def main() -> None:
             name, side, seed = pending.pop(0)
             out = runs_dir / f"{name}-s{seed}.json"
             cmd = [sys.executable, __file__, "--nanochat", args.nanochat, "--work", str(work), "--seconds", str(args.seconds),
+                   "--steps", str(args.steps),
                    "--threads", str(args.threads), "--n-layer", str(args.n_layer), "--d-model", str(args.d_model),
                    "--side", side, "--seed", str(seed), "--out", str(out)] + (["--nanochat-compile"] if args.nanochat_compile else [])
             log = open(runs_dir / f"{name}-s{seed}.log", "w")
@@ -251,11 +259,12 @@ def main() -> None:
             results[name, seed] = json.loads(out.read_text())
             print(f"{name} seed {seed}: {results[name, seed]}", flush=True)
 
-    print(f"\n{args.seconds:g} s of training per side, {len(jobs)} sides at once ({args.jobs or 'all'}), "
+    print(f"\n{f'{args.steps} steps' if args.steps else f'{args.seconds:g} s'} of training per side, {len(jobs)} sides at once ({args.jobs or 'all'}), "
           f"{args.threads} thread each; held-out: {args.held_out} LAMBADA passages")
-    print("| side | seed | steps | tokens | first step s | tok/s (median) | held-out bpb |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("| side | seed | steps | tokens | train s | first step s | tok/s (median) | held-out bpb |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for (name, seed), r in results.items():
-        print(f"| {name} | {seed} | {r['steps']} | {r['tokens']:,} | {r['first_step_s']} | {r['tok_per_s']:,.0f} | {r['bpb']:.4f} |")
+        print(f"| {name} | {seed} | {r['steps']} | {r['tokens']:,} | {r['train_s']} | {r['first_step_s']} | {r['tok_per_s']:,.0f} | {r['bpb']:.4f} |")
     for name in dict.fromkeys(name for name, _ in results):
         rows = [r for (n, _), r in results.items() if n == name]
         bpbs = [r["bpb"] for r in rows]

@@ -6,6 +6,7 @@ depends on how loaded the machine is; the command-line run uses the real clock a
 holds at any speed. Also the recipe's knobs: untied embeddings with a learning rate of their own."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from picochat.data.loader import ShardLoader
 from picochat.model import ModelConfig, Transformer
 from picochat.tokenizer import Tokenizer
 from picochat.train.budget import BudgetError, batch_budget
-from picochat.train.loop import build_optimizers, lr_multiplier, setup_runtime, train
+from picochat.train.loop import TrainingError, build_optimizers, lr_multiplier, setup_runtime, train
 
 from test_train import TINY_MODEL_FLAGS, TINY_TRAIN, fresh_copy, metrics, one_thread_env, picochat
 
@@ -51,15 +52,15 @@ class KilledAfter:
         self.loader.load_state_dict(state)
 
 
-def budgeted_run(tiny_run, stage_dir, kill_after=None, resume=False):
+def budgeted_run(tiny_run, stage_dir, kill_after=None, resume=False, cfg=CFG):
     tok = Tokenizer.load(tiny_run / "tokenizer")
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=2, n_kv_head=1, max_seq_len=64))
-    model.init_weights(CFG.seed)
-    budget = batch_budget(CFG, 1, model.num_params())
-    loader = ShardLoader(tiny_run / "shards", batch_size=budget.micro_batch, seq_len=CFG.seq_len, grad_accum=budget.grad_accum)
+    model.init_weights(cfg.seed)
+    budget = batch_budget(cfg, 1, model.num_params())
+    loader = ShardLoader(tiny_run / "shards", batch_size=budget.micro_batch, seq_len=cfg.seq_len, grad_accum=budget.grad_accum)
     if kill_after is not None:
         loader = KilledAfter(loader, kill_after)
-    return train(model, loader, CFG, stage_dir, setup_runtime("cpu"), resume=resume, budget=budget,
+    return train(model, loader, cfg, stage_dir, setup_runtime("cpu"), resume=resume, budget=budget,
                  clock=quarter_second_steps(), desc="budget")
 
 
@@ -98,6 +99,11 @@ def test_the_schedule_is_laid_out_over_the_seconds_and_a_resumed_run_continues_i
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert budgeted_run(tiny_run, resumed, resume=True)["step"] == 20  # a finished budget is not trained again
+
+    stepped = tmp_path / "stepped"  # a checkpoint of a run with a step horizon has no clock to continue
+    budgeted_run(tiny_run, stepped, cfg=replace(CFG, time_budget=0, max_steps=3))
+    with pytest.raises(TrainingError, match="no clock state"):
+        budgeted_run(tiny_run, stepped, resume=True)
 
 
 def test_a_negative_budget_is_refused():

@@ -271,6 +271,9 @@ def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime
     if ckpt:
         saved = load_training_state(ckpt, model, optimizers, sharded=sharded)
         for name, obj in stateful.items():
+            if name not in saved:
+                raise TrainingError(f"{ckpt}: the checkpoint holds no {name} state; it was written by a run with other "
+                                    f"settings (a time budget's clock is saved only under --time-budget): resume with those")
             obj.load_state_dict(saved[name])
         step = saved["step"]
         if rt.is_main:
