@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -240,6 +241,17 @@ def main() -> None:
     jobs += [(side, side, seed) for side in args.sides for seed in args.seeds]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO / "src")}
     pending, running, results = list(jobs), [], {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # so that the sides are stopped with it
+    try:
+        run_jobs(args, work, runs_dir, env, pending, running, results)
+    finally:
+        for *_, proc in running:
+            proc.terminate()
+    report(args, jobs, results)
+
+
+def run_jobs(args, work: Path, runs_dir: Path, env: dict, pending: list, running: list, results: dict) -> None:
+    """Start the sides (at most --jobs at once) and collect their results as they finish."""
     while pending or running:
         while pending and (not args.jobs or len(running) < args.jobs):
             name, side, seed = pending.pop(0)
@@ -248,8 +260,8 @@ def main() -> None:
                    "--steps", str(args.steps),
                    "--threads", str(args.threads), "--n-layer", str(args.n_layer), "--d-model", str(args.d_model),
                    "--side", side, "--seed", str(seed), "--out", str(out)] + (["--nanochat-compile"] if args.nanochat_compile else [])
-            log = open(runs_dir / f"{name}-s{seed}.log", "w")
-            running.append((name, seed, out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+            with open(runs_dir / f"{name}-s{seed}.log", "w") as log:
+                running.append((name, seed, out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(1)
         for job in [j for j in running if j[3].poll() is not None]:
             running.remove(job)
@@ -259,6 +271,8 @@ def main() -> None:
             results[name, seed] = json.loads(out.read_text())
             print(f"{name} seed {seed}: {results[name, seed]}", flush=True)
 
+
+def report(args, jobs: list, results: dict) -> None:
     print(f"\n{f'{args.steps} steps' if args.steps else f'{args.seconds:g} s'} of training per side, {len(jobs)} sides at once ({args.jobs or 'all'}), "
           f"{args.threads} thread each; held-out: {args.held_out} LAMBADA passages")
     print("| side | seed | steps | tokens | train s | first step s | tok/s (median) | held-out bpb |\n"
