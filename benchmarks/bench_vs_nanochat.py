@@ -93,21 +93,21 @@ def picochat_side(work: Path, out: Path, flags: str, seconds: float, seed: int, 
             "bpb": summary["val_bpb"], "params": summary["params"], "batch": cfg.total_batch_tokens}
 
 
-def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled: bool, compile_model: bool,
-                  n_layer: int, d_model: int, batch: int, seq_len: int, steps: int) -> dict:
+def nanochat_trainer(work: Path, nanochat: Path, seed: int, scaled: bool, compile_model: bool, n_layer: int,
+                     d_model: int, batch: int, seq_len: int):
+    """nanochat's model and a `step(step, progress)` that trains it on one batch as base_train does."""
     import torch
 
     sys.path.insert(0, str(nanochat))
     from nanochat.gpt import GPT, GPTConfig
 
-    from picochat.data.loader import ShardLoader, iter_val_batches
-    from picochat.tokenizer import Tokenizer, token_byte_lengths
-    from picochat.train.loop import TrainClock, evaluate_loss, is_last_step, setup_runtime
+    from picochat.data.loader import ShardLoader
+    from picochat.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(work / "tokenizer")
+    vocab_size = Tokenizer.load(work / "tokenizer").vocab_size
 
     def build(depth: int, dim: int) -> GPT:
-        config = GPTConfig(sequence_len=seq_len, vocab_size=tok.vocab_size, n_layer=depth, n_head=max(1, dim // 128),
+        config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=max(1, dim // 128),
                            n_kv_head=max(1, dim // 128), n_embd=dim, window_pattern="L")
         with torch.device("meta"):
             return GPT(config)
@@ -147,11 +147,7 @@ def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled:
             return 0.97 * (1 - done) + 0.90 * done
         return 0.97
 
-    clock, rates, step = TrainClock(), [], 0
-    while not clock.finished:
-        t0 = time.perf_counter()
-        last = step + 1 == steps if steps else is_last_step(clock, seconds)
-        progress = step / steps if steps else 1.0 if last else clock.seconds / seconds
+    def step_fn(step: int, progress: float) -> float:
         x, y = next(loader)
         loss = train_model(x, y)
         loss.backward()
@@ -162,8 +158,30 @@ def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled:
                 group["weight_decay"] = weight_decay * 0.5 * (1 + math.cos(math.pi * progress))
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"nanochat: loss became {loss.item()} at step {step + 1}")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise RuntimeError(f"nanochat: loss became {value} at step {step + 1}")
+        return value
+
+    info = {"params": sum(p.numel() for p in model.parameters()), "batch": batch * seq_len, "lr_scale": lr_scale,
+            "weight_decay": weight_decay}
+    return model, step_fn, info
+
+
+def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled: bool, compile_model: bool,
+                  n_layer: int, d_model: int, batch: int, seq_len: int, steps: int) -> dict:
+    import torch
+
+    from picochat.data.loader import iter_val_batches
+    from picochat.tokenizer import Tokenizer, token_byte_lengths
+    from picochat.train.loop import TrainClock, evaluate_loss, is_last_step, setup_runtime
+
+    model, step_fn, info = nanochat_trainer(work, nanochat, seed, scaled, compile_model, n_layer, d_model, batch, seq_len)
+    clock, rates, step = TrainClock(), [], 0
+    while not clock.finished:
+        t0 = time.perf_counter()
+        last = step + 1 == steps if steps else is_last_step(clock, seconds)
+        step_fn(step, step / steps if steps else 1.0 if last else clock.seconds / seconds)
         dt = time.perf_counter() - t0
         if step == 0:  # its fused optimizer steps compile here: not counted (base_train skips its first 10 steps)
             first_step_s = dt
@@ -181,13 +199,73 @@ def nanochat_side(work: Path, nanochat: Path, seconds: float, seed: int, scaled:
         def forward(self, x, targets, reduction):
             return self.gpt(x, targets, loss_reduction=reduction)
 
-    token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float32)
+    token_bytes = torch.tensor(token_byte_lengths(Tokenizer.load(work / "tokenizer")), dtype=torch.float32)
     held_out = evaluate_loss(Scored(), iter_val_batches(work / "shards", batch_size=batch, seq_len=seq_len),
                              setup_runtime("cpu", join_group=False), "float32", token_bytes)
     return {"steps": step, "tokens": step * batch * seq_len, "train_s": round(clock.seconds, 2),
-            "first_step_s": round(first_step_s, 2), "tok_per_s": statistics.median(rates), "bpb": held_out["val_bpb"],
-            "params": sum(p.numel() for p in model.parameters()), "batch": batch * seq_len,
-            "lr_scale": lr_scale, "weight_decay": weight_decay}
+            "first_step_s": round(first_step_s, 2), "tok_per_s": statistics.median(rates), "bpb": held_out["val_bpb"], **info}
+
+
+def picochat_trainer(work: Path, flags: str, seed: int):
+    """picochat's model and a `step(step, progress)` doing what `train` does in one step (eager, one process)."""
+    import torch
+
+    from picochat.config import apply_overrides, get_preset
+    from picochat.data.loader import ShardLoader
+    from picochat.model import Transformer
+    from picochat.tokenizer import Tokenizer
+    from picochat.train.loop import build_optimizers, lr_multiplier, set_lr
+    from picochat.train.pretrain import MODEL_FLAGS, model_config_for, register_cli
+
+    parser = argparse.ArgumentParser()
+    register_cli(parser)
+    args = parser.parse_args(["--run", str(work), *shlex.split(flags)])
+    cfg = apply_overrides(get_preset(args.preset).pretrain, args)
+    overrides = {name: getattr(args, name) for name in (*MODEL_FLAGS, "tie_embeddings")}
+    config = model_config_for(get_preset(args.preset).model, Tokenizer.load(work / "tokenizer").vocab_size, cfg.seq_len, overrides)
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    model.init_weights(seed)
+    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.muon_lr, cfg.weight_decay, cfg.embedding_lr)
+    train_model = torch.compile(model) if cfg.compile else model
+    loader = ShardLoader(work / "shards", batch_size=cfg.total_batch_tokens // cfg.seq_len, seq_len=cfg.seq_len, seed=seed)
+
+    def step_fn(step: int, progress: float) -> float:
+        set_lr(optimizers, lr_multiplier(step, cfg, progress=progress))
+        x, y = next(loader)
+        loss = train_model(x, targets=y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step_fn, {"params": model.num_params(), "batch": cfg.total_batch_tokens}
+
+
+def speed(args) -> None:
+    """Steps of picochat (the first --picochat side) and nanochat in turn, in this one process: the same load
+    for both, their median tokens/s and its ratio. The first --warmup steps of each are not timed."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    name, flags = (args.picochat or ["cpu=--preset cpu"])[0].split("=", 1)
+    sides = {name: picochat_trainer(work, flags, 0),
+             "nanochat": nanochat_trainer(work, Path(args.nanochat), 0, True, args.nanochat_compile, args.n_layer,
+                                          args.d_model, batch=8, seq_len=256)}
+    seconds = {side: [] for side in sides}
+    for step in range(args.speed_warmup + args.speed):
+        for side, (_, step_fn, _) in sides.items():
+            t0 = time.perf_counter()
+            step_fn(step, 0.0)
+            if step >= args.speed_warmup:
+                seconds[side].append(time.perf_counter() - t0)
+    rates = {side: sides[side][2]["batch"] / statistics.median(s) for side, s in seconds.items()}
+    for side, rate in rates.items():
+        print(f"{side}: {rate:,.0f} tok/s (median of {args.speed} steps, {sides[side][2]['params']:,} parameters)")
+    print(f"ratio {name} / nanochat: {rates[name] / rates['nanochat']:.2f}")
 
 
 def worker(args) -> None:
@@ -226,12 +304,19 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256, help="nanochat's width (default 256)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (default 1)")
     parser.add_argument("--jobs", type=int, default=0, help="sides trained at once (default 0: all)")
+    parser.add_argument("--speed", type=int, default=0, metavar="STEPS",
+                        help="only the speed: this many steps of the first picochat side and of nanochat (its recipe) "
+                             "in turn, in one process, and their median tokens/s (no held-out score)")
+    parser.add_argument("--speed-warmup", type=int, default=3, help="untimed steps of each before --speed's (default 3)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         return worker(args)
+    if args.speed:
+        build_data(Path(args.work), Path(args.text), args.held_out, args.vocab_size)
+        return speed(args)
 
     work = build_data(Path(args.work), Path(args.text), args.held_out, args.vocab_size)
     picochat_sides = dict(spec.split("=", 1) for spec in (args.picochat or ["cpu=--preset cpu"]))
