@@ -1,4 +1,4 @@
-"""Training configuration and the named presets (cpu, gpu-135m, gpu-564m: named by parameter count).
+"""Training configuration and the named presets (cpu, cpu-text, gpu-135m, gpu-564m: the GPU ones named by parameter count).
 
 A preset fixes the model's shape and each stage's hyperparameters. Every field can be overridden on
 the command line: `add_dataclass_args` turns each field of a dataclass into a `--flag`.
@@ -29,9 +29,15 @@ class TrainConfig:
     max_steps: int = knob(1000, "horizon in optimizer steps (one of --max-steps, --max-tokens, --tokens-per-param)")
     max_tokens: int = knob(0, "horizon in training tokens (steps = this / total-batch-tokens, rounded up)")
     tokens_per_param: float = knob(0.0, "horizon as tokens per model parameter (20 is Chinchilla's compute-optimal ratio)")
+    time_budget: float = knob(0.0, "wall-clock budget in seconds of training steps (0: off). When set it replaces the "
+                                   "step/token horizon: training ends when the steps have taken this long, and the "
+                                   "learning-rate decay is laid out over the seconds, not over steps (warmup stays in "
+                                   "steps); evaluations and checkpoint writes do not count against it")
     optimizer: str = knob("adamw", "adamw, or muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)")
     lr: float = knob(3e-3, "AdamW peak learning rate")
     muon_lr: float = knob(0.02, "Muon peak learning rate (hidden matrices)")
+    embedding_lr: float = knob(0.0, "AdamW peak learning rate of the input embeddings when they are untied from the "
+                                    "head (--no-tie-embeddings); 0: --lr")
     weight_decay: float = knob(0.0, "decoupled weight decay of the matrices")
     warmup_steps: int = knob(20, "steps of linear learning-rate warmup")
     decay_frac: float = knob(0.4, "share of the steps, at the end, over which the learning rate decays linearly")
@@ -109,6 +115,20 @@ PRESETS: dict[str, Preset] = {
         rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
                     eval_problems=100, eval_k=8),
     ),
+    # The cpu preset's model and stages for real text (BENCHMARKS.md, "Pretraining that learns more per second"):
+    # a 4,096-token BPE, untied input embeddings with an AdamW rate of their own, and a longer decay.
+    # `picochat pretrain --preset cpu-text --time-budget 600` trains it for 10 minutes.
+    "cpu-text": Preset(
+        model=dict(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256, tie_embeddings=False),
+        vocab_size=4096,
+        world_mb=2,
+        world_scale=0.25,
+        pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=1200, optimizer="muon", lr=3e-3,
+                             embedding_lr=0.06, warmup_steps=20, decay_frac=0.65, eval_every=200, eval_batches=8, ckpt_every=100),
+        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
+        rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
+                    eval_problems=100, eval_k=8),
+    ),
     # 135M parameters (85M without embeddings; nanochat's d12 shape), 2.7B tokens (20 per parameter),
     # 0.5M tokens a step on any number of GPUs; `picochat plan --preset gpu-135m` for time and memory.
     "gpu-135m": Preset(
@@ -176,7 +196,7 @@ def apply_overrides(config, args: argparse.Namespace, prefix: str = ""):
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The flags every training stage takes: --run, --preset, --resume, --device."""
     parser.add_argument("--run", required=True, help="run folder (holds tokenizer/, shards/, and the stages' outputs)")
-    parser.add_argument("--preset", default="cpu", help="named preset: cpu, gpu-135m, gpu-564m (default cpu); "
+    parser.add_argument("--preset", default="cpu", help="named preset: cpu, cpu-text (real text), gpu-135m, gpu-564m (default cpu); "
                                                         "`picochat plan --preset NAME` shows what it costs")
     parser.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: cuda when available)")

@@ -2,7 +2,8 @@
 
 A stage states its global batch in tokens (`total_batch_tokens`: tokens per optimizer step, over all
 processes) and its horizon as steps, tokens, or tokens per parameter (`max_steps`, `max_tokens`,
-`tokens_per_param`: exactly one is set). What each process does is derived from the world size:
+`tokens_per_param`: exactly one is set), or as seconds (`time_budget`, which replaces the others).
+What each process does is derived from the world size:
 
     rows per process per step = total_batch_tokens / (seq_len * world_size)
     micro-batch = min(batch_size, rows per process),  accumulation = rows per process / micro-batch
@@ -41,7 +42,12 @@ class Budget:
 
 
 def horizon_steps(cfg: TrainConfig, n_params: int) -> int:
-    """Optimizer steps from whichever of max_steps, max_tokens, tokens_per_param is set (rounded up)."""
+    """Optimizer steps from whichever of max_steps, max_tokens, tokens_per_param is set (rounded up);
+    0 under a time budget, which replaces the horizon (the steps are then those that fit the seconds)."""
+    if cfg.time_budget < 0:
+        raise BudgetError(f"time_budget must be >= 0 seconds (0: off), got {cfg.time_budget}")
+    if cfg.time_budget:
+        return 0
     given = {name: getattr(cfg, name) for name in ("max_steps", "max_tokens", "tokens_per_param") if getattr(cfg, name)}
     if len(given) != 1:
         raise BudgetError(f"set exactly one of max_steps, max_tokens, tokens_per_param (the horizon), got {given or 'none'}")

@@ -88,39 +88,71 @@ def autocast(rt: Runtime, dtype: str):
 
 
 def build_optimizers(model: Transformer, kind: str, lr: float, muon_lr: float = 0.02,
-                     weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+                     weight_decay: float = 0.0, embedding_lr: float = 0.0) -> list[torch.optim.Optimizer]:
     """kind "adamw": AdamW for everything; "muon": Muon for the hidden 2-D matrices and AdamW for
-    embeddings, head and norms."""
-    hidden, other = [], []
+    embeddings, head and norms. `embedding_lr` (0: `lr`): the input embeddings' own rate, when they
+    are not tied to the head (a lookup table whose rows each see few gradients takes a larger one)."""
+    hidden, other, embeddings = [], [], []
+    untied = embedding_lr > 0 and not model.config.tie_embeddings
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_hidden_matrix = p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
-        (hidden if is_hidden_matrix else other).append(p)
+        if untied and "embed_tokens" in name:
+            embeddings.append(p)
+        elif p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            hidden.append(p)
+        else:
+            other.append(p)
     fused = {"fused": True}  # one kernel per step instead of one per parameter; CPU and CUDA
+    embedding_group = [{"params": embeddings, "lr": embedding_lr, "weight_decay": 0.0}] if embeddings else []
     if kind == "adamw":
-        groups = [{"params": hidden, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+        groups = [{"params": hidden, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}, *embedding_group]
         optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **fused)]
     elif kind == "muon":
         muon = Muon(hidden, lr=muon_lr, weight_decay=weight_decay, momentum=0.95)
-        optimizers = [muon, torch.optim.AdamW(other, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)]
+        groups = [{"params": other}, *embedding_group]
+        optimizers = [muon, torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, **fused)]
     else:
         raise ValueError(f"optimizer must be adamw or muon, not {kind!r}")
     set_lr(optimizers, 1.0)  # records each group's initial_lr, so a saved state has the keys a fresh one has
     return optimizers
 
 
-def lr_multiplier(step: int, cfg: TrainConfig, steps: int | None = None) -> float:
-    """Linear warmup, constant, then linear decay to final_lr_frac over the last decay_frac of the
-    `steps` (default cfg.max_steps)."""
-    steps = steps or cfg.max_steps
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    decay_start = steps * (1 - cfg.decay_frac)
-    if step < decay_start:
-        return 1.0
-    progress = (step - decay_start) / max(1.0, steps - decay_start)
-    return 1.0 - progress * (1.0 - cfg.final_lr_frac)
+def lr_multiplier(step: int, cfg: TrainConfig, steps: int | None = None, progress: float | None = None) -> float:
+    """Linear warmup over the first warmup_steps, constant, then linear decay to final_lr_frac over
+    the last decay_frac of the horizon. `progress` is the share of the horizon done before this step
+    (under a time budget: of its seconds; 1.0 for the last step); default step / `steps` (cfg.max_steps)."""
+    warmup = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
+    if progress is None:
+        progress = step / (steps or cfg.max_steps)
+    decay_start = 1.0 - cfg.decay_frac
+    if progress <= decay_start or cfg.decay_frac <= 0:
+        return warmup
+    done = min(1.0, (progress - decay_start) / cfg.decay_frac)
+    return min(warmup, 1.0 - done * (1.0 - cfg.final_lr_frac))
+
+
+@dataclass
+class TrainClock:
+    """A time-budgeted stage's clock: the seconds its steps have taken, the last step's seconds (to
+    foresee which step is the last) and whether that last step has run. It is saved in every
+    checkpoint, so a resumed run continues the schedule where the checkpoint left it."""
+
+    seconds: float = 0.0
+    last_step_s: float = 0.0
+    finished: bool = False
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds, self.last_step_s, self.finished = state["seconds"], state["last_step_s"], state["finished"]
+
+
+def is_last_step(clock: TrainClock, budget_s: float) -> bool:
+    """Whether the next step should be the last: expected to take as long as the one before, it ends
+    nearer the budget than the step after it would (within half a step of it, or past it)."""
+    return clock.seconds + 1.5 * clock.last_step_s >= budget_s
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
@@ -211,8 +243,10 @@ def evaluate_loss(model: Transformer, batches: Iterator, rt: Runtime, dtype: str
 def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime, steps: int,
               step_fn: Callable[[int], dict], *, resume: bool, ckpt_every: int, desc: str, info: dict | None = None,
               stateful: dict | None = None, meta: dict | None = None, summary: dict | None = None,
-              postfix: Sequence[str] = (), sharded: bool = False) -> dict:
+              postfix: Sequence[str] = (), sharded: bool = False, finished: Callable[[int], bool] | None = None) -> dict:
     """Run `step_fn(step)` for steps 0 .. steps-1 as a stage writing `stage_dir`; returns the summary.
+    `finished(steps_done)`, when given, says instead when the stage is done (a time budget; `steps`
+    is then only the progress bar's total, 0 for none).
 
     `step_fn` does one optimizer step and returns its metrics record. The loop refuses a finished
     stage, or a checkpoint, without `resume`; resumes weights, optimizers, RNG states and every
@@ -230,24 +264,28 @@ def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime
     if ckpt and not resume:
         raise TrainingError(f"{stage_dir} has a checkpoint ({ckpt.name}); pass --resume to continue it, or remove the folder")
     stateful = stateful or {}
+    finished = finished or (lambda done_steps: done_steps >= steps)
     if sharded:
         from picochat.train.sharding import full_states as gather  # FSDP2 (torch >= 2.6) only when asked
     step = 0
     if ckpt:
         saved = load_training_state(ckpt, model, optimizers, sharded=sharded)
         for name, obj in stateful.items():
+            if name not in saved:
+                raise TrainingError(f"{ckpt}: the checkpoint holds no {name} state; it was written by a run with other "
+                                    f"settings (a time budget's clock is saved only under --time-budget): resume with those")
             obj.load_state_dict(saved[name])
         step = saved["step"]
         if rt.is_main:
             tqdm.write(f"{desc}: resuming from {ckpt} (step {step})")
-    if step >= steps and done.exists():
+    if finished(step) and done.exists():
         return json.loads(done.read_text())
 
     metrics = MetricsLog(stage_dir / "metrics.jsonl", resume_step=step, enabled=rt.is_main)
     last: dict = {}
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True)
+    bar = tqdm(total=steps or None, initial=step, desc=desc, disable=not rt.is_main, dynamic_ncols=True)
     t_start = time.perf_counter()
-    while step < steps:
+    while not finished(step):
         record = {"step": step + 1, **step_fn(step)}
         step += 1
         record["elapsed_s"] = round(time.perf_counter() - t_start, 2)
@@ -255,7 +293,7 @@ def run_steps(stage_dir: Path, model: Transformer, optimizers: list, rt: Runtime
         last = record
         bar.set_postfix({k: record[k] for k in postfix if k in record}, refresh=False)
         bar.update(1)
-        if (ckpt_every and step % ckpt_every == 0) or step == steps:
+        if (ckpt_every and step % ckpt_every == 0) or finished(step):
             full = gather(model, optimizers) if sharded else None
             if rt.is_main:
                 state = {name: obj.state_dict() for name, obj in stateful.items()}
@@ -286,6 +324,7 @@ def train(
     info: dict | None = None,
     desc: str = "train",
     budget: Budget | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict:
     """Run the budget's optimizer steps of next-token training and save the stage's model.
 
@@ -294,6 +333,11 @@ def train(
     state_dict()/load_state_dict() so a resumed run sees exactly the batches an uninterrupted one
     would. `evaluate(model)` returns metrics to log every `eval_every` steps and at the end. Returns
     the final metrics.
+
+    Under `cfg.time_budget` the steps are those that fit the seconds: each step's learning rate is
+    set by the share of the budget its predecessors took (`clock`, seconds; the slowest process's
+    under DDP, so every process stops at the same step), and the step foreseen to end nearest the
+    budget runs at the final learning rate and ends the stage.
     """
     budget = budget or batch_budget(cfg, rt.world_size, model.num_params())
     if (loader.batch_size, loader.grad_accum) != (budget.micro_batch, budget.grad_accum):
@@ -307,17 +351,22 @@ def train(
         from picochat.train.sharding import local_value, shard  # FSDP2 (torch >= 2.6) only when asked
 
         shard(model)  # before the optimizers, which then hold the shards
-    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.muon_lr, cfg.weight_decay)
+    optimizers = build_optimizers(model, cfg.optimizer, cfg.lr, cfg.muon_lr, cfg.weight_decay, cfg.embedding_lr)
     train_model = torch.compile(model) if cfg.compile else model
     if rt.distributed and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     peak = measured_peak_flops(rt.device)
     flops_per_token = model.flops_per_token(cfg.seq_len)
     tokens_per_step = budget.tokens_per_step
+    timed = cfg.time_budget > 0
+    train_clock = TrainClock()
 
     def step_fn(step: int) -> dict:
-        t0 = time.perf_counter()
-        set_lr(optimizers, lr_multiplier(step, cfg, steps))
+        t0 = clock()
+        last = is_last_step(train_clock, cfg.time_budget) if timed else step + 1 == steps
+        progress = (1.0 if last else train_clock.seconds / cfg.time_budget) if timed else None
+        lr_mult = lr_multiplier(step, cfg, steps, progress)
+        set_lr(optimizers, lr_mult)
         loss_sum = 0.0
         for micro in range(accum):
             x, y = next(loader)
@@ -341,17 +390,33 @@ def train(
         loss_value = loss_sum.item()
         if not math.isfinite(loss_value):
             raise TrainingError(f"{desc}: loss became {loss_value} at step {step + 1}; lower the learning rate")
-        dt = time.perf_counter() - t0
-        record = {"loss": round(loss_value, 5), "lr_mult": round(lr_multiplier(step, cfg, steps), 5),
+        dt = clock() - t0
+        record = {"loss": round(loss_value, 5), "lr_mult": round(lr_mult, 5),
                   "grad_norm": round(float(grad_norm), 4), "tokens": (step + 1) * tokens_per_step,
-                  "tok_per_s": round(tokens_per_step / dt)}
+                  "tok_per_s": round(tokens_per_step / dt) if dt > 0 else 0}
+        if timed:
+            if rt.distributed:
+                slowest = torch.tensor(dt, dtype=torch.float64, device=rt.device)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                dt = slowest.item()
+            train_clock.seconds += dt
+            train_clock.last_step_s, train_clock.finished = dt, last
+            record["train_s"] = round(train_clock.seconds, 2)
+            if last:
+                record["flops"] = flops_per_token * record["tokens"]
         if peak:
             record["mfu"] = round(flops_per_token * tokens_per_step / dt / (peak * rt.world_size), 4)
-        if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == steps):
+        if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             record.update(evaluate(model))
         return record
 
+    if timed:
+        summary = {"params": model.num_params(), "time_budget": cfg.time_budget}  # tokens and flops: the last record's
+        finished = lambda _: train_clock.finished  # noqa: E731
+    else:
+        summary = {"params": model.num_params(), "tokens": budget.tokens, "flops": flops_per_token * budget.tokens}
+        finished = None
     return run_steps(stage_dir, model, optimizers, rt, steps, step_fn, resume=resume, ckpt_every=cfg.ckpt_every,
-                     desc=desc, info=info, stateful={"loader": loader}, meta={"train_config": asdict(cfg), "budget": asdict(budget)},
-                     summary={"params": model.num_params(), "tokens": budget.tokens, "flops": flops_per_token * budget.tokens},
-                     postfix=("loss", "tok_per_s", "mfu", "val_bpb"), sharded=sharded)
+                     desc=desc, info=info, stateful={"loader": loader, **({"clock": train_clock} if timed else {})},
+                     meta={"train_config": asdict(cfg), "budget": asdict(budget)}, summary=summary,
+                     postfix=("loss", "tok_per_s", "train_s", "mfu", "val_bpb"), sharded=sharded, finished=finished)

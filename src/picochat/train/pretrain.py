@@ -52,7 +52,8 @@ def run_pretrain(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = N
         if rt.is_main:
             print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {config.n_layer} layers x {config.d_model}, "
                   f"{budget.tokens_per_step:,} tokens per step ({rt.world_size} x {budget.micro_batch} x {cfg.seq_len} x "
-                  f"{budget.grad_accum} accumulated), {budget.steps} steps, {budget.tokens:,} tokens, device {rt.device}")
+                  f"{budget.grad_accum} accumulated), " + (f"a time budget of {cfg.time_budget:g} s" if cfg.time_budget else
+                  f"{budget.steps} steps, {budget.tokens:,} tokens") + f", device {rt.device}")
         loader = ShardLoader(shards_dir, split="train", batch_size=budget.micro_batch, seq_len=cfg.seq_len, rank=rt.rank,
                              world_size=rt.world_size, seed=cfg.seed, grad_accum=budget.grad_accum)
         token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float32)
@@ -73,13 +74,16 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model shape overrides (default: the preset's)")
     for name in MODEL_FLAGS:
         group.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+    group.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                       help="share one matrix between the input embeddings and the output head (--no-tie-embeddings: "
+                            "two, which costs vocab x d-model parameters and learns faster on real text, BENCHMARKS.md)")
     add_dataclass_args(parser, TrainConfig)
     parser.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> None:
     cfg = apply_overrides(get_preset(args.preset).pretrain, args)
-    overrides = {name: getattr(args, name) for name in MODEL_FLAGS}
+    overrides = {name: getattr(args, name) for name in (*MODEL_FLAGS, "tie_embeddings")}
     summary = run_pretrain(Path(args.run), args.preset, cfg, overrides, args.shards, args.resume, args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         shown = {k: summary[k] for k in ("loss", "val_bpb", "seconds") if k in summary}
