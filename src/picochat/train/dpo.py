@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from picochat.config import add_common_args, add_dataclass_args, apply_overrides, knob
+from picochat.config import add_dataclass_args, apply_overrides, knob
 from picochat.data.preferences import pair_batch
 from picochat.run import Run
 from picochat.train.loop import (
@@ -36,7 +36,7 @@ from picochat.train.loop import (
     teardown_runtime,
 )
 from picochat.train.rl import problems_for_step, token_log_probs
-from picochat.train.rm import load_start, train_pairs
+from picochat.train.rm import add_pairs_args, load_start, train_pairs
 
 
 @dataclass
@@ -137,17 +137,7 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
 
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
-    add_common_args(parser)
-    parser.add_argument("--pairs", nargs="+", default=None, metavar="FILE",
-                        help="preference files: JSON or JSONL of {prompt, chosen, rejected} (strings or message lists) or "
-                             "stack-exchange-paired {question, response_j, response_k} (default: the world's "
-                             "<run>/prefs/pairs.jsonl from `picochat prefs sample`)")
-    parser.add_argument("--heldout", default=None, metavar="FILE",
-                        help="held-out pairs (default: <run>/prefs/pairs-heldout.jsonl for the world's pairs, else "
-                             "--heldout-share of --pairs)")
-    parser.add_argument("--init", default=None, help="model folder to start from and to stay close to (default: <run>/sft)")
-    parser.add_argument("--cut-long-prompts", action="store_true",
-                        help="keep a pair longer than the context by cutting its prompt to its end, when its replies fit")
+    add_pairs_args(parser, "model folder to start from and to stay close to (default: <run>/sft)")
     add_dataclass_args(parser, DPOConfig)
     parser.set_defaults(func=_cmd)
 

@@ -214,7 +214,8 @@ def load_reward_model(stage_dir: Path, device: str | torch.device = "cpu") -> tu
     return model, meta
 
 
-def register_cli(parser: argparse.ArgumentParser) -> None:
+def add_pairs_args(parser: argparse.ArgumentParser, init_help: str) -> None:
+    """The flags of the stages that train on preference pairs (rm, dpo): the pairs and where to start."""
     add_common_args(parser)
     parser.add_argument("--pairs", nargs="+", default=None, metavar="FILE",
                         help="preference files: JSON or JSONL of {prompt, chosen, rejected} (strings or message lists) or "
@@ -223,10 +224,14 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", default=None, metavar="FILE",
                         help="held-out pairs for accuracy (default: <run>/prefs/pairs-heldout.jsonl for the world's "
                              "pairs, else --heldout-share of --pairs)")
-    parser.add_argument("--init", default=None, help="model folder to start from (default: <run>/sft)")
+    parser.add_argument("--init", default=None, help=init_help)
     parser.add_argument("--cut-long-prompts", action="store_true",
                         help="keep a pair longer than the context by cutting its prompt to its end, when its replies fit "
                              "(default: such pairs are left out, with a count)")
+
+
+def register_cli(parser: argparse.ArgumentParser) -> None:
+    add_pairs_args(parser, "model folder to start from (default: <run>/sft)")
     add_dataclass_args(parser, RMConfig)
     parser.set_defaults(func=_cmd)
 
