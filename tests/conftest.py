@@ -1,9 +1,11 @@
 """Shared test fixtures: the real-data folder beside the repository, a small trained tokenizer, a tiny
 trained model for the export tests."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -52,6 +54,25 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: real-data tests need ../shared/data beside the repository")
     return path
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run on one torch thread. The test models are tiny: a second thread only adds synchronisation,
+    which on a busy 2-core machine made modules 5-10x slower; and one thread fixes the order of sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`) or a test."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import one_torch_thread
 from picochat.checkpoint import latest_checkpoint, save_model
 from picochat.config import RLConfig
 from picochat.engine import FINISH_LENGTH, FINISH_STOP, Completion
@@ -335,12 +336,8 @@ def test_two_processes_sample_their_share_and_update_as_one(rl_run, tmp_path):
     cfg = replace(TINY_RL, steps=2, problems_per_step=4, micro_batch=3, kl_coef=0.05, clip_eps=0.2, ppo_epochs=2,
                   replay_coef=0.5, replay_batch=2, eval_problems=4)
     single = copy_run(rl_run, tmp_path, "single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process: the same reduction order, so PPO clips the same tokens
-    try:
+    with one_torch_thread():  # as each torchrun process: the same order of sums, so PPO clips the same tokens
         run_rl(single, cfg=cfg, device="cpu", reward_fn=odd_length_reward)
-    finally:
-        torch.set_num_threads(threads)
     script = tmp_path / "rl_ranks.py"
     script.write_text(RANKS_SCRIPT)
     two = copy_run(rl_run, tmp_path, "two")

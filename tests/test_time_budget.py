@@ -64,14 +64,6 @@ def budgeted_run(tiny_run, stage_dir, kill_after=None, resume=False, cfg=CFG):
                  clock=quarter_second_steps(), desc="budget")
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only contend on a loaded machine
-    yield
-    torch.set_num_threads(before)
-
-
 def test_the_schedule_is_laid_out_over_the_seconds_and_a_resumed_run_continues_it(tiny_run, tmp_path, one_thread):
     straight = tmp_path / "straight"
     summary = budgeted_run(tiny_run, straight)
