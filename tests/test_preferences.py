@@ -182,6 +182,7 @@ def test_reward_model_dpo_and_rlhf_write_their_stages(pref_run, tmp_path):
     run_rlhf(run, cfg=cfg, device="cpu")
     records = [json.loads(line) for line in (run / "rlhf" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all("labeler_score" in r and "reward" in r for r in records)
+    assert not any("pass_rate" in r for r in records)  # a reward model's score has no "right answer" line
     # The tuned stages are chat stages: the newest is what chat, serve and export pick by default.
     assert Run(run).find_stage().name == "rlhf"
     assert Run(run).load("dpo")[2].name == "dpo"

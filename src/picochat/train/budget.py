@@ -40,6 +40,10 @@ class Budget:
     def tokens(self) -> int:
         return self.steps * self.tokens_per_step
 
+    def horizon(self, time_budget: float) -> str:
+        """How long the stage trains, for its opening line: the seconds of a time budget, or steps and tokens."""
+        return f"a time budget of {time_budget:g} s" if time_budget else f"{self.steps} steps, {self.tokens:,} tokens"
+
 
 def horizon_steps(cfg: TrainConfig, n_params: int) -> int:
     """Optimizer steps from whichever of max_steps, max_tokens, tokens_per_param is set (rounded up);

@@ -52,8 +52,7 @@ def run_pretrain(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = N
         if rt.is_main:
             print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {config.n_layer} layers x {config.d_model}, "
                   f"{budget.tokens_per_step:,} tokens per step ({rt.world_size} x {budget.micro_batch} x {cfg.seq_len} x "
-                  f"{budget.grad_accum} accumulated), " + (f"a time budget of {cfg.time_budget:g} s" if cfg.time_budget else
-                  f"{budget.steps} steps, {budget.tokens:,} tokens") + f", device {rt.device}")
+                  f"{budget.grad_accum} accumulated), {budget.horizon(cfg.time_budget)}, device {rt.device}")
         loader = ShardLoader(shards_dir, split="train", batch_size=budget.micro_batch, seq_len=cfg.seq_len, rank=rt.rank,
                              world_size=rt.world_size, seed=cfg.seed, grad_accum=budget.grad_accum)
         token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float32)

@@ -371,11 +371,13 @@ def gather_rollouts(rt: Runtime, rollouts: Rollouts) -> tuple[torch.Tensor, list
             [n for _, lengths, _ in parts for n in lengths], [t for _, _, texts in parts for t in texts])
 
 
-def step_record(rewards: torch.Tensor, lengths: Sequence[int], trained: dict, sample_s: float, step_s: float) -> dict:
-    """The metrics of one step: reward, pass rate, reply length, the update's loss, time."""
+def step_record(rewards: torch.Tensor, lengths: Sequence[int], trained: dict, sample_s: float, step_s: float,
+                checked: bool = True) -> dict:
+    """The metrics of one step: reward, pass rate (only for `checked` rewards, where above 0 means a right
+    answer; a reward model's scores have no such line), reply length, the update's loss, time."""
     return {
         "reward": round(rewards.mean().item(), 4),
-        "pass_rate": round((rewards.max(dim=1).values > 0).float().mean().item(), 4),
+        **({"pass_rate": round((rewards.max(dim=1).values > 0).float().mean().item(), 4)} if checked else {}),
         "response_len": round(sum(lengths) / len(lengths), 2),
         "trained_groups": int(group_advantages(rewards).any(dim=1).sum()),
         **{k: round(v, 6) for k, v in trained.items()},
@@ -447,7 +449,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
             else:
                 trained = update(model, optimizers, batch, cfg, rt, reference, replay_rows, n_tokens=int(n_tokens))
             rewards, lengths, texts = gather_rollouts(rt, rollouts)
-            record = step_record(rewards, lengths, trained, sample_s, time.perf_counter() - t0)
+            record = step_record(rewards, lengths, trained, sample_s, time.perf_counter() - t0, checked=group_reward is None)
             if step_metrics is not None:
                 record.update(step_metrics(texts, [problems[i] for i in chosen]))
             if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):

@@ -46,7 +46,7 @@ def run_sft(run_dir: Path, preset: str = "cpu", cfg: TrainConfig | None = None, 
                                     world_size=rt.world_size, seed=cfg.seed, show_progress=rt.is_main, grad_accum=budget.grad_accum)
         if rt.is_main:
             print(f"sft: {len(conversations):,} conversations from {', '.join(data)}; {loader.steps_in_epoch(0)} steps per epoch, "
-                  f"{budget.steps} steps of {budget.tokens_per_step:,} tokens")
+                  f"{budget.horizon(cfg.time_budget)}, {budget.tokens_per_step:,} tokens per step")
         summary = train(model, loader, cfg, run.stage("sft"), rt, resume=resume, budget=budget,
                         info={"stage": "sft", "preset": preset, "tokenizer": tok.fingerprint, "data": data}, desc="sft")
         summary["conversations"] = loader.stats
