@@ -407,8 +407,8 @@ def _format_chat(world: World, facts: list[Fact], rng: random.Random) -> list[di
 
 
 # Conversation types of the SFT mixture and their shares; the last three open with a system message.
-MIXTURE = {"fact": 0.36, "followup": 0.08, "unknown": 0.12, "identity": 0.015, "arithmetic": 0.02, "small_talk": 0.02,
-           "refusal": 0.05, "harmless": 0.13, "system": 0.02, "persona": 0.045, "format": 0.14}
+MIXTURE = {"fact": 0.40, "followup": 0.08, "unknown": 0.12, "identity": 0.015, "arithmetic": 0.02, "small_talk": 0.02,
+           "refusal": 0.05, "harmless": 0.09, "system": 0.02, "persona": 0.045, "format": 0.14}
 _SYSTEM_KINDS = ("system", "persona", "format")
 _MAKERS = {"fact": _fact_chat, "followup": _followup_chat, "unknown": _unknown_chat, "identity": _identity_chat,
            "arithmetic": _arithmetic_chat, "small_talk": _small_talk_chat, "refusal": _refusal_chat,

@@ -285,7 +285,7 @@ DOC_STYLES: dict[str, tuple[Callable[[World, random.Random], str], float]] = {
     "table": (_table, 0.12),
     "arithmetic": (_arithmetic, 0.06),
     "word problem": (worked_problem, 0.24),
-    "reading": (_reading, 0.30),
+    "reading": (_reading, 0.08),
 }
 
 
