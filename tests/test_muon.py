@@ -5,7 +5,7 @@ import torch
 
 from picochat.model import ModelConfig, Transformer
 from picochat.train.loop import build_optimizers
-from picochat.train.muon import Muon, orthogonalize
+from picochat.train.muon import Muon, native_bfloat16, orthogonalize
 
 
 def _matrices(seed: int) -> list[torch.nn.Parameter]:
@@ -29,7 +29,15 @@ def test_orthogonalize_gives_singular_values_near_one():
     assert singular.shape == (32,)
     # The quintic iteration trades exactness for speed: singular values land in about (0.5, 1.5).
     assert singular.min() > 0.5 and singular.max() < 1.5
-    assert orthogonalize(update).dtype == torch.float32  # on the CPU it stays in float32
+    assert orthogonalize(update).dtype == torch.float32  # returned in the update's dtype
+
+
+def test_default_iteration_dtype_follows_the_hardware():
+    update = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    native = native_bfloat16(update.device)
+    expected = orthogonalize(update, dtype=torch.bfloat16 if native else torch.float32)
+    assert torch.equal(orthogonalize(update), expected)
+    assert not native_bfloat16(torch.device("meta"))
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")

@@ -1,11 +1,13 @@
 """Muon (momentum, then orthogonalize the update by Newton-Schulz) for the hidden weight matrices.
 
 Written here rather than taken from `torch.optim.Muon` for one reason: torch's version always runs
-the Newton-Schulz iteration in bfloat16, and on CPUs without native bfloat16 matrix units (the
+the Newton-Schulz iteration in bfloat16, and on CPUs without native bfloat16 instructions (the
 AVX2 laptops the `cpu` preset targets) that emulated bfloat16 is 30x slower than float32 (7 s
 against 0.2 s per step for the cpu preset's 28 matrices, measured on an AMD EPYC with AVX2). Here
-the iteration runs in float32 on the CPU and in bfloat16 on CUDA. The update is otherwise the same
-as `torch.optim.Muon` with `adjust_lr_fn="original"` (a test checks it step for step).
+the iteration runs in bfloat16 where the hardware has it (CUDA; CPUs with AVX512-BF16 or AMX, where
+it is 2.3x faster than float32: 70 against 161 ms for those 28 matrices on an AMD EPYC with
+AVX512-BF16) and in float32 elsewhere. The update is otherwise the same as `torch.optim.Muon` with
+`adjust_lr_fn="original"` (a test checks it step for step).
 """
 
 from __future__ import annotations
@@ -18,11 +20,21 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run natively on `device`: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu  # these probes are private in torch; a torch without them gets float32
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U V^T of update = U S V^T, by `steps` quintic Newton-Schulz iterations in `dtype`
-    (default: bfloat16 on CUDA, float32 elsewhere)."""
+    (default: bfloat16 where the device has it natively, float32 elsewhere), returned in update's dtype."""
     if dtype is None:
-        dtype = torch.bfloat16 if update.is_cuda else torch.float32
+        dtype = torch.bfloat16 if native_bfloat16(update.device) else torch.float32
     a, b, c = NS_COEFFICIENTS
     x = update.to(dtype)
     tall = x.size(0) > x.size(1)
@@ -32,7 +44,7 @@ def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype | Non
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+    return (x.T if tall else x).to(update.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -70,5 +82,5 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 update = orthogonalize(update, group["ns_steps"], self.ns_dtype)
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
+                p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
         return loss
