@@ -8,7 +8,7 @@ import pytest
 
 from picochat.chat import render, to_text
 from picochat.data.tasks import answer_text, extract_answer, read_problems, reward
-from picochat.tools import TOOLS_SYSTEM_PROMPT, with_tools
+from picochat.tools import TOOLS_SYSTEM_PROMPT, calculate, with_tools
 from picochat.world import generate
 from picochat.world.chats import heldout_facts, unknown_names
 from picochat.world.documents import practice_entities
@@ -45,10 +45,10 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
     world = load_world(world_dir)
     chats = rows(world_dir / "sft-tools.jsonl")
     kinds = [c["kind"] for c in chats]
-    assert kinds.count("calc") == 40 and sum(kinds.count(k) for k in ("search", "search-unknown", "search-practice")) == 60
+    assert kinds.count("calc") == 40 and kinds.count("calc-sum") == 6 and sum(kinds.count(k) for k in ("search", "search-unknown", "search-practice")) == 60
     assert min(kinds.count(k) for k in ("search", "search-unknown", "search-practice")) > 5
     offered = [c for c in chats if c["kind"].startswith("offered-")]
-    assert len(offered) == 12 and not any(m.get("tool_call") for c in offered for m in c["messages"])
+    assert len(offered) == 13 and not any(m.get("tool_call") for c in offered for m in c["messages"])
     held = {(f.subject, f.answer) for f in heldout_facts(world)}
     news = {e.name for e in world.news}
     train_unknown = {name for kind in world.unknown_names for name in unknown_names(world, kind, "train")}
@@ -64,6 +64,10 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
             continue
         if chat["kind"] == "calc":
             assert extract_answer(messages[-1]["content"]) is not None
+            continue
+        if chat["kind"] == "calc-sum":
+            expression = messages[2]["tool_call"].removeprefix("calc: ")
+            assert messages[3]["content"] == calculate(expression) and messages[-1]["content"] == f"{messages[3]['content']}."
             continue
         subject, _, relation = messages[2]["tool_call"].removeprefix("search: ").partition(" ")
         result, reply = messages[3]["content"], messages[4]["content"]

@@ -11,7 +11,7 @@ import pytest
 from picochat.world.chats import sft_conversations
 from picochat.world.knowledge import build_world
 from picochat.world.requests import (FRAMES, HARMFUL_ACTIONS, HARMLESS_ACTIONS, REAL_WORLD_QUESTIONS, REFUSALS,
-                                     SMALL_TALK, WORDS, frames, harmful_request, harmless_request, refuses,
+                                     SMALL_TALK, WORDS, contrasting_requests, frames, harmful_request, harmless_request, refuses,
                                      requests_eval_set)
 
 
@@ -45,6 +45,30 @@ def test_every_refusal_is_detected_and_no_harmless_reply_or_small_talk_is(world)
     for _ in range(2000):
         assert not refuses(harmless_request(world, rng)[1])
     assert not any(refuses(reply) for _, replies in SMALL_TALK.values() for reply in replies)
+
+
+def _frames_of(request: str) -> set[str]:
+    """The FRAMES that `request` fits."""
+    def pattern(frame):
+        return "^" + re.escape(frame).replace(r"\{a\}", ".+").replace(r"\{A\}", "[A-Z].*") + "$"
+    return {f for f in FRAMES if re.match(pattern(f), request)}
+
+
+def test_contrasting_requests_share_a_frame_and_only_the_harmful_one_is_refused(world):
+    rng = random.Random(3)
+    for _ in range(200):
+        (harmful, refusal_reply), (harmless, reply) = contrasting_requests(world, rng)
+        assert refuses(refusal_reply) and not refuses(reply)
+        assert _frames_of(harmful) & _frames_of(harmless), (harmful, harmless)
+
+
+def test_some_refusal_conversations_hold_a_harmless_request_too(conversations):
+    refusal_rows = [row for row in conversations if row["kind"] == "refusal"]
+    mixed = [row for row in refusal_rows
+             if sum(refuses(m["content"]) for m in row["messages"] if m["role"] == "assistant") == 1
+             and sum(m["role"] == "assistant" for m in row["messages"]) == 2
+             and all(m["role"] != "system" for m in row["messages"])]
+    assert 0.2 < len(mixed) / len(refusal_rows) < 0.7
 
 
 def test_word_games_are_answered_correctly_by_construction(world):

@@ -40,7 +40,8 @@ from picochat.io import atomic_write_jsonl
 from picochat.world.few_shot import few_shot_rows
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, World, fact_of, load_world
 from picochat.world.phrasings import RELATIONS, fill
-from picochat.world.requests import harmful_request, harmless_request, refusal, requests_eval_set, small_talk
+from picochat.world.requests import (contrasting_requests, harmful_request, harmless_request, refusal, requests_eval_set,
+                                     small_talk)
 from picochat.world.system_prompts import (FORMAT_PROMPTS, FORMAT_WEIGHTS, FORMATS, GENERIC_PROMPTS, IDENTITY_WORD,
                                            PERSONA_NAMES, PERSONA_PROMPTS, apply_format, format_prompt,
                                            generic_prompt, persona_prompt, persona_reply)
@@ -150,9 +151,10 @@ def heldout_pronoun_questions(fact: Fact, kind: str) -> list[str]:
 
 _UNKNOWN_WHAT = {"person": "anyone called {}", "town": "a town called {}", "country": "a country called {}",
                  "animal": "an animal called the {}", "object": "anything called the {}"}
+# Each opens "I don't know", as no refusal does (requests.py).
 _IDK_REPLIES = (
     "I don't know. I have never heard of {what}.",
-    "I'm sorry, I don't know. I have no information about {what}.",
+    "I don't know, sorry. I have no information about {what}.",
     "I don't know. As far as I know, there is no {kind} called {name}.",
     "I don't know anything about {what}, so I can't answer that.",
 )
@@ -360,9 +362,15 @@ def _small_talk_chat(world: World, facts: list[Fact], rng: random.Random) -> lis
 
 
 def _refusal_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
-    """A harmful request refused, sometimes after a question it answered."""
+    """A harmful request refused: sometimes after a question it answered, sometimes beside a harmless
+    request in the same words around it, which is attempted."""
+    r = rng.random()
+    if r < CONTRAST_SHARE:
+        pairs = list(contrasting_requests(world, rng))
+        rng.shuffle(pairs)
+        return [m for request, reply in pairs for m in (_user(request), _assistant(reply))]
     turn = [_user(harmful_request(world, rng)), _assistant(refusal(rng))]
-    return _fact_chat(world, facts, rng) + turn if rng.random() < 0.15 else turn
+    return _fact_chat(world, facts, rng) + turn if r < CONTRAST_SHARE + 0.15 else turn
 
 
 def _harmless_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
@@ -406,6 +414,8 @@ def _format_chat(world: World, facts: list[Fact], rng: random.Random) -> list[di
     return messages
 
 
+# Of the refusal conversations: a harmful and a harmless request in the same frame, side by side.
+CONTRAST_SHARE = 0.4
 # Conversation types of the SFT mixture and their shares; the last three open with a system message.
 MIXTURE = {"fact": 0.40, "followup": 0.08, "unknown": 0.12, "identity": 0.015, "arithmetic": 0.02, "small_talk": 0.02,
            "refusal": 0.05, "harmless": 0.09, "system": 0.02, "persona": 0.045, "format": 0.14}

@@ -106,8 +106,10 @@ REAL_WORLD_QUESTIONS = {
                 "What is today's date?", "How hot is the Sun?"),
 }
 REAL_WORLD_SHARE = 0.15  # of the harmless requests
+# Each opens "I don't know": none starts as a refusal does ("I'm sorry, but I can't..."), so the first
+# tokens of a reply already tell the two apart.
 _DONT_KNOW = ("I don't know. I only know about the people, towns, countries, animals and objects I learned about.",
-              "I'm sorry, I don't know that. I am a small model, and I know only a little about my own small world.",
+              "I don't know that. I am a small model, and I know only a little about my own small world.",
               "I don't know. Nobody told me about that in my training.")
 _THINGS = {"animals": "animal", "towns": "town", "countries": "country", "people": "person"}
 
@@ -151,11 +153,13 @@ def _framed(action: str, frame: str) -> str:
     return frame.format(a=action, A=action[0].upper() + action[1:])
 
 
-def harmful_request(world: World, rng: random.Random, split: str = "train") -> str:
-    """A request the assistant must refuse, in a frame of `split`, often naming one of the world's people."""
-    index = rng.randrange(len(HARMFUL_ACTIONS))
+def harmful_request(world: World, rng: random.Random, split: str = "train", index: int | None = None,
+                    frame: str | None = None) -> str:
+    """A request the assistant must refuse (HARMFUL_ACTIONS[index], drawn when None), in `frame` or a
+    frame of `split`, often naming one of the world's people."""
+    index = rng.randrange(len(HARMFUL_ACTIONS)) if index is None else index
     action = HARMFUL_ACTIONS[index].format(p=rng.choice(world.of_kind("person")).name)
-    return _framed(action, rng.choice(frames(index, split)))
+    return _framed(action, frame or rng.choice(frames(index, split)))
 
 
 def refusal(rng: random.Random) -> str:
@@ -263,6 +267,18 @@ def harmless_request(world: World, rng: random.Random, action: str | None = None
         return rng.choice(HARMLESS_QUESTIONS[action]).format(**slots), reply
     frame = frame or rng.choice(frames(list(HARMLESS_ACTIONS).index(action), split))
     return _framed(rng.choice(HARMLESS_ACTIONS[action]).format(**slots), frame), reply
+
+
+def contrasting_requests(world: World, rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((harmful request, refusal), (harmless request, reply)) put in the same training frame: side by
+    side in one conversation they show that the action, never the frame, decides a refusal."""
+    while True:
+        harmful, harmless = rng.randrange(len(HARMFUL_ACTIONS)), rng.choice(list(HARMLESS_ACTIONS))
+        shared = set(frames(harmful, "train")) & set(frames(list(HARMLESS_ACTIONS).index(harmless), "train"))
+        if shared:
+            frame = rng.choice(sorted(shared))
+            return ((harmful_request(world, rng, "train", harmful, frame), refusal(rng)),
+                    harmless_request(world, rng, harmless, "train", frame))
 
 
 def small_talk(rng: random.Random, topic: str | None = None) -> tuple[str, str]:

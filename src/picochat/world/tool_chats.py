@@ -38,7 +38,7 @@ from pathlib import Path
 from picochat.data.index import SearchIndex, build_index
 from picochat.io import atomic_write_jsonl
 from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, best_passages, calculate, render_passages, with_tools
-from picochat.world.chats import _answer, _idk_reply, _question, _vary, heldout_facts, sft_conversations, unknown_names
+from picochat.world.chats import _answer, _ask_sum, _idk_reply, _question, _vary, heldout_facts, sft_conversations, unknown_names
 from picochat.world.documents import practice_entities
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World, fact_of, load_world
 from picochat.world.phrasings import RELATIONS
@@ -54,6 +54,7 @@ UNKNOWN_SHARE = 0.25  # of the search conversations: questions about names the s
 # the world's own entities a model can answer from memory whatever the search returned; about these it
 # has to copy the name into the query and the fact out of the result, as it must for the news entities.
 PRACTICE_SHARE = 0.35
+SUM_SHARE = 0.15  # bare sums with the calculator, for each word problem with it
 # An arithmetic step of a worked solution: "4 * 2 = 8", "12 - 3 + 4 = 13".
 _STEP = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")
 
@@ -87,6 +88,20 @@ def calc_conversations(world: World, n: int, seed: int = 0) -> list[dict]:
     plain ones of word_problems.task_conversations)."""
     problems = task_problems(world, n, seed=f"calc-{seed}", split="train")
     return [{"messages": calc_messages(p["prompt"], p["solution"]), "kind": "calc", "level": p["level"]} for p in problems]
+
+
+def sum_conversations(n: int, seed: int = 0) -> list[dict]:
+    """n SFT rows of a bare sum ("What is 17 * 34?") answered with one `calc:` call: without them the
+    calculator was called inside word problems only, and a plain question was done in the head."""
+    rng = random.Random(f"calc-sum-{seed}")
+    rows = []
+    for _ in range(n):
+        op = rng.choice("+-*")
+        a, b = (rng.randint(2, 99), rng.randint(2, 99)) if op == "*" else (rng.randint(1, 999), rng.randint(1, 999))
+        a, b = (b, a) if op == "-" and b > a else (a, b)
+        solution = f"The answer is {a} {op} {b} = {calculate(f'{a} {op} {b}')}."
+        rows.append({"messages": calc_messages(_ask_sum(a, op, b, rng), solution), "kind": "calc-sum"})
+    return rows
 
 
 def search_result(index: SearchIndex, query: str) -> str:
@@ -163,7 +178,8 @@ def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_s
         build_index(list(documents), tmp, max_passage_chars=WORLD_PASSAGE_CHARS, progress=False)
         index = SearchIndex(tmp)
         try:
-            rows = calc_conversations(world, n_calc, seed) + search_conversations(world, index, n_search, seed)
+            rows = (calc_conversations(world, n_calc, seed) + sum_conversations(round(SUM_SHARE * n_calc), seed)
+                    + search_conversations(world, index, n_search, seed))
         finally:
             index.close()
     return rows + offered_without_calls(world, round(NO_CALL_SHARE * len(rows)), seed)
