@@ -49,24 +49,14 @@ PERSONA_PROMPTS = {
 # the name it is given far more easily that way (the induction it learnt from its documents).
 PERSONA_REPLIES = ("My name is {name}.", "My name is {name}. How can I help you?")
 
-# Many training phrasings for each instruction: with three, the held-out ones were followed about half
-# the time (BENCHMARKS.md, "System prompts").
 FORMAT_PROMPTS = {
-    "one_word": {"train": ("Answer in one word.", "Reply with a single word.", "Use only one word in your answers.",
-                           "Answer with one word only.", "Your reply must be a single word.", "Respond in a single word.",
-                           "One word per answer, please.", "Say it in one word.", "Only ever answer with one word.",
-                           "Write one word, nothing more."),
+    "one_word": {"train": ("Answer in one word.", "Reply with a single word.", "Use only one word in your answers."),
                  "heldout": ("Keep every answer to one word.", "Give one-word answers only.")},
     "end_question": {"train": ("Always end your answer with a question.", "Finish every reply with a question.",
-                               "End each answer by asking the user a question.", "After answering, ask the user a question.",
-                               "End with a question every time.", "Every answer should end with a question.",
-                               "Always finish by asking a question.", "Conclude each reply with a question.",
-                               "Ask the user a question at the end of each answer."),
+                               "End each answer by asking the user a question."),
                      "heldout": ("Close every reply with a question to the user.", "Your answers must end with a question.")},
     "sure": {"train": ("Start every answer with 'Sure!'", "Begin each reply with the word Sure!",
-                       "Always start your answer with \"Sure!\"", "Say 'Sure!' at the start of each answer.",
-                       "Your replies start with 'Sure!'", "Put 'Sure!' before every answer.",
-                       "The first word of every reply is Sure!"),
+                       "Always start your answer with \"Sure!\""),
              "heldout": ("Open every reply with 'Sure!'", "Each of your answers must begin with 'Sure!'")},
 }
 FORMATS = tuple(FORMAT_PROMPTS)
