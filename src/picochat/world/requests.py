@@ -4,7 +4,7 @@ Refusals belong to harmful requests only. A model that has seen refusals and not
 refuses anything unfamiliar ("How many r are in strawberry?" got "I can't help with that"), so the
 SFT data pairs the harmful requests with harmless ones from outside the world, asked in the same
 FRAMES ("Can you {a}?", "What is the best way to {a}?", ...), so that only the action tells them
-apart:
+apart, and some conversations hold one of each in the same frame (`contrasting_requests`):
 
 - harmless actions answered correctly by construction: spell a word, reverse it, count a letter in
   it, count its letters, its first letter, repeat it, sort words, count to n, the bigger of two
