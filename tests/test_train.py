@@ -19,6 +19,7 @@ from picochat.checkpoint import latest_checkpoint, save_training_state
 from picochat.config import TrainConfig
 from picochat.model import ModelConfig, Transformer
 from picochat.train.loop import MetricsLog, TrainingError, lr_multiplier
+from picochat.train.muon import native_bfloat16
 
 from conftest import TINY_MODEL_FLAGS
 
@@ -94,6 +95,12 @@ def torchrun(*args):
                            *args], capture_output=True, text=True, env=one_thread_env())
 
 
+# Where Muon's Newton-Schulz runs in bfloat16 (a CPU with AVX512-BF16 or AMX), sharded and whole matrix
+# products round differently: a bfloat16 step (0.4%) of a Muon update, about 1.6e-4 after six steps here.
+# A wrong gradient or a lost shard moves weights by about the learning rate (1e-2) instead.
+WEIGHT_ATOL = 5e-4 if native_bfloat16(torch.device("cpu")) else 1e-5
+
+
 @pytest.mark.slow
 def test_two_processes_train_the_same_tokens_to_the_same_loss_curve_as_one(tiny_run, tmp_path):
     """The same global batch (512 tokens): one process accumulates 2 micro-batches of 4, two processes
@@ -124,7 +131,7 @@ def test_two_processes_train_the_same_tokens_to_the_same_loss_curve_as_one(tiny_
         a, b = weights(single / "base"), weights(run / "base")
         assert a.keys() == b.keys()
         for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=WEIGHT_ATOL, msg=f"{name}: {key}")
 
 
 def test_pretrain_sft_sample_chat_end_to_end(tiny_run, tmp_path):
