@@ -12,6 +12,7 @@ AVX512-BF16) and in float32 elsewhere. The update is otherwise the same as `torc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,10 +23,11 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 def native_bfloat16(device: torch.device) -> bool:
     """Whether bfloat16 matrix products run natively on `device`: CUDA, or a CPU with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
+    return device.type == "cuda" or (device.type == "cpu" and _cpu_has_bfloat16())
+
+
+@functools.cache  # asked for every matrix of every step; the CPU does not change
+def _cpu_has_bfloat16() -> bool:
     cpu = torch.cpu  # these probes are private in torch; a torch without them gets float32
     return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 

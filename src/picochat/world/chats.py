@@ -186,10 +186,10 @@ def _ask_sum(a: int, op: str, b: int, rng: random.Random) -> str:
                        f"Compute {a} {op} {b}."))
 
 
-def _draw_sum(rng: random.Random) -> tuple[int, str, int]:
-    """(a, op, b): small enough to do in one's head, never negative."""
+def _draw_sum(rng: random.Random, high_product: int = 12, high_sum: int = 50) -> tuple[int, str, int]:
+    """(a, op, b), never negative; by default small enough to do in one's head."""
     op = rng.choice("+-*")
-    high = 12 if op == "*" else 50
+    high = high_product if op == "*" else high_sum
     a, b = rng.randint(1, high), rng.randint(1, high)
     return (b, op, a) if op == "-" and b > a else (a, op, b)
 

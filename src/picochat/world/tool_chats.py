@@ -38,7 +38,7 @@ from pathlib import Path
 from picochat.data.index import SearchIndex, build_index
 from picochat.io import atomic_write_jsonl
 from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, best_passages, calculate, render_passages, with_tools
-from picochat.world.chats import _answer, _ask_sum, _idk_reply, _question, _vary, heldout_facts, sft_conversations, unknown_names
+from picochat.world.chats import _answer, _ask_sum, _draw_sum, _idk_reply, _question, _vary, heldout_facts, sft_conversations, unknown_names
 from picochat.world.documents import practice_entities
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World, fact_of, load_world
 from picochat.world.phrasings import RELATIONS
@@ -96,9 +96,7 @@ def sum_conversations(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(f"calc-sum-{seed}")
     rows = []
     for _ in range(n):
-        op = rng.choice("+-*")
-        a, b = (rng.randint(2, 99), rng.randint(2, 99)) if op == "*" else (rng.randint(1, 999), rng.randint(1, 999))
-        a, b = (b, a) if op == "-" and b > a else (a, b)
+        a, op, b = _draw_sum(rng, high_product=99, high_sum=999)  # sums one would hand to a calculator
         solution = f"The answer is {a} {op} {b} = {calculate(f'{a} {op} {b}')}."
         rows.append({"messages": calc_messages(_ask_sum(a, op, b, rng), solution), "kind": "calc-sum"})
     return rows
