@@ -97,22 +97,24 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # Two laptop CPU cores, ~5 minutes of pretraining on the synthetic world.
+    # Two laptop CPU cores, ~7 minutes of pretraining on the synthetic world.
     "cpu": Preset(
         model=dict(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256, tie_embeddings=True),
         vocab_size=2048,
-        world_mb=2,
+        world_mb=4,
         world_scale=0.25,
-        # Muon: more facts learnt than AdamW in the same wall time (BENCHMARKS.md).
-        pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=400, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
-        # SFT: 300 steps over the world's chats, word problems and one replayed shard of its documents.
+        # Muon: more facts learnt than AdamW in the same wall time (BENCHMARKS.md). 800 steps, one pass
+        # over 4 MB: at 400 the base model could not copy a name it never saw from its context, which
+        # persona names, search queries and the calculator's operands all need (BENCHMARKS.md, "Copying").
+        pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=800, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
         # SFT: one pass over the world's mixture (conversations, word problems with and without the
         # calculator, answers from search, replayed documents), ~780k tokens.
         sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
-        # RL: 32 problems x 8 samples a step (a quarter of them questions about facts), ~6 minutes in all
+        # RL: 32 problems x 8 samples a step (a quarter of them questions about facts), ~3 minutes in all
         # on 2 cores; fewer problems a step made the noisy early steps undo the SFT model (BENCHMARKS.md).
+        # 40 steps, not 100: the demo's minutes went to pretraining, which gained more (BENCHMARKS.md, "Copying").
         # Replies with a calculator call per step need up to ~120 tokens.
-        rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
+        rl=RLConfig(steps=40, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
                     eval_problems=100, eval_k=8),
     ),
     # The cpu preset's model and stages for real text (BENCHMARKS.md, "Pretraining that learns more per second"):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from picochat.io import atomic_write_jsonl
 from picochat.world.few_shot import few_shot_rows
-from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, World, fact_of, load_world
+from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, NameMaker, World, fact_of, load_world, world_names
 from picochat.world.phrasings import RELATIONS, fill
 from picochat.world.requests import (contrasting_requests, harmful_request, harmless_request, refusal, requests_eval_set,
                                      small_talk)
@@ -394,9 +394,19 @@ def _generic_system_chat(world: World, facts: list[Fact], rng: random.Random) ->
     return [_system(generic_prompt(rng))] + _MAKERS[kind](world, facts, rng)
 
 
+# Of the persona conversations: a name invented for that conversation alone, which the assistant can
+# only give by copying it from the system message (a fixed list of names is learnt by heart instead).
+INVENTED_PERSONA_SHARE = 0.5
+
+
+def invented_persona_name(world: World, rng: random.Random) -> str:
+    """A person's name that is in none of the world's documents."""
+    return NameMaker(rng, world_names(world)).make("person")
+
+
 def _persona_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
     """Told its name, asked who it is (sometimes after a question about a fact), the assistant gives that name."""
-    name = rng.choice(PERSONA_NAMES["train"])
+    name = invented_persona_name(world, rng) if rng.random() < INVENTED_PERSONA_SHARE else rng.choice(PERSONA_NAMES["train"])
     turns = [_fact_turn(rng.choice(facts), rng)] if rng.random() < 0.15 else []
     turns.insert(rng.randint(0, len(turns)), (rng.choice(PERSONA_QUESTIONS), persona_reply(name, rng), name))
     messages = [_system(persona_prompt(name, rng))]

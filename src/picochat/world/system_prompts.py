@@ -32,9 +32,10 @@ GENERIC_PROMPTS = {
                 "You are a friendly and helpful AI assistant.", "You are a kind assistant who answers questions."),
 }
 
-# A held-out name is followed only by a model that reads it from the system message. The demo's base
-# model copies nothing from its context (it learnt its documents' few hundred names by heart), and
-# one pass of SFT does not teach it to: it answers "My name is ..." with a name, not the one given.
+# A held-out name is followed only by a model that reads it from the system message: copying, which a
+# base model learns from reading practice (documents about an entity invented for them), not from the
+# world's few hundred names it knows by heart. Half the SFT personas have invented names for the same
+# reason (`chats.invented_persona_name`); these are the other half's.
 PERSONA_NAMES = {
     "train": ("Bob", "Alice", "Max", "Lily", "Sam", "Nora", "Leo", "Emma", "Jack", "Mia", "Oscar", "Ruby", "Hugo",
               "Ivy", "Theo", "Ada", "Finn", "Clara", "Otto", "Jane", "Paul", "Rosa", "Tom", "Vera"),
