@@ -295,11 +295,18 @@ def test_format_conversations_follow_their_instruction_in_every_reply(conversati
     assert checked > 200
 
 
-def test_persona_conversations_answer_who_it_is_with_the_name(conversations):
+def test_persona_conversations_answer_who_it_is_with_the_name(conversations, world):
+    templates = [re.compile(re.escape(p).replace(re.escape("{name}"), r"(\w+)") + "$") for p in PERSONA_PROMPTS["train"]]
+    world_names = {e.name for e in world.entities}
+    kinds = Counter()
     for row in (r for r in conversations if r["kind"] == "persona"):
-        name = next(n for n in PERSONA_NAMES["train"] if re.search(rf"\b{n}\b", row["messages"][0]["content"]))
+        name = next(m.group(1) for t in templates if (m := t.match(row["messages"][0]["content"])))
         replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         assert any(follows("name", reply, name) for reply in replies) and not any("picochat" in r for r in replies)
+        assert name not in world_names and name not in PERSONA_NAMES["heldout"]
+        kinds["listed" if name in PERSONA_NAMES["train"] else "invented"] += 1
+    # Half the names are invented for their conversation: copied from the system message, not learnt by heart.
+    assert kinds["invented"] > 0.3 * sum(kinds.values()) and kinds["listed"] > 0.3 * sum(kinds.values())
 
 
 def test_heldout_system_prompts_and_names_are_never_in_sft(conversations, world):
