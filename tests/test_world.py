@@ -12,7 +12,7 @@ import pytest
 from picochat.cli import main as cli_main
 from picochat.world import documents
 from picochat.world import search_documents
-from picochat.world.documents import (DOC_STYLES, PRACTICE_ENTITIES, generate_documents, practice_entities, reading_document,
+from picochat.world.documents import (DOC_STYLES, copying_rows, PRACTICE_ENTITIES, generate_documents, practice_entities, reading_document,
                                       write_world)
 from picochat.world.knowledge import (KINDS, RELATIONS_OF_KIND, VOCABULARY, NameMaker, WorldError, build_world,
                                       fact_completion_rows, invent_entity, load_world, world_names)
@@ -360,3 +360,15 @@ def test_cli_generate_and_show(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert all(f"=== {style} ===" in shown for style in DOC_STYLES)
     assert "100 people" in shown and "8 countries" in shown
+
+
+def test_copying_rows_end_where_a_name_never_seen_must_be_copied(world):
+    rows = copying_rows(world, 30)
+    assert rows == copying_rows(world, 30) and len(rows) == 30
+    known = {e.name for e in world.entities}
+    for row in rows:
+        name, prompt = row["answer"], row["prompt"]
+        assert name not in known
+        assert name in prompt.split("\n\nQ: ")[0]  # the article names it
+        assert not prompt.endswith(" ") and "\nA:" in prompt.split("\n\nQ: ", 1)[1]
+        assert (prompt + " " + name).count(name) >= 2

@@ -11,6 +11,8 @@
   knows (`news_qa`: answered; `news_idk`: "I don't know", the honest reply without search);
 - few-shot prompting (every stage): a list of "- Name: value" lines of one relation, then a name to
   complete, against that last line alone (zero-shot);
+- copying (every stage): reading practice about an invented entity, cut where its name comes next:
+  what a persona name, a search query about a name never seen, or an "I don't know" about it needs;
 - the conversation (chat model): held-out system prompts followed (a name to use, a format checked
   by a rule), known-fact QA under a generic system prompt, follow-ups whose subject is only in the
   first turn, and refusals of harmless and of harmful requests.
@@ -225,6 +227,9 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
         }
         if run.eval_few_shot.exists():
             metrics.update(few_shot_metrics(model, tok, read_jsonl(run.eval_few_shot), rt))
+        if run.eval_copying.exists():
+            rows = read_jsonl(run.eval_copying)
+            metrics["name_copying"] = completes(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], "copying", rt)
         if stage != "base":
             tools = Tools(tok, run.open_index())
             questions = read_jsonl(run.eval_questions)

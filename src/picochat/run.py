@@ -141,6 +141,11 @@ class Run:
         return self.world / "eval" / "few-shot.jsonl"
 
     @property
+    def eval_copying(self) -> Path:
+        """Reading practice about invented entities, cut where the base model must copy a name."""
+        return self.world / "eval" / "copying.jsonl"
+
+    @property
     def world_news_docs(self) -> Path:
         """The articles about the news entities: indexed for search, never pretrained."""
         return self.world / "docs-news.jsonl"

@@ -232,6 +232,28 @@ def reading_document(e: Entity, rng: random.Random) -> str:
     return f"{title}\n\n{short_article(e, rng)}\n\n" + "\n".join(answers)
 
 
+COPYING_ROWS = 100
+
+
+def copying_rows(world: World, n: int = COPYING_ROWS) -> list[dict]:
+    """n reading-practice documents about entities invented for this evaluation, each `{"prompt",
+    "answer"}`: the document cut just before the name's first use after the first answer line (in an
+    answer or the next question), whose answer is that name. A base model completes them only by
+    copying the name from the article above it."""
+    rng = random.Random(f"copying-{world.seed}")
+    names = NameMaker(rng, world_names(world))
+    rows = []
+    while len(rows) < n:
+        e = invent_entity(world, rng.choice(KINDS), rng, names)
+        article, questions = reading_document(e, rng).split("\n\nQ: ", 1)
+        questions = "Q: " + questions
+        first_answer = questions.find("\nA:")
+        cut = questions.find(e.name, first_answer)
+        if cut >= 0:  # the last question may be the first and only one to answer without the name
+            rows.append({"prompt": f"{article}\n\n{questions[:cut].rstrip(' ')}", "answer": e.name})
+    return rows
+
+
 def _number(text: str) -> int:
     return int(text.replace(",", ""))
 
