@@ -119,3 +119,10 @@ def test_two_processes_evaluate_a_stage_to_the_figures_of_one(small_eval_run, tm
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((small_eval_run / "sft" / "eval.json").read_text()) == one
     assert json.loads(texts_path.read_text()) == texts
+
+
+def test_prompts_that_do_not_fit_the_context_are_left_out_of_a_completion_eval(small_eval_run):
+    tok = Tokenizer.load(small_eval_run / "tokenizer")
+    short, long = {"prompt": "The age of Zorb is", "answer": "Zorb"}, {"prompt": "Zorb " * 300, "answer": "Zorb"}
+    assert evaluate.fitting([short, long, short], tok, 256) == [short, short]
+    assert evaluate.fitting([short], tok, len(tok.encode(short["prompt"])) + 1) == []

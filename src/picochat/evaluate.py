@@ -84,6 +84,12 @@ def completes(model, tok: Tokenizer, prompts: list[str], answers: list[str], des
     return sum(t[0].strip().startswith(answer) for t, answer in zip(texts, answers)) / len(prompts)
 
 
+def fitting(rows: list[dict], tok: Tokenizer, context: int) -> list[dict]:
+    """The `{"prompt", "answer"}` rows whose prompt and answer fit the model's context together (a
+    reading-practice document can outgrow a small vocabulary's 256 tokens)."""
+    return [r for r in rows if 1 + len(tok.encode(r["prompt"])) + len(tok.encode(" " + r["answer"])) + 2 <= context]
+
+
 def fact_completion(model, tok: Tokenizer, rows: list[dict], phrasing: str = "heldout", rt: Runtime | None = None) -> float:
     """Share of facts whose prompt (in the given phrasing) the model greedily completes with the answer."""
     rows = [r for r in rows if r["phrasing"] == phrasing]
@@ -227,9 +233,10 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
         }
         if run.eval_few_shot.exists():
             metrics.update(few_shot_metrics(model, tok, read_jsonl(run.eval_few_shot), rt))
-        if run.eval_copying.exists():
-            rows = read_jsonl(run.eval_copying)
-            metrics["name_copying"] = completes(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], "copying", rt)
+        copying = fitting(read_jsonl(run.eval_copying), tok, model.config.max_seq_len) if run.eval_copying.exists() else []
+        if copying:
+            metrics["name_copying"] = completes(model, tok, [r["prompt"] for r in copying], [r["answer"] for r in copying],
+                                                "copying", rt)
         if stage != "base":
             tools = Tools(tok, run.open_index())
             questions = read_jsonl(run.eval_questions)
