@@ -7,8 +7,10 @@ and reading practice (questions about an entity invented for that document alone
 copying from it). Facts are stated in their training phrasings (`state`), never in the held-out
 ones. The news entities (`World.news`) appear in none of them: `news_documents` writes articles
 about them for the search index alone, and `practice_documents` about the practice entities, which
-SFT searches for. `write_world(out_dir, size_mb, seed)` writes the documents as JSONL shards with a `text`
-field (the FineWeb layout), with the knowledge base and the fact-completion eval beside them.
+SFT searches for. `copying_rows` cuts reading practice about entities invented for the evaluation
+where a name must be copied (the copying evaluation). `write_world(out_dir, size_mb, seed)` writes
+the documents as JSONL shards with a `text` field (the FineWeb layout), with the knowledge base and
+the fact-completion eval beside them.
 """
 
 from __future__ import annotations
