@@ -70,6 +70,7 @@ def as_rank(monkeypatch, rank: int, world_size: int = 2, run_id: str = "run-a"):
     groups = []
     monkeypatch.setattr(sr, "setup_runtime", lambda device: groups.append("joined") or "group")
     monkeypatch.setattr(sr, "teardown_runtime", lambda group: groups.append(f"left {group}"))
+    monkeypatch.setattr(sr.dist, "barrier", lambda: groups.append("barrier"))
     return groups
 
 
@@ -115,14 +116,28 @@ def test_a_single_process_writes_no_failure_marker(tmp_path, monkeypatch):
     assert not (tmp_path / sr.FAILED).exists()
 
 
-def test_other_ranks_train_and_evaluate_wait_for_the_rest_and_stop_after_rl(tmp_path, monkeypatch):
+def test_rank_0_notes_that_it_finished_and_leaves_the_group_with_the_others(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))
+    groups = as_rank(monkeypatch, 0)
+    sr.speedrun(tmp_path)
+    assert calls[-1] == "report" and sr.finished(tmp_path, "run-a") and not sr.finished(tmp_path, "run-b")
+    assert groups == ["joined", "barrier", "left group"]
+
+
+def test_other_ranks_train_and_evaluate_then_wait_for_rank_0_to_finish(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sr, "stages", lambda *a: fake_plan(calls))
+    monkeypatch.setattr(sr, "POLL_SECONDS", 0.02)
     groups = as_rank(monkeypatch, 1)
     for name in ("world", "tokenizer", "shards", "eval sft"):  # rank 0's work, and a stage already done
         (tmp_path / f"{name}.done").touch()
-    sr.speedrun(tmp_path)  # would wait forever for rank 0's report if it did not stop after eval rl
-    assert calls == ["base", "eval base", "sft", "rl", "eval rl"] and groups == ["joined", "left group"]
+    sr.atomic_write_json(tmp_path / sr.FINISHED, {"run_id": "run-old"})  # an earlier launch's note: not this one's
+    finish = threading.Timer(0.3, lambda: sr.atomic_write_json(tmp_path / sr.FINISHED, {"run_id": "run-a"}))
+    finish.start()
+    sr.speedrun(tmp_path)  # does not run rank 0's report; returns once rank 0's note names this launch
+    assert calls == ["base", "eval base", "sft", "rl", "eval rl"] and groups == ["joined", "barrier", "left group"]
+    assert not finish.is_alive()
 
 
 def test_a_speedrun_whose_rl_step_does_not_split_over_the_ranks_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -198,7 +213,7 @@ def test_torchrun_speedrun_with_docs_and_chat(tmp_path):
     for stage in ("base", "sft", "rl"):
         assert (run / stage / "done.json").exists() and (run / stage / "eval.json").exists(), stage
         assert json.loads((run / stage / "eval-bpb.json").read_text())["documents"] == 40, stage  # --val-docs, held out
-    assert (run / "report.md").exists() and not (run / sr.FAILED).exists()
+    assert (run / "report.md").exists() and (run / sr.FINISHED).exists() and not (run / sr.FAILED).exists()
     evaluation = json.loads((run / "sft" / "eval.json").read_text())
     assert {"pass@1_tools", "known_fact_qa_tools", "unknown_idk_tools", "news_qa", "news_qa_tools"} <= set(evaluation)
     assert {"system_followed", "known_fact_qa_system", "followup_qa", "harmless_refused", "harmful_refused",

@@ -25,7 +25,8 @@ Under torchrun every process runs this loop. Pretraining, SFT and RL train on al
 parallel) and the evaluations after them decode split over all of them; the other stages (the
 world, tokenizer, shards, the preference stages, the report) run on rank 0 alone while the other
 ranks poll the stage's output every few seconds. If a stage fails on rank 0, it writes `speedrun-failed.json` in the run
-folder, and the waiting ranks stop with its message instead of waiting forever.
+folder, and the waiting ranks stop with its message instead of waiting forever; when it finishes,
+it writes `speedrun-finished.json`, and every rank leaves the process group together.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from picochat.config import get_preset
 from picochat.data.conversations import parse_data_spec, read_conversations
@@ -63,6 +65,7 @@ from picochat.world.tool_chats import WORLD_PASSAGE_CHARS
 
 ALL_RANKS = ("base", "eval base", "sft", "eval sft", "rl", "eval rl")  # every torchrun process works in these
 FAILED = "speedrun-failed.json"  # rank 0's note that a stage failed, for the waiting ranks
+FINISHED = "speedrun-finished.json"  # rank 0's note that every stage is done, for the waiting ranks
 INPUTS = "speedrun.json"  # the inputs the run was started with
 POLL_SECONDS = 5.0
 DEFAULT_VAL_DOCS = 5000
@@ -228,7 +231,7 @@ def write_failure(run: Path, stage: str, error: BaseException, run_id: str) -> N
     atomic_write_json(run / FAILED, {"stage": stage, "error": f"{type(error).__name__}: {error}", "run_id": run_id})
 
 
-def wait_for(run: Path, is_done: Callable[[Path], bool], run_id: str, poll_s: float = POLL_SECONDS) -> None:
+def wait_for(run: Path, is_done: Callable[[Path], bool], run_id: str, poll_s: float | None = None) -> None:
     """Block until rank 0 completes the stage (`is_done`); raise if rank 0 recorded a failure in this run."""
     while not is_done(run):
         failed = run / FAILED
@@ -236,7 +239,7 @@ def wait_for(run: Path, is_done: Callable[[Path], bool], run_id: str, poll_s: fl
             note = json.loads(failed.read_text())
             if note.get("run_id") == run_id:
                 raise SpeedrunError(f"rank 0 failed at stage {note['stage']!r} ({note['error']}); see rank 0's output")
-        time.sleep(poll_s)
+        time.sleep(POLL_SECONDS if poll_s is None else poll_s)
 
 
 def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Path | None = None,
@@ -257,9 +260,13 @@ def speedrun(run: Path, preset_name: str = "cpu", device: str = "auto", docs: Pa
     try:
         if rank == 0:
             _lead(run, plan, world_size, run_id, docs, chat, val_docs, inputs)
+            atomic_write_json(run / FINISHED, {"run_id": run_id})
         else:
             check_inputs(docs, chat, val_docs, read_chat=False)  # rank 0 reads the conversations
             _follow(run, plan, run_id)
+        # Every rank leaves the group at once: a gloo process that left while rank 0 still held the
+        # group (rank 0 alone runs the last stages) was seen to abort ("terminate called ...").
+        dist.barrier()
     finally:
         teardown_runtime(group)
 
@@ -269,6 +276,7 @@ def _lead(run: Path, plan: list, world_size: int, run_id: str, docs: Path | None
     """Rank 0 (or the only process): run every stage not yet complete, in order."""
     run.mkdir(parents=True, exist_ok=True)
     (run / FAILED).unlink(missing_ok=True)
+    (run / FINISHED).unlink(missing_ok=True)
     stage = "checking inputs"
     try:
         check_inputs(docs, chat, val_docs)
@@ -297,8 +305,8 @@ def _lead(run: Path, plan: list, world_size: int, run_id: str, docs: Path | None
 
 
 def _follow(run: Path, plan: list, run_id: str) -> None:
-    """A rank other than 0: work in the stages of every rank, wait for rank 0 in the others, and stop
-    after the last of them (what follows runs on rank 0 alone)."""
+    """A rank other than 0: work in the stages of every rank, wait for rank 0 in the others, then
+    wait until rank 0 has finished the stages it runs alone."""
     last_shared = max(i for i, (name, _, _) in enumerate(plan) if name in ALL_RANKS)
     for name, action, is_done in plan[: last_shared + 1]:
         if name in ALL_RANKS:
@@ -306,6 +314,13 @@ def _follow(run: Path, plan: list, run_id: str) -> None:
                 action(run)
         else:
             wait_for(run, is_done, run_id)
+    wait_for(run, lambda path: finished(path, run_id), run_id)
+
+
+def finished(run: Path, run_id: str) -> bool:
+    """Whether rank 0 of this torchrun launch finished every stage (a note from an earlier launch does not count)."""
+    note = run / FINISHED
+    return note.exists() and json.loads(note.read_text()).get("run_id") == run_id
 
 
 def register_cli(parser: argparse.ArgumentParser) -> None:
