@@ -12,7 +12,7 @@ import pytest
 from picochat.cli import main as cli_main
 from picochat.world import documents
 from picochat.world import search_documents
-from picochat.world.documents import (DOC_STYLES, copying_rows, PRACTICE_ENTITIES, generate_documents, practice_entities, reading_document,
+from picochat.world.documents import (DOC_STYLES, copying_rows, value_reading_rows, PRACTICE_ENTITIES, generate_documents, practice_entities, reading_document,
                                       write_world)
 from picochat.world.knowledge import (KINDS, RELATIONS_OF_KIND, VOCABULARY, NameMaker, WorldError, build_world,
                                       fact_completion_rows, invent_entity, load_world, world_names)
@@ -360,6 +360,21 @@ def test_cli_generate_and_show(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert all(f"=== {style} ===" in shown for style in DOC_STYLES)
     assert "100 people" in shown and "8 countries" in shown
+
+
+def test_value_reading_rows_end_where_a_value_must_be_read_from_the_article(world):
+    rows = value_reading_rows(world, 30)
+    assert rows == value_reading_rows(world, 30) and len(rows) == 30
+    known = {e.name for e in world.entities}
+    for row in rows:
+        article, asked = row["prompt"].split("\n\nQ: ")
+        question, answer_begun = asked.split("\nA:")
+        name = article.split("\n\n")[1]  # the article's title: the invented entity
+        assert name.lower() not in {k.lower() for k in known}
+        assert row["answer"] in article and row["answer"] not in answer_begun  # read from the article, not given
+        sentence = next(s for s in article.split("\n\n")[2].split(". ") if row["answer"] in s)
+        begun = answer_begun.strip()  # empty where the answer's phrasing opens with the value
+        assert not begun or begun not in sentence  # asked in words other than the article's
 
 
 def test_copying_rows_end_where_a_name_never_seen_must_be_copied(world):

@@ -13,6 +13,8 @@
   complete, against that last line alone (zero-shot);
 - copying (every stage): reading practice about an invented entity, cut where its name comes next:
   what a persona name, a search query about a name never seen, or an "I don't know" about it needs;
+  and cut before a fact's value, asked in other words than the article's (`value_reading`): what an
+  answer read from a search result needs;
 - the conversation (chat model): held-out system prompts followed (a name to use, a format checked
   by a rule), known-fact QA under a generic system prompt, follow-ups whose subject is only in the
   first turn, and refusals of harmless and of harmful requests.
@@ -233,10 +235,10 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
         }
         if run.eval_few_shot.exists():
             metrics.update(few_shot_metrics(model, tok, read_jsonl(run.eval_few_shot), rt))
-        copying = fitting(read_jsonl(run.eval_copying), tok, model.config.max_seq_len) if run.eval_copying.exists() else []
-        if copying:
-            metrics["name_copying"] = completes(model, tok, [r["prompt"] for r in copying], [r["answer"] for r in copying],
-                                                "copying", rt)
+        for metric, path in (("name_copying", run.eval_copying), ("value_reading", run.eval_value_reading)):
+            rows = fitting(read_jsonl(path), tok, model.config.max_seq_len) if path.exists() else []
+            if rows:
+                metrics[metric] = completes(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], metric, rt)
         if stage != "base":
             tools = Tools(tok, run.open_index())
             questions = read_jsonl(run.eval_questions)

@@ -146,6 +146,11 @@ class Run:
         return self.world / "eval" / "copying.jsonl"
 
     @property
+    def eval_value_reading(self) -> Path:
+        """Reading practice about invented entities, cut where the base model must read a fact's value."""
+        return self.world / "eval" / "reading.jsonl"
+
+    @property
     def world_news_docs(self) -> Path:
         """The articles about the news entities: indexed for search, never pretrained."""
         return self.world / "docs-news.jsonl"

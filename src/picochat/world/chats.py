@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 
 from picochat.io import atomic_write_jsonl
-from picochat.world.documents import copying_rows
+from picochat.world.documents import copying_rows, value_reading_rows
 from picochat.world.few_shot import few_shot_rows
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, NameMaker, World, fact_of, load_world, world_names
 from picochat.world.phrasings import RELATIONS, fill
@@ -570,7 +570,7 @@ def system_qa_eval_set(world: World) -> list[dict]:
 # The evaluation sets write_chat writes under eval/, beside the QA sets.
 EVAL_SETS = {"followups.jsonl": followup_eval_set, "system.jsonl": system_eval_set,
              "qa-system.jsonl": system_qa_eval_set, "requests.jsonl": requests_eval_set, "few-shot.jsonl": few_shot_rows,
-             "copying.jsonl": copying_rows}
+             "copying.jsonl": copying_rows, "reading.jsonl": value_reading_rows}
 
 
 def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
@@ -578,7 +578,7 @@ def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
     questions), out_dir/eval/qa.jsonl (the held-out QA set), out_dir/eval/qa-train.jsonl (the same
     questions about SFT-seen facts), out_dir/eval/qa-news.jsonl (questions about the news
     entities) and the EVAL_SETS (follow-ups, system prompts, generic system prompt with the QA
-    questions, harmless and harmful requests, few-shot and copying prompts for the base model), for the world
+    questions, harmless and harmful requests, few-shot, copying and reading prompts for the base model), for the world
     saved in out_dir by `documents.write_world`. Returns counts."""
     out = Path(out_dir)
     world = load_world(out)

@@ -8,7 +8,8 @@ copying from it). Facts are stated in their training phrasings (`state`), never 
 ones. The news entities (`World.news`) appear in none of them: `news_documents` writes articles
 about them for the search index alone, and `practice_documents` about the practice entities, which
 SFT searches for. `copying_rows` cuts reading practice about entities invented for the evaluation
-where a name must be copied (the copying evaluation). `write_world(out_dir, size_mb, seed)` writes
+where a name must be copied (the copying evaluation), `value_reading_rows` where a fact's value must be
+read from the article. `write_world(out_dir, size_mb, seed)` writes
 the documents as JSONL shards with a `text` field (the FineWeb layout), with the knowledge base and
 the fact-completion eval beside them.
 """
@@ -216,8 +217,14 @@ def _table(world: World, rng: random.Random) -> str:
 
 def short_article(e: Entity, rng: random.Random) -> str:
     """A heading, an opening line and every fact about `e`, linking to nothing else."""
-    sentences = [rng.choice(_INTROS[e.kind]).format(s=e.name)] + [state(f, rng) for f in _facts(e, rng)]
-    return f"{_title(e.name)}\n\n" + " ".join(sentences)
+    return _article_and_statements(e, rng)[0]
+
+
+def _article_and_statements(e: Entity, rng: random.Random) -> tuple[str, dict[str, str]]:
+    """short_article, and the sentence of it that states each fact (by relation)."""
+    intro = rng.choice(_INTROS[e.kind]).format(s=e.name)
+    statements = {f.relation: state(f, rng) for f in _facts(e, rng)}
+    return f"{_title(e.name)}\n\n" + " ".join([intro, *statements.values()]), statements
 
 
 def _reading(world: World, rng: random.Random) -> str:
@@ -253,6 +260,26 @@ def copying_rows(world: World, n: int = COPYING_ROWS) -> list[dict]:
         cut = questions.find(e.name, first_answer)
         if cut >= 0:  # the last question may be the first and only one to answer without the name
             rows.append({"prompt": f"{article}\n\n{questions[:cut].rstrip(' ')}", "answer": e.name})
+    return rows
+
+
+def value_reading_rows(world: World, n: int = COPYING_ROWS) -> list[dict]:
+    """n reading-practice prompts about entities invented for this evaluation, each `{"prompt",
+    "answer"}`: a short article, a question about one of its facts, and the answer begun in words
+    other than the article's, cut just before the value. A base model completes them only by finding
+    the fact in the article and copying its value: the reading a search result asks for."""
+    rng = random.Random(f"value-reading-{world.seed}")
+    names = NameMaker(rng, world_names(world))
+    rows = []
+    while len(rows) < n:
+        e = invent_entity(world, rng.choice(KINDS), rng, names)
+        article, statements = _article_and_statements(e, rng)
+        f = _facts(e, rng, 1)[0]
+        answer = state(f, rng)
+        cut = answer.rfind(f.answer)
+        if answer != statements[f.relation] and cut >= 0 and answer.count(f.answer) == 1:
+            rows.append({"prompt": f"Reading practice\n\n{article}\n\nQ: {ask(f, rng)}\nA: {answer[:cut].rstrip(' ')}".rstrip(),
+                         "answer": f.answer})
     return rows
 
 
