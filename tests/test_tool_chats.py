@@ -10,7 +10,7 @@ from picochat.chat import render, to_text
 from picochat.data.tasks import answer_text, extract_answer, read_problems, reward
 from picochat.tools import TOOLS_SYSTEM_PROMPT, calculate, with_tools
 from picochat.world import generate
-from picochat.world.chats import heldout_facts, unknown_names
+from picochat.world.chats import _answer, heldout_facts, unknown_names
 from picochat.world.documents import practice_entities
 from picochat.world.knowledge import load_world
 from picochat.world.tool_chats import calc_messages
@@ -46,14 +46,15 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
     chats = rows(world_dir / "sft-tools.jsonl")
     kinds = [c["kind"] for c in chats]
     assert kinds.count("calc") == 40 and kinds.count("calc-sum") == 6
-    assert sum(kinds.count(k) for k in ("search", "search-unknown", "search-practice")) == 60
-    assert min(kinds.count(k) for k in ("search", "search-unknown", "search-practice")) > 5
+    assert sum(kinds.count(k) for k in ("known-no-search", "search-unknown", "search-practice")) == 60
+    assert min(kinds.count(k) for k in ("known-no-search", "search-unknown", "search-practice")) > 5
     offered = [c for c in chats if c["kind"].startswith("offered-")]
     assert len(offered) == 13 and not any(m.get("tool_call") for c in offered for m in c["messages"])
     held = {(f.subject, f.answer) for f in heldout_facts(world)}
     news = {e.name for e in world.news}
     train_unknown = {name for kind in world.unknown_names for name in unknown_names(world, kind, "train")}
     practice = {e.name.lower() for e in practice_entities(world)}
+    sft_answers = {_answer(f) for f in world.facts() if f not in heldout_facts(world)}
     from picochat.tokenizer import Tokenizer
 
     tok = Tokenizer.train([json.dumps(c) for c in chats], vocab_size=400)
@@ -65,6 +66,10 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
             continue
         if chat["kind"] == "calc":
             assert extract_answer(messages[-1]["content"]) is not None
+            continue
+        if chat["kind"] == "known-no-search":  # a fact of the world's own entities: from memory
+            assert len(messages) == 3 and not messages[2].get("tool_call")
+            assert messages[2]["content"] in sft_answers  # a fact SFT may state, not a practice entity's
             continue
         if chat["kind"] == "calc-sum":
             expression = messages[2]["tool_call"].removeprefix("calc: ")

@@ -5,14 +5,20 @@
 
       4 kites cost <|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8<|/tool_result|>8 dollars. ...
 
-- Questions about facts with search: the assistant searches for the question's subject and what is
-  asked about it, then answers from what the search put in its context window (its working memory),
-  or says it does not know when nothing the search found is about the subject. A share of the
-  questions are about practice entities that only the search index knows, so that the answer has
-  to come from the result, not from memory:
+- Questions about names the model never read: the assistant searches for the question's subject
+  and what is asked about it, then answers from what the search put in its context window (its
+  working memory), or says it does not know when nothing the search found is about the subject.
+  The names are the practice entities, which only the search index knows, and names that exist
+  nowhere:
 
-      <|tool_call|>search: Dekfusesh capital<|/tool_call|><|tool_result|>[1] Dekfusesh's capital is Kimere.
-      [2] ...<|/tool_result|>The capital of Dekfusesh is Kimere.
+      <|tool_call|>search: Dolwick country<|/tool_call|><|tool_result|>[1] Dolwick is a town in Dekfusesh.
+      [2] ...<|/tool_result|>The country of Dolwick is Dekfusesh.
+
+- Questions about the world's own entities, which the model read about in pretraining, answered
+  from memory with the tools offered, without a search: the lecture's model searches when it does
+  not know. (Searching them too taught the cpu model to answer after any result as it would
+  without one, and to mix in the result's other facts: known-fact QA with search offered was 10
+  points under QA without; BENCHMARKS.md, "Search when the name is unknown".)
 
 Each conversation starts with the system message `tools.TOOLS_SYSTEM_PROMPT`: tools are used when
 the system message offers them, so the same model answers without tools (from memory, as it learnt
@@ -50,9 +56,9 @@ CHARS_PER_TOKEN = 4.2  # the cpu preset's tokenizer on the world's documents (BE
 # three short passages, not out of three paragraphs (BENCHMARKS.md, "Tools").
 WORLD_PASSAGE_CHARS = 120
 UNKNOWN_SHARE = 0.25  # of the search conversations: questions about names the search cannot find
-# Of the search conversations: questions about the practice entities, which only the search knows. About
-# the world's own entities a model can answer from memory whatever the search returned; about these it
-# has to copy the name into the query and the fact out of the result, as it must for the news entities.
+# Of the search conversations: questions about the practice entities, which only the search knows: the
+# model has to copy the name into the query and the fact out of the result, as it must for the news
+# entities. The rest ask about the world's own entities, answered from memory without a search.
 PRACTICE_SHARE = 0.35
 SUM_SHARE = 0.15  # bare sums with the calculator, for each word problem with it
 # An arithmetic step of a worked solution: "4 * 2 = 8", "12 - 3 + 4 = 13".
@@ -123,9 +129,9 @@ def _searched(question: str, query: str, result: str, reply: str) -> list[dict]:
 
 
 def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0) -> list[dict]:
-    """n SFT rows: questions about facts SFT may show and about the practice entities, answered from
-    the search result (only those whose result holds the answer), and questions about unknown names,
-    whose search finds nothing."""
+    """n SFT rows with the tools offered: questions about the practice entities, answered from the
+    search result (only those whose result holds the answer); questions about unknown names, whose
+    search finds nothing; and questions about facts SFT may show, answered from memory without a call."""
     rng = random.Random(f"search-chat-{seed}")
     held = heldout_facts(world)
     facts = [f for f in world.facts() if f not in held]
@@ -143,14 +149,18 @@ def search_conversations(world: World, index: SearchIndex, n: int, seed: int = 0
                 continue
             reply = _idk_reply(kind, name, rng)
             messages, kind_name = _searched(_vary(rng.choice(relation.questions).format(s=name), rng), query, result, reply), "search-unknown"
-        else:
-            about_practice = draw < UNKNOWN_SHARE + PRACTICE_SHARE
-            fact, kind_name = (rng.choice(practice), "search-practice") if about_practice else (rng.choice(facts), "search")
+        elif draw < UNKNOWN_SHARE + PRACTICE_SHARE:
+            fact = rng.choice(practice)
             query = search_query(fact.subject, fact.relation)
             result = search_result(index, query)
             if fact.answer.lower() not in result.lower():
                 continue
-            messages = _searched(_vary(_question(fact, rng), rng), query, result, _answer(fact))
+            messages, kind_name = _searched(_vary(_question(fact, rng), rng), query, result, _answer(fact)), "search-practice"
+        else:
+            fact = rng.choice(facts)
+            messages = [_system(), {"role": "user", "content": _vary(_question(fact, rng), rng)},
+                        {"role": "assistant", "content": _answer(fact)}]
+            kind_name = "known-no-search"
         rows.append({"messages": messages, "kind": kind_name})
     return rows
 
