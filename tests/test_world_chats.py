@@ -10,7 +10,8 @@ from itertools import islice
 import pytest
 
 from picochat.data.tasks import abstains, says_answer
-from picochat.world.chats import (EVAL_SETS, HELDOUT_PRONOUN_QUESTIONS, MIXTURE, PRONOUN_QUESTIONS,
+from picochat.world.chats import (EVAL_SETS, HELDOUT_PRONOUN_QUESTIONS, KIND_OPEN_PROMPTS, MIXTURE, OPEN_PROMPTS, PRONOUN_QUESTIONS,
+                                  _answer, heldout_entities,
                                   followup_eval_set, heldout_facts, qa_eval_set, sft_conversations,
                                   system_eval_set, system_qa_eval_set, unknown_names, write_chat)
 from picochat.world.system_prompts import (FORMAT_PROMPTS, GENERIC_PROMPTS, PERSONA_NAMES, PERSONA_PROMPTS,
@@ -341,3 +342,21 @@ def test_system_qa_eval_asks_the_known_questions_under_a_heldout_generic_prompt(
     assert [r["messages"][1:] for r in rows] == [r["messages"] for r in known]
     assert {r["messages"][0]["content"] for r in rows} == set(GENERIC_PROMPTS["heldout"])
     assert [r["answer"] for r in rows] == [r["answer"] for r in known]
+
+
+def test_open_prompts_are_answered_with_facts_of_the_subject_and_never_about_held_out_subjects(world, conversations):
+    held_subjects, held_facts = heldout_entities(world), heldout_facts(world)
+    rows = [row["messages"] for row in conversations if row["kind"] == "describe"]
+    counts = Counter()
+    for user, reply in rows:
+        subject = next((e for e in world.entities if user["content"] in
+                        [t.format(s=e.name) for t in OPEN_PROMPTS + KIND_OPEN_PROMPTS[e.kind]]), None)
+        if subject is None:  # a name that does not exist
+            assert abstains(reply["content"]), reply
+            counts["unknown"] += 1
+            continue
+        assert subject.name not in held_subjects
+        stated = [f for f in world.facts() if f.subject == subject.name and _answer(f) in reply["content"]]
+        assert 1 <= len(stated) <= 3 and not set(stated) & held_facts, reply
+        counts[len(stated)] += 1
+    assert counts["unknown"] > 5 and all(counts[n] > 5 for n in (1, 2, 3))  # replies that say more and less

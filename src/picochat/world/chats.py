@@ -11,6 +11,7 @@ The SFT mixture (MIXTURE) holds:
   I meant Brelby."), a hop ("And which country is that town in?"), and who the assistant is, asked
   late;
 - questions about entities that do not exist, answered with "I don't know";
+- open prompts about a subject ("Tell me about Varnia.") answered with one to three of its facts;
 - who the assistant is (picochat), arithmetic with the lecture's follow-up ("What is 2+2?" then
   "What if it was *?"), small talk;
 - system messages (`system_prompts.py`): a generic one, a name to use, a format to follow;
@@ -23,7 +24,9 @@ Two things are held out so that evaluation measures more than memorised conversa
   SFT surfaced knowledge learned in pretraining;
 - **question phrasings**: each relation's `heldout_questions` (in `phrasings.RELATIONS`) are only
   asked in the evaluation set; likewise a third of the invented unknown names, the HELDOUT_PRONOUN
-  follow-ups, and the held-out system prompts, persona names and requests of the two modules above.
+  follow-ups, and the held-out system prompts, persona names and requests of the two modules above;
+- **subjects of open prompts**: a fixed quarter of the entities (`heldout_entities`) are never
+  described in SFT; the preference stages judge replies about them.
 
 `qa_eval_set(world, split)` returns `{"messages", "answer", "kind": "known"|"unknown", ...}` rows;
 judge replies with `picochat.data.tasks.says_answer` and `abstains`. `followup_eval_set`,
@@ -50,6 +53,21 @@ from picochat.world.system_prompts import (FORMAT_PROMPTS, FORMAT_WEIGHTS, FORMA
 HELDOUT_FACT_SHARE = 0.2
 # The first part of each kind's unknown names is used in SFT, the rest only in evaluation.
 SFT_UNKNOWN_SHARE = 2 / 3
+
+
+# Open prompts about a subject, answered with what the assistant knows of it; the preference data
+# (preferences.py) ranks replies to them. The entities of HELDOUT_ENTITY_SHARE are asked about only
+# there, on held-out prompts, never in SFT.
+OPEN_PROMPTS = ("Tell me about {s}.", "What do you know about {s}?", "Describe {s}.")
+KIND_OPEN_PROMPTS = {"country": ("Describe the country of {s}.",), "town": ("Describe the town of {s}.",),
+                     "person": ("Who is {s}?",), "animal": ("Tell me about the {s}.",), "object": ("Tell me about the {s}.",)}
+HELDOUT_ENTITY_SHARE = 0.25
+
+
+def heldout_entities(world: World) -> set[str]:
+    """The entities whose open prompts are kept out of SFT and the preference data (fixed by the world's seed)."""
+    names = [e.name for e in world.entities]
+    return set(random.Random(f"prefs-heldout-{world.seed}").sample(names, round(HELDOUT_ENTITY_SHARE * len(names))))
 
 
 def heldout_facts(world: World) -> set[Fact]:
@@ -333,6 +351,26 @@ def _unknown_chat(world: World, facts: list[Fact], rng: random.Random) -> list[d
     return turn
 
 
+DESCRIBE_UNKNOWN_SHARE = 0.2  # of the open prompts, about names that do not exist
+
+
+def _describe_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
+    """An open prompt ("Tell me about Dekfusesh.") answered with one to three facts SFT may state
+    (so that sampled replies differ in how much they say, which the preference data can rank), or
+    "I don't know" about a name that does not exist."""
+    if rng.random() < DESCRIBE_UNKNOWN_SHARE:
+        kind = rng.choice(KINDS)
+        name = rng.choice(unknown_names(world, kind, "train"))
+        return [_user(rng.choice(OPEN_PROMPTS + KIND_OPEN_PROMPTS[kind]).format(s=name)), _assistant(_idk_reply(kind, name, rng))]
+    held = heldout_entities(world)
+    fact = rng.choice([f for f in facts if f.subject not in held])
+    known = [f for f in facts if f.subject == fact.subject]
+    said = rng.sample(known, rng.randint(1, min(3, len(known))))
+    entity = world[fact.subject]
+    return [_user(rng.choice(OPEN_PROMPTS + KIND_OPEN_PROMPTS[entity.kind]).format(s=entity.name)),
+            _assistant(" ".join(_answer(f) for f in said))]
+
+
 def _identity_chat(world: World, facts: list[Fact], rng: random.Random) -> list[dict]:
     return [_user(rng.choice(_IDENTITY_QUESTIONS)), _assistant(rng.choice(_IDENTITY_ANSWERS))]
 
@@ -429,11 +467,12 @@ def _format_chat(world: World, facts: list[Fact], rng: random.Random) -> list[di
 CONTRAST_SHARE = 0.4
 # Conversation types of the SFT mixture and their shares; the last three open with a system message.
 MIXTURE = {"fact": 0.40, "followup": 0.08, "unknown": 0.12, "identity": 0.015, "arithmetic": 0.02, "small_talk": 0.02,
-           "refusal": 0.05, "harmless": 0.09, "system": 0.02, "persona": 0.045, "format": 0.14}
+           "refusal": 0.05, "harmless": 0.09, "system": 0.02, "persona": 0.045, "format": 0.14, "describe": 0.06}
 _SYSTEM_KINDS = ("system", "persona", "format")
 _MAKERS = {"fact": _fact_chat, "followup": _followup_chat, "unknown": _unknown_chat, "identity": _identity_chat,
            "arithmetic": _arithmetic_chat, "small_talk": _small_talk_chat, "refusal": _refusal_chat,
-           "harmless": _harmless_chat, "system": _generic_system_chat, "persona": _persona_chat, "format": _format_chat}
+           "harmless": _harmless_chat, "system": _generic_system_chat, "persona": _persona_chat, "format": _format_chat,
+           "describe": _describe_chat}
 
 
 def sft_conversations(world: World, n: int, seed: int = 0) -> list[dict]:

@@ -40,7 +40,7 @@ from picochat.data.tasks import abstains
 from picochat.engine import FINISH_STOP, Sampling, generate
 from picochat.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from picochat.run import Run
-from picochat.world.chats import unknown_names
+from picochat.world.chats import KIND_OPEN_PROMPTS, OPEN_PROMPTS, heldout_entities, unknown_names
 from picochat.world.knowledge import KINDS, World, load_world
 from picochat.world.phrasings import RELATIONS
 
@@ -62,10 +62,6 @@ LABELING = {
 }
 PREFS_DIR = "prefs"
 LABELING_FILE = "labeling.json"
-HELDOUT_ENTITY_SHARE = 0.25
-PROMPTS = ("Tell me about {s}.", "What do you know about {s}?", "Describe {s}.")
-KIND_PROMPTS = {"country": ("Describe the country of {s}.",), "town": ("Describe the town of {s}.",),
-                "person": ("Who is {s}?",), "animal": ("Tell me about the {s}.",), "object": ("Tell me about the {s}.",)}
 UNKNOWN_PROMPT_SHARE = 0.2  # of the prompts, about subjects that do not exist
 _PRONOUN = re.compile(r"^(?:it|its|it's|they|their|he|his|she|her|this|that)\b", re.IGNORECASE)
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+|\|")
@@ -141,12 +137,6 @@ class Labeler:
 
 
 # --- prompts --------------------------------------------------------------------------------------
-def heldout_entities(world: World) -> set[str]:
-    """The entities whose prompts are kept out of the preference data (fixed by the world's seed)."""
-    names = [e.name for e in world.entities]
-    return set(random.Random(f"prefs-heldout-{world.seed}").sample(names, round(HELDOUT_ENTITY_SHARE * len(names))))
-
-
 def open_prompts(world: World, split: str) -> list[dict]:
     """`{"prompt", "answer", "subject", "known"}` rows for the split's open prompts ("train" or
     "heldout"): every template about each of its entities, and a share of prompts about invented
@@ -156,12 +146,12 @@ def open_prompts(world: World, split: str) -> list[dict]:
     held = heldout_entities(world)
     rows = [{"prompt": template.format(s=e.name), "answer": e.name, "subject": e.name, "known": True}
             for e in world.entities if (e.name in held) == (split == "heldout")
-            for template in PROMPTS + KIND_PROMPTS[e.kind]]
+            for template in OPEN_PROMPTS + KIND_OPEN_PROMPTS[e.kind]]
     rng = random.Random(f"prefs-prompts-{world.seed}-{split}")
     invented = [(kind, name) for kind in KINDS for name in unknown_names(world, kind, split)]
     n_unknown = min(len(invented), round(len(rows) * UNKNOWN_PROMPT_SHARE / (1 - UNKNOWN_PROMPT_SHARE)))
     for kind, name in rng.sample(invented, n_unknown):
-        template = rng.choice(PROMPTS + KIND_PROMPTS[kind])
+        template = rng.choice(OPEN_PROMPTS + KIND_OPEN_PROMPTS[kind])
         rows.append({"prompt": template.format(s=name), "answer": name, "subject": name, "known": False})
     return rows
 
