@@ -41,6 +41,25 @@ def test_calculator_steps_rebuild_the_worked_solution():
         calc_messages("x", "4 kites cost 4 * 2 = 9 dollars.\nAnswer: 9")
 
 
+def own_turn(messages: list[dict]) -> list[dict]:
+    """The system message and the conversation's last turn (from its last user message on)."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [messages[0], *messages[last_user:]]
+
+
+def test_a_share_of_tool_conversations_opens_with_an_earlier_short_exchange(world_dir):
+    chats = rows(world_dir / "sft-tools.jsonl")
+    openers = [c for c in chats if c["kind"] in ("calc", "search-practice", "search-unknown")
+               and sum(m["role"] == "user" for m in c["messages"]) > 1]
+    mine = [c for c in chats if c["kind"] in ("calc", "search-practice", "search-unknown")]
+    assert 0.2 < len(openers) / len(mine) < 0.6  # EARLIER_TURN_SHARE, less what would not fit
+    for chat in openers:
+        messages = chat["messages"]
+        assert [m["role"] for m in messages[:2]] == ["system", "user"] and messages[0]["content"] == TOOLS_SYSTEM_PROMPT
+        assert sum(m["role"] == "system" for m in messages) == 1
+        assert messages[-1]["role"] == "assistant" and len(own_turn(messages)) < len(messages)
+
+
 def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
     world = load_world(world_dir)
     chats = rows(world_dir / "sft-tools.jsonl")
@@ -49,7 +68,7 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
     assert sum(kinds.count(k) for k in ("known-no-search", "search-unknown", "search-practice")) == 60
     assert min(kinds.count(k) for k in ("known-no-search", "search-unknown", "search-practice")) > 5
     offered = [c for c in chats if c["kind"].startswith("offered-")]
-    assert len(offered) == 13 and not any(m.get("tool_call") for c in offered for m in c["messages"])
+    assert len(offered) == 13 and not any(m.get("tool_call") for c in offered for m in own_turn(c["messages"]))
     held = {(f.subject, f.answer) for f in heldout_facts(world)}
     news = {e.name for e in world.news}
     train_unknown = {name for kind in world.unknown_names for name in unknown_names(world, kind, "train")}
@@ -59,8 +78,8 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
 
     tok = Tokenizer.train([json.dumps(c) for c in chats], vocab_size=400)
     for chat in chats:
-        messages = chat["messages"]
-        render(messages, tok)  # a valid conversation in the chat protocol
+        render(chat["messages"], tok)  # a valid conversation in the chat protocol
+        messages = own_turn(chat["messages"])  # the system message and the last turn, after any earlier one
         assert messages[0]["role"] == "system" and messages[0]["content"].startswith(TOOLS_SYSTEM_PROMPT)
         if chat["kind"].startswith("offered-"):
             continue

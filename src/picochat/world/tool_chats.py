@@ -179,9 +179,34 @@ def offered_without_calls(world: World, n: int, seed: int = 0) -> list[dict]:
     return [{"messages": with_tools(r["messages"]), "kind": f"offered-{r['kind']}"} for r in rows]
 
 
+# Of the tool conversations: the share that opens with an earlier exchange (a short one: a fact from
+# memory, a bare sum, small talk). With every call in a conversation's first turn, the model learnt to
+# call tools there only: after one earlier turn it searched for 1 news question in 17 and used the
+# calculator for 2 word problems in 30 (BENCHMARKS.md, "Tools after the first turn").
+EARLIER_TURN_SHARE = 0.4
+_EARLIER_KINDS = ("known-no-search", "calc-sum", "offered-small_talk", "offered-identity")
+_CONTEXT_TOKENS = 256  # the cpu preset's context: an earlier turn that would push the reply out is not added
+
+
+def with_earlier_turns(rows: list[dict], seed: int = 0) -> list[dict]:
+    """`rows` with EARLIER_TURN_SHARE of them opened by the user and assistant messages of a short
+    conversation drawn from `rows` (after the one system message), when the two fit the context."""
+    rng = random.Random(f"earlier-turns-{seed}")
+    short = [r["messages"][1:] for r in rows if r["kind"] in _EARLIER_KINDS]
+    out = []
+    for row in rows:
+        if rng.random() < EARLIER_TURN_SHARE:
+            messages = [row["messages"][0], *rng.choice(short), *row["messages"][1:]]
+            if sum(len(m["content"]) + len(m.get("tool_call", "")) for m in messages) / CHARS_PER_TOKEN < _CONTEXT_TOKENS - 60:
+                row = {**row, "messages": messages}
+        out.append(row)
+    return out
+
+
 def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_search: int, seed: int = 0) -> list[dict]:
     """The calculator and search conversations, with `documents` indexed as the speedrun indexes them,
-    and conversations that need no tool with the tools offered."""
+    and conversations that need no tool with the tools offered; a share of each opens with an earlier
+    exchange (`with_earlier_turns`)."""
     with tempfile.TemporaryDirectory() as tmp:
         build_index(list(documents), tmp, max_passage_chars=WORLD_PASSAGE_CHARS, progress=False)
         index = SearchIndex(tmp)
@@ -190,7 +215,7 @@ def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_s
                     + search_conversations(world, index, n_search, seed))
         finally:
             index.close()
-    return rows + offered_without_calls(world, round(NO_CALL_SHARE * len(rows)), seed)
+    return with_earlier_turns(rows + offered_without_calls(world, round(NO_CALL_SHARE * len(rows)), seed), seed)
 
 
 def write_tool_chats(out_dir: str | Path, documents: Iterable[Path], n_calc: int, n_search: int, n_rl: int,
