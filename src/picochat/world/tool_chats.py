@@ -17,8 +17,11 @@
 - Questions about the world's own entities, which the model read about in pretraining, answered
   from memory with the tools offered, without a search: the lecture's model searches when it does
   not know. (Searching them too taught the cpu model to answer after any result as it would
-  without one, and to mix in the result's other facts: known-fact QA with search offered was 10
-  points under QA without; BENCHMARKS.md, "Search when the name is unknown".)
+  without one, and to mix in the result's other facts: known-fact QA with search offered was 10 to
+  17 points under QA without; BENCHMARKS.md, "Reading a value from the context".)
+
+A share of the conversations opens with an earlier short exchange (`with_earlier_turns`), so that
+the tools are called in any turn, not only in a conversation's first.
 
 Each conversation starts with the system message `tools.TOOLS_SYSTEM_PROMPT`: tools are used when
 the system message offers them, so the same model answers without tools (from memory, as it learnt
@@ -182,7 +185,8 @@ def offered_without_calls(world: World, n: int, seed: int = 0) -> list[dict]:
 # Of the tool conversations: the share that opens with an earlier exchange (a short one: a fact from
 # memory, a bare sum, small talk). With every call in a conversation's first turn, the model learnt to
 # call tools there only: after one earlier turn it searched for 1 news question in 17 and used the
-# calculator for 2 word problems in 30 (BENCHMARKS.md, "Tools after the first turn").
+# calculator for 2 word problems in 30 (BENCHMARKS.md, "Reading a value from the context": "Tools after
+# the first turn").
 EARLIER_TURN_SHARE = 0.4
 _EARLIER_KINDS = ("known-no-search", "calc-sum", "offered-small_talk", "offered-identity")
 _CONTEXT_TOKENS = 256  # the cpu preset's context: an earlier turn that would push the reply out is not added
