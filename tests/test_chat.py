@@ -83,8 +83,8 @@ def test_tool_results_are_inline_and_not_trained(small_tokenizer):
     tok = small_tokenizer
     text = to_text(WITH_TOOL)
     assert text.endswith(
-        "<|im_start|>assistant<|im_sep|>Let me compute.<|tool_call|>calc: 12*7<|/tool_call|><|tool_result|>84<|/tool_result|>"
-        "<|tool_call|>calc: 84+1<|/tool_call|><|tool_result|>85<|/tool_result|>It is 84 (and 85 plus one).<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>Let me compute.<|tool_call|>calc: 12*7<|/tool_call|><|tool_result|> 84<|/tool_result|>"
+        "<|tool_call|>calc: 84+1<|/tool_call|><|tool_result|> 85<|/tool_result|>It is 84 (and 85 plus one).<|im_end|>"
     )
     assert text.count("<|im_start|>assistant") == 1  # one assistant turn, continued after each tool result
     ids, mask = render(WITH_TOOL, tok)
@@ -98,7 +98,7 @@ def test_search_results_are_context_not_training_targets(small_tokenizer):
     tok = small_tokenizer
     ids, mask = render(WITH_SEARCH, tok)
     start, end = ids.index(TOOL_RESULT), ids.index(TOOL_RESULT_END)
-    assert tok.decode(ids[start + 1:end]) == WITH_SEARCH[2]["content"]
+    assert tok.decode(ids[start + 1:end]) == " " + WITH_SEARCH[2]["content"]  # after RESULT_LEAD
     assert mask[start:end + 1] == [0] * (end + 1 - start)
     call, call_end = ids.index(TOOL_CALL), ids.index(TOOL_CALL_END)
     assert tok.decode([i for i, m in zip(ids[call:call_end + 1], mask[call:call_end + 1]) if m]) == (

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT
 
+from picochat.chat import result_text
 from picochat.data.index import SearchIndex, build_index
 from picochat.engine import (
     FINISH_LENGTH,
@@ -243,7 +244,7 @@ def test_tool_call_result_is_forced_into_the_sequence(tool_tokenizer, call, resu
     tok = tool_tokenizer
     _, _, res, end_res, im_end = tool_ids(tok)
     model, chain = calling_model(tok, call)
-    forced = [res, *tok.encode(result), end_res]
+    forced = [res, *tok.encode(result_text(result)), end_res]
     expected = Completion([*chain[1:], *forced, 200], FINISH_STOP, stop_id=im_end)
     prompts = [[100], [7, 150]]
     until_end = Sampling(temperature=0, stop_ids=[im_end])
@@ -268,11 +269,11 @@ def test_a_search_call_gets_the_passages_fed_back(tool_tokenizer, tmp_path):
     model, chain = calling_model(tok, "search: capital of Varnia", context=256)
     until_end = Sampling(temperature=0, stop_ids=[im_end])
     [[completion]] = generate(model, [[100]], 200, until_end, tools=Tools(tok, index))
-    forced = [res, *tok.encode("[1] Oskel is the capital of Varnia."), end_res]
+    forced = [res, *tok.encode(result_text("[1] Oskel is the capital of Varnia.")), end_res]
     assert completion == Completion([*chain[1:], *forced, 200], FINISH_STOP, stop_id=im_end)
     # without an index the model reads why there is no result
     [[no_index]] = generate(model, [[100]], 200, until_end, tokenizer=tok)
-    assert tok.decode(no_index.tokens[len(chain) - 1:-1]) == "<|tool_result|>error: no search index is available<|/tool_result|>"
+    assert tok.decode(no_index.tokens[len(chain) - 1:-1]) == "<|tool_result|> error: no search index is available<|/tool_result|>"
     index.close()
 
 
@@ -282,7 +283,7 @@ def test_an_unterminated_call_is_closed_with_an_error(tool_tokenizer):
     model = bigram_model(tok, {100: call_id, call_id: 101, 101: 101, end_res: 200, 200: im_end})  # 101 forever
     tools = Tools(tok, max_call_tokens=5)
     [[completion]] = generate(model, [[100]], 40, Sampling(temperature=0, stop_ids=[im_end]), tools=tools)
-    error = tok.encode("error: the call is longer than 5 tokens")
+    error = tok.encode(result_text("error: the call is longer than 5 tokens"))
     assert completion == Completion([call_id, *[101] * 6, end_call, res, *error, end_res, 200], FINISH_STOP, stop_id=im_end)
 
 
@@ -299,5 +300,5 @@ def test_sequences_added_with_run_tools_false_share_a_batch_with_tools_and_run_n
         for event in batch.step():
             if event.token is not None:
                 tokens[event.sequence].append(event.token)
-    assert tokens[with_tools] == [*chain[1:], res, *tok.encode("42"), end_res, 200]
+    assert tokens[with_tools] == [*chain[1:], res, *tok.encode(result_text("42")), end_res, 200]
     assert tokens[without][:len(chain) - 1] == chain[1:] and res not in tokens[without]

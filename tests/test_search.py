@@ -222,7 +222,7 @@ def test_the_result_fits_the_room_the_engine_gives(small_tokenizer, index):
     ids = tools.result_ids(small_tokenizer.encode("search: capital"), room)
     assert ids[0] == tools.result and ids[-1] == tools.end_result
     assert len(ids) <= room - ANSWER_RESERVE_TOKENS
-    assert small_tokenizer.decode(ids[1:-1]).startswith("[1] ")
+    assert small_tokenizer.decode(ids[1:-1]).startswith(" [1] ")  # after chat.RESULT_LEAD
 
 
 def test_passages_with_special_token_text_stay_plain_text(small_tokenizer, tmp_path):

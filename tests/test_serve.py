@@ -14,7 +14,7 @@ import pytest
 import torch
 import uvicorn
 
-from picochat.chat import REPLY_STOP_IDS, render_for_reply
+from picochat.chat import REPLY_STOP_IDS, render_for_reply, result_text
 from picochat.checkpoint import save_model
 from picochat.cli import main
 from picochat.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ContinuousBatch, GenerationError, Sampling, generate
@@ -382,7 +382,7 @@ def test_the_api_key_is_required_when_set(loaded):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         assert httpx.get(f"{url}/v1/models").status_code == 401
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
-        assert good.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=3).usage.completion_tokens == 3
+        assert good.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=3, temperature=0).usage.completion_tokens == 3
         assert httpx.get(f"{url}/").status_code == 200  # the page itself is public; it asks for the key
 
 
@@ -452,7 +452,7 @@ CALC_CALL, CALC_RESULT, CALC_ANSWER = "calc: 4 * 2", "8", "So it is 8."
 def tool_script(tokenizer, call: str, result: str | None, answer: str) -> list[int]:
     """A reply that calls a tool, `<|tool_call|>call<|/tool_call|>`, reads `result` (None: no tool ran),
     then says `answer`."""
-    fed = [] if result is None else [TOOL_RESULT_ID, *tokenizer.encode(result), TOOL_RESULT_END_ID]
+    fed = [] if result is None else [TOOL_RESULT_ID, *tokenizer.encode(result_text(result)), TOOL_RESULT_END_ID]
     return [TOOL_CALL_ID, *tokenizer.encode(call), TOOL_CALL_END_ID, *fed, *tokenizer.encode(answer), tokenizer.im_end_id]
 
 
@@ -508,7 +508,7 @@ def test_a_full_server_answers_503_and_recovers(gated):
     with serving(create_app(tokenizer, {"demo-sft": model}, max_batch=1, max_queue=0)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(client.chat.completions.create, model="demo-sft", messages=HELLO, max_tokens=5)
+            first = pool.submit(client.chat.completions.create, model="demo-sft", messages=HELLO, max_tokens=5, temperature=0)
             wait_for(lambda: health(url)["admitted_sequences"] == 1)
             with pytest.raises(openai.InternalServerError) as refused:
                 client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=5)
@@ -516,7 +516,7 @@ def test_a_full_server_answers_503_and_recovers(gated):
             assert refused.value.body["code"] == "overloaded"
             model.permits.release(10_000)
             assert first.result(timeout=60).usage.completion_tokens == 5
-        assert client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=5).usage.completion_tokens == 5
+        assert client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=5, temperature=0).usage.completion_tokens == 5
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(gated):
@@ -534,7 +534,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(gated):
         wait_for(lambda: health(url)["active_sequences"] == 0)
         assert health(url)["tokens"] < 10
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        assert client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=4).usage.completion_tokens == 4
+        assert client.chat.completions.create(model="demo-sft", messages=HELLO, max_tokens=4, temperature=0).usage.completion_tokens == 4
 
 
 # --- the server's own tools -------------------------------------------------------------------------
@@ -587,7 +587,7 @@ def test_a_step_sits_at_its_offset_in_the_text_and_goes_back_there(loaded):
         assert message == {"role": "assistant", "content": "Let me see." + CALC_ANSWER,
                            "tool_steps": [dict(CALC_STEP, offset=len("Let me see."))]}
         view = httpx.post(f"{url}/v1/tokenize", json={"messages": HELLO + [message]}).json()
-        assert view["text"].endswith("<|im_sep|>Let me see.<|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8"
+        assert view["text"].endswith("<|im_sep|>Let me see.<|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|> 8"
                                      "<|/tool_result|>So it is 8.<|im_end|>")
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from picochat.chat import render, to_text
 from picochat.data.tasks import answer_text, extract_answer, read_problems, reward
+from picochat.tokenizer import TOOL_RESULT_END_ID, TOOL_RESULT_ID
 from picochat.tools import TOOLS_SYSTEM_PROMPT, calculate, with_tools
 from picochat.world import generate
 from picochat.world.chats import _answer, heldout_facts, unknown_names
@@ -39,6 +40,17 @@ def test_calculator_steps_rebuild_the_worked_solution():
     assert written == "4 kites cost 8 dollars.\n3 cups cost 6 dollars.\nIn total Vuktin spends 14 dollars.\nAnswer: 14"
     with pytest.raises(ValueError, match="the calculator 8"):
         calc_messages("x", "4 kites cost 4 * 2 = 9 dollars.\nAnswer: 9")
+
+
+def test_the_text_copies_a_result_token_for_token(small_tokenizer):
+    """The result's number is the same ids as where the text repeats it and as the final answer's."""
+    messages = calc_messages("q", "4 kites cost 4 * 12 = 48 dollars.\nAnswer: 48")
+    ids, _ = render(messages, small_tokenizer)
+    start, end = ids.index(TOOL_RESULT_ID), ids.index(TOOL_RESULT_END_ID)
+    result = ids[start + 1:end]
+    assert small_tokenizer.decode(result) == " 48"
+    assert ids[end + 1:end + 1 + len(result)] == result  # " 48 dollars."
+    assert ids[-1 - len(result):-1] == result  # "Answer: 48" then <|im_end|>
 
 
 def own_turn(messages: list[dict]) -> list[dict]:
@@ -93,7 +105,7 @@ def test_tool_conversations_render_and_use_only_what_sft_may_show(world_dir):
         if chat["kind"] == "calc-sum":
             expression = messages[2]["tool_call"].removeprefix("calc: ")
             assert messages[3]["content"] == calculate(expression)
-            assert messages[-1]["content"] == f"{messages[3]['content']}."
+            assert messages[-1]["content"] == f" {messages[3]['content']}."  # after a space, as the result
             continue
         subject, _, relation = messages[2]["tool_call"].removeprefix("search: ").partition(" ")
         result, reply = messages[3]["content"], messages[4]["content"]
@@ -127,7 +139,7 @@ def test_a_reply_is_graded_on_what_follows_the_last_tool_result():
     reply = "<|tool_call|>search: Oskel<|/tool_call|><|tool_result|>[1] The capital of Varnia is Oskel.<|/tool_result|>I don't know."
     assert answer_text(reply) == "I don't know."
     assert reward(reply, {"prompt": "capital of Varnia?", "answer": "Oskel"}) == 0.0  # the search said it, not the model
-    calc = "4 kites cost <|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8<|/tool_result|>8 dollars.\nAnswer: 8"
+    calc = "4 kites cost<|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|> 8<|/tool_result|> 8 dollars.\nAnswer: 8"
     assert reward(calc, {"prompt": "p", "answer": 8}) == 1.0
 
 

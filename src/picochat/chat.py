@@ -12,11 +12,15 @@ Tool use happens inside one assistant turn, the way the engine runs it: the assi
 carries `"tool_call": "name: argument"`, the next message is the tool's result (role tool), and the
 assistant's turn goes on in the message after that, without a new header:
 
-    <|im_start|>assistant<|im_sep|>Let me compute.<|tool_call|>calc: 12*7<|/tool_call|><|tool_result|>84<|/tool_result|>It is 84.<|im_end|>
+    <|im_start|>assistant<|im_sep|>12 * 7 is<|tool_call|>calc: 12 * 7<|/tool_call|><|tool_result|> 84<|/tool_result|> 84.<|im_end|>
 
-    [{"role": "assistant", "content": "Let me compute.", "tool_call": "calc: 12*7"},
+    [{"role": "assistant", "content": "12 * 7 is", "tool_call": "calc: 12 * 7"},
      {"role": "tool", "content": "84"},
-     {"role": "assistant", "content": "It is 84."}]
+     {"role": "assistant", "content": " 84."}]
+
+A result is rendered after one space (`RESULT_LEAD`), which is not part of the tool message's
+content: the tokenizer keeps a number's space with it, so the result's " 84" is the very token the
+assistant writes when it copies the number into its text.
 
 A call is a tool's name, a colon and its argument (`TOOLS` names them): `calc: 8 + 6` (an arithmetic
 expression; result "14") or `search: capital of Dekfusesh` (words to look up in the search index;
@@ -54,6 +58,11 @@ TOOLS = {"calc": "expression", "search": "query"}
 
 Message = dict
 Segment = tuple[int | str, bool]  # (special token id or plain text, trained?)
+
+# What a tool result's text starts with, before the tool's own answer. Without it a result "84" was
+# the digit tokens "8" "4", and the cpu model copied them wrong into its text (" 84", another token)
+# and into its final answer (BENCHMARKS.md, "A tool result's number is the token the model copies").
+RESULT_LEAD = " "
 
 # The ids that end an assistant reply: <|im_end|> closes the turn; <|endoftext|> would begin a new
 # document, which a reply must not run on into when a model emits it.
@@ -155,7 +164,7 @@ def _message_segments(messages: Sequence[Message], i: int) -> list[Segment]:
     message = messages[i]
     role, content = message["role"], message["content"]
     if role == "tool":
-        return [(TOOL_RESULT, False), (content, False), (TOOL_RESULT_END, False)]
+        return [(TOOL_RESULT, False), (result_text(content), False), (TOOL_RESULT_END, False)]
     trained = role == "assistant"
     continues_turn = trained and i > 0 and messages[i - 1]["role"] == "tool"
     segments: list[Segment] = [] if continues_turn else [(IM_START, False), (role, False), (IM_SEP, False)]
@@ -165,6 +174,16 @@ def _message_segments(messages: Sequence[Message], i: int) -> list[Segment]:
     else:
         segments.append((IM_END, trained))
     return segments
+
+
+def result_text(content: str) -> str:
+    """A tool's answer as it stands between `<|tool_result|>` and `<|/tool_result|>`."""
+    return RESULT_LEAD + content
+
+
+def result_content(text: str) -> str:
+    """The tool's answer in the text between `<|tool_result|>` and `<|/tool_result|>`."""
+    return text.removeprefix(RESULT_LEAD)
 
 
 def _reply_header(messages: Sequence[Message]) -> list[Segment]:
@@ -298,7 +317,7 @@ def parse(ids: Sequence[int], tokenizer) -> list[Message]:
             if ids[pos] != TOOL_RESULT:
                 raise ConversationError(f"token {pos}: expected <|tool_result|> after a tool call, got {_show(ids[pos])}")
             result, pos = text_until(pos + 1, (TOOL_RESULT_END,))
-            messages.append({"role": "tool", "content": result})
+            messages.append({"role": "tool", "content": result_content(result)})
             role, pos = "assistant", pos + 1
         elif ids[pos] == IM_START:
             role, pos = text_until(pos + 1, (IM_SEP,))
@@ -366,11 +385,11 @@ CHAT_TEMPLATE = (
     "{#- picochat's chat protocol (picochat.chat): <|im_start|>role<|im_sep|>content<|im_end|> per message. An"
     " assistant message may end in a tool call instead, its 'tool_call' being 'name: argument' ('calc: 8 + 6',"
     " 'search: capital of Dekfusesh'); the next message (role tool) holds the result, inline between"
-    " <|tool_result|> and <|/tool_result|>, and the assistant's turn goes on without a new header. -#}"
+    " <|tool_result|> and <|/tool_result|> after one space, and the assistant's turn goes on without a new header. -#}"
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'tool' -%}"
-    "{{- '<|tool_result|>' + message['content'] + '<|/tool_result|>' -}}"
+    "{{- '<|tool_result|> ' + message['content'] + '<|/tool_result|>' -}}"
     "{%- else -%}"
     "{%- if message['role'] != 'assistant' or loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}"
     "{{- '<|im_start|>' + message['role'] + '<|im_sep|>' -}}"

@@ -3,10 +3,10 @@
 The engine's tokens of an assistant reply interleave the model's text with tool steps (the call the
 model wrote, then the result the engine fed back; picochat.chat, picochat.tools):
 
-    4 kites cost <|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8<|/tool_result|>8 dollars.
+    4 kites cost<|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|> 8<|/tool_result|> 8 dollars.
 
 `ReplyReader` takes those ids one at a time and gives back, in order, text pieces (whole UTF-8
-characters, the tool markup left out: "4 kites cost ", "8 dollars.") and a `ToolStep` for each
+characters, the tool markup left out: "4 kites cost", " 8 dollars.") and a `ToolStep` for each
 step once it is complete (`ToolStep("calc: 4 * 2", "8")`). The terminal chat prints the steps on
 lines of their own; the server returns them beside the reply's text.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from picochat.chat import result_content
 from picochat.tokenizer import TOOL_CALL_END_ID, TOOL_CALL_ID, TOOL_RESULT_END_ID, TOOL_RESULT_ID, TextStream
 
 _PASSAGE = re.compile(r"^\[\d+\] ", re.MULTILINE)  # how a search result numbers its passages
@@ -76,7 +77,7 @@ class ReplyReader:
                 return []
             return [self._step(None), *self.push(token_id)]  # no result came: the model went on writing
         if token_id == TOOL_RESULT_END_ID:
-            return [self._step(self._tok.decode(self._result))]
+            return [self._step(result_content(self._tok.decode(self._result)))]
         self._result.append(token_id)
         return []
 

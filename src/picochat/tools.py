@@ -2,10 +2,11 @@
 
 A model calls a tool by writing `<|tool_call|>name: argument<|/tool_call|>` (picochat.chat defines
 the call); the engine hands the ids between the markers to `Tools.result_ids` and feeds the answer
-back into the sequence as `<|tool_result|>` result `<|/tool_result|>`:
+back into the sequence as `<|tool_result|>` result `<|/tool_result|>`, the result after one space
+(`chat.RESULT_LEAD`):
 
-    <|tool_call|>calc: 8 + 6<|/tool_call|><|tool_result|>14<|/tool_result|>
-    <|tool_call|>search: capital of Dekfusesh<|/tool_call|><|tool_result|>[1] Kimere is the capital of
+    <|tool_call|>calc: 8 + 6<|/tool_call|><|tool_result|> 14<|/tool_result|>
+    <|tool_call|>search: capital of Dekfusesh<|/tool_call|><|tool_result|> [1] Kimere is the capital of
     Dekfusesh. ...
     [2] ...<|/tool_result|>
 
@@ -28,7 +29,7 @@ import ast
 import math
 import operator
 
-from picochat.chat import ToolCallError, parse_tool_call
+from picochat.chat import RESULT_LEAD, ToolCallError, parse_tool_call, result_text
 from picochat.data.index import SearchIndex, SearchIndexError
 from picochat.tokenizer import TOOL_CALL_END_ID, TOOL_CALL_ID, TOOL_RESULT_END_ID, TOOL_RESULT_ID
 
@@ -129,7 +130,8 @@ class Tools:
         """`<|tool_result|>` answer `<|/tool_result|>` for the ids between a call's markers, `room`
         being how many tokens the completion may still take (a search result fits in it, less
         ANSWER_RESERVE_TOKENS)."""
-        return self._wrap(self.answer(self.tokenizer.decode(call_ids), room - 2 - ANSWER_RESERVE_TOKENS))
+        budget = room - 2 - self._count(RESULT_LEAD) - ANSWER_RESERVE_TOKENS
+        return self._wrap(self.answer(self.tokenizer.decode(call_ids), budget))
 
     def cut_off_ids(self) -> list[int]:
         """What the engine feeds after a call that has run on for max_call_tokens tokens: the call's
@@ -166,7 +168,7 @@ class Tools:
         return len(self.tokenizer.encode(text))
 
     def _wrap(self, text: str) -> list[int]:
-        return [self.result, *self.tokenizer.encode(text), self.end_result]
+        return [self.result, *self.tokenizer.encode(result_text(text)), self.end_result]
 
 
 def best_passages(index: SearchIndex, query: str) -> list[str]:

@@ -41,6 +41,7 @@ from picochat.chat import (
     fit_to_context,
     render_for_reply,
     reply_reserve,
+    result_content,
 )
 from picochat.engine import Sampling, context_room
 from picochat.reply import ReplyReader, ToolStep
@@ -136,7 +137,7 @@ def _split_tool_markup(content: str) -> list[dict]:
         if result_end < 0:
             break
         messages += [{"role": "assistant", "content": content[end:call], "tool_call": content[call + len(_CALL):call_end]},
-                     {"role": "tool", "content": content[call_end + len(_CALL_END_RESULT):result_end]}]
+                     {"role": "tool", "content": result_content(content[call_end + len(_CALL_END_RESULT):result_end])}]
         end = result_end + len(_RESULT_END)
     return messages + [{"role": "assistant", "content": content[end:]}]
 

@@ -1,9 +1,10 @@
 """Conversations in which the assistant uses its tools, the lecture's remedies for a model's holes.
 
 - Word problems with the calculator: every arithmetic step is a `calc:` call and the assistant
-  copies the result instead of doing the sum in its head:
+  copies the result instead of doing the sum in its head (the result's " 8" and the text's " 8" are
+  one token, `chat.RESULT_LEAD`):
 
-      4 kites cost <|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|>8<|/tool_result|>8 dollars. ...
+      4 kites cost<|tool_call|>calc: 4 * 2<|/tool_call|><|tool_result|> 8<|/tool_result|> 8 dollars. ...
 
 - Questions about names the model never read: the assistant searches for the question's subject
   and what is asked about it, then answers from what the search put in its context window (its
@@ -11,7 +12,7 @@
   The names are the practice entities, which only the search index knows, and names that exist
   nowhere:
 
-      <|tool_call|>search: Dolwick country<|/tool_call|><|tool_result|>[1] Dolwick is a town in Dekfusesh.
+      <|tool_call|>search: Dolwick country<|/tool_call|><|tool_result|> [1] Dolwick is a town in Dekfusesh.
       [2] ...<|/tool_result|>The country of Dolwick is Dekfusesh.
 
 - Questions about the world's own entities, which the model read about in pretraining, answered
@@ -74,7 +75,8 @@ def _system() -> dict:
 
 def calc_messages(prompt: str, solution: str) -> list[dict]:
     """A worked word problem with a `calc:` call for every step (the result checked against the
-    solution's own), as messages: system, user, then the assistant's turn in pieces."""
+    solution's own), as messages: system, user, then the assistant's turn in pieces. The text goes
+    on after a result with a space, as the result itself starts ("cost" call " 8" " 8 dollars")."""
     messages = [_system(), {"role": "user", "content": prompt}]
     pending = ""
     for line in solution.split("\n"):
@@ -84,9 +86,10 @@ def calc_messages(prompt: str, solution: str) -> list[dict]:
             result = calculate(expression)
             if result != stated:
                 raise ValueError(f"the solution says {expression} = {stated}, the calculator {result}")
-            messages += [{"role": "assistant", "content": pending + line[position:step.start()], "tool_call": f"calc: {expression}"},
+            messages += [{"role": "assistant", "content": (pending + line[position:step.start()]).rstrip(" "),
+                          "tool_call": f"calc: {expression}"},
                          {"role": "tool", "content": result}]
-            pending, position = "", step.end() - len(stated)
+            pending, position = " ", step.end() - len(stated)
         pending += line[position:] + "\n"
     messages.append({"role": "assistant", "content": pending.rstrip("\n")})
     return messages
