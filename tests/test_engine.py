@@ -23,7 +23,7 @@ from picochat.engine import (
 )
 from picochat.model import ModelConfig, Transformer
 from picochat.tokenizer import Tokenizer
-from picochat.tools import CalculatorError, Tools, calculate
+from picochat.tools import TOOLS_SYSTEM_PROMPT, CalculatorError, Tools, calculate, with_tools
 
 VOCAB = 101
 PROMPTS = [[5, 17, 33, 2, 9, 60, 1], [42, 7], [88], [3, 14, 15, 92]]
@@ -302,3 +302,41 @@ def test_sequences_added_with_run_tools_false_share_a_batch_with_tools_and_run_n
                 tokens[event.sequence].append(event.token)
     assert tokens[with_tools] == [*chain[1:], res, *tok.encode(result_text("42")), end_res, 200]
     assert tokens[without][:len(chain) - 1] == chain[1:] and res not in tokens[without]
+
+
+def test_generate_runs_the_tools_of_the_prompts_flagged_only(tool_tokenizer):
+    tok = tool_tokenizer
+    _, _, res, end_res, im_end = tool_ids(tok)
+    model, chain = calling_model(tok, "calc: 6*7")
+    until_end = Sampling(temperature=0, stop_ids=[im_end])
+    for seeds in (None, [1, 2]):  # one random stream, or one per prompt
+        [[ran], [not_run]] = generate(model, [[100], [100]], 30, until_end, tools=Tools(tok), seeds=seeds, run_tools=[True, False])
+        assert ran.tokens == [*chain[1:], res, *tok.encode(result_text("42")), end_res, 200]
+        assert not_run.tokens[:len(chain) - 1] == chain[1:] and res not in not_run.tokens
+
+
+def test_evaluation_runs_tools_only_in_conversations_that_offer_them(tool_tokenizer):
+    from picochat.evaluate import chat_replies  # the evaluation's decoding: as a person talks to the model
+
+    tok = tool_tokenizer
+    call_id, end_call, res, end_res, im_end = tool_ids(tok)
+    chain = [tok.special_id("<|im_sep|>"), call_id, *tok.encode("calc: 6*7"), end_call]
+    model = bigram_model(tok, dict(zip(chain, chain[1:])) | {end_res: 200, 200: im_end}, context=128)
+    question = [{"role": "user", "content": "6*7?"}]
+    offered, plain = chat_replies(model, tok, [with_tools(question), question], 30, tools=Tools(tok))
+    assert offered[0].endswith(f"<|tool_result|>{result_text('42')}<|/tool_result|>" + tok.decode([200]))
+    assert "<|tool_result|>" not in plain[0] and plain[0].startswith("<|tool_call|>calc: 6*7<|/tool_call|>")
+
+
+def test_rl_rollouts_run_tools_only_for_problems_that_offer_them(tool_tokenizer):
+    from picochat.config import RLConfig
+    from picochat.train.rl import prompt_ids, sample_groups
+
+    tok = tool_tokenizer
+    call_id, end_call, res, end_res, im_end = tool_ids(tok)
+    chain = [tok.special_id("<|im_sep|>"), call_id, *tok.encode("calc: 6*7"), end_call]
+    model = bigram_model(tok, dict(zip(chain, chain[1:])) | {end_res: 200, 200: im_end}, context=128)
+    problems = [{"prompt": "6*7?", "answer": 42, "system": TOOLS_SYSTEM_PROMPT}, {"prompt": "6*7?", "answer": 42}]
+    rollouts = sample_groups(model, tok, prompt_ids(tok, problems), problems, RLConfig(group_size=2, max_new_tokens=30),
+                             seeds=[0, 1], reward_fn=lambda text, problem: float("<|tool_result|>" in text), tools=Tools(tok))
+    assert rollouts.rewards.tolist() == [[1.0, 1.0], [0.0, 0.0]]  # unasked, a call gets no result

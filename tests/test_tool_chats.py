@@ -9,7 +9,7 @@ import pytest
 from picochat.chat import render, to_text
 from picochat.data.tasks import answer_text, extract_answer, read_problems, reward
 from picochat.tokenizer import TOOL_RESULT_END_ID, TOOL_RESULT_ID
-from picochat.tools import TOOLS_SYSTEM_PROMPT, calculate, with_tools
+from picochat.tools import TOOLS_SYSTEM_PROMPT, calculate, tools_offered, with_tools
 from picochat.world import generate
 from picochat.world.chats import _answer, heldout_facts, unknown_names
 from picochat.world.documents import practice_entities
@@ -148,3 +148,6 @@ def test_with_tools_offers_them_in_the_system_message():
     offered = with_tools([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     assert offered[0]["content"] == f"{TOOLS_SYSTEM_PROMPT}\nBe brief." and len(offered) == 2
     assert to_text(offered).count("<|im_start|>system") == 1
+    assert tools_offered(offered) and tools_offered(with_tools([{"role": "user", "content": "hi"}]))
+    assert not tools_offered([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert not tools_offered([{"role": "user", "content": TOOLS_SYSTEM_PROMPT}])

@@ -232,19 +232,21 @@ class ContinuousBatch:
         return self.add_all([prompt], max_new_tokens, sampling, num_samples, run_tools)[0]
 
     def add_all(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                num_samples: int = 1, run_tools: bool = True) -> list[list[int]]:
+                num_samples: int = 1, run_tools: bool | Sequence[bool] = True) -> list[list[int]]:
         """Queue several prompts that draw from one random stream seeded with sampling.seed (as
-        `generate` does); returns each prompt's sequence ids. Nothing is queued if any is refused."""
+        `generate` does); returns each prompt's sequence ids. Nothing is queued if any is refused.
+        `run_tools`: for all prompts, or one flag per prompt."""
         prompts = [list(prompt) for prompt in prompts]
+        runs = [run_tools] * len(prompts) if isinstance(run_tools, bool) else list(run_tools)
         _check_request(self.model, prompts, max_new_tokens, num_samples)
         generator = sampling.generator(self._device)
         context = self.model.config.max_seq_len
         all_ids = []
-        for prompt in prompts:
+        for prompt, runs_tools in zip(prompts, runs, strict=True):
             ids = list(range(self._next_id, self._next_id + num_samples))
             self._next_id += num_samples
             limit = min(max_new_tokens, context_room(context, len(prompt)))
-            self._live.update((sequence, _Sequence(limit, sampling, generator, run_tools=run_tools)) for sequence in ids)
+            self._live.update((sequence, _Sequence(limit, sampling, generator, run_tools=runs_tools)) for sequence in ids)
             self._pending.append((prompt, ids))
             all_ids.append(ids)
         return all_ids
@@ -378,22 +380,24 @@ class ContinuousBatch:
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
              num_samples: int = 1, tokenizer=None, tools: Tools | None = None,
-             seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+             seeds: Sequence[int] | None = None, run_tools: Sequence[bool] | None = None) -> list[list[Completion]]:
     """Complete each prompt num_samples times; result[i][j] is sample j of prompt i.
 
     A completion ends at a stop id (excluded; finish_reason "stop") or after max_new_tokens, or
     when the model's context is full ("length"). Pass the tokenizer to enable calculator tool calls,
     or `tools` for the tools it holds (search too, given an index). `seeds` (one per prompt, in place
     of sampling.seed) gives each prompt its own random stream, so its samples do not depend on which
-    prompts are decoded beside it (RL's problems split over ranks).
+    prompts are decoded beside it (RL's problems split over ranks). `run_tools` (one flag per prompt,
+    default all) says whose tool calls run.
     """
     batch = ContinuousBatch(model, tokenizer, tools)
+    runs = [True] * len(prompts) if run_tools is None else list(run_tools)
     if seeds is None:
-        ids = batch.add_all(prompts, max_new_tokens, sampling, num_samples)
+        ids = batch.add_all(prompts, max_new_tokens, sampling, num_samples, runs)
     else:
         _check_request(model, [list(p) for p in prompts], max_new_tokens, num_samples)  # refuse before queueing any
-        ids = [batch.add(prompt, max_new_tokens, replace(sampling, seed=seed), num_samples)
-               for prompt, seed in zip(prompts, seeds, strict=True)]
+        ids = [batch.add(prompt, max_new_tokens, replace(sampling, seed=seed), num_samples, runs_tools)
+               for prompt, seed, runs_tools in zip(prompts, seeds, runs, strict=True)]
     tokens: dict[int, list[int]] = {sequence: [] for group in ids for sequence in group}
     ends: dict[int, StepEvent] = {}
     while len(batch):

@@ -8,7 +8,8 @@
 - pass@1 / pass@k (chat model): word problems with checkable answers, k samples each;
 - each chat metric again with the tools offered (`name_tools`): the calculator for word problems,
   search for questions, including questions about the news entities, which only the search index
-  knows (`news_qa`: answered; `news_idk`: "I don't know", the honest reply without search);
+  knows (`news_qa`: answered; `news_idk`: "I don't know", the honest reply without search). Tools
+  run only where offered: without them a call gets no result, so `pass@1` is mental arithmetic;
 - few-shot prompting (every stage): a list of "- Name: value" lines of one relation, then a name to
   complete, against that last line alone (zero-shot);
 - copying (every stage): reading practice about an invented entity, cut where its name comes next:
@@ -42,7 +43,7 @@ from picochat.engine import Sampling, generate
 from picochat.io import atomic_write_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
-from picochat.tools import Tools, with_tools
+from picochat.tools import Tools, tools_offered, with_tools
 from picochat.train.loop import Runtime, setup_runtime, teardown_runtime
 from picochat.world.requests import refuses
 from picochat.world.system_prompts import follows
@@ -54,10 +55,10 @@ GREEDY = Sampling(temperature=0)
 @torch.inference_mode()
 def complete(model, tok: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, sampling: Sampling,
              num_samples: int = 1, desc: str | None = None, tools: Tools | None = None,
-             rt: Runtime | None = None) -> list[list[str]]:
+             rt: Runtime | None = None, run_tools: Sequence[bool] | None = None) -> list[list[str]]:
     """Decode each prompt `num_samples` times; result[i][j] is sample j of prompt i as text. Prompts
     decode in chunks, the chunk from prompt `start` with seed sampling.seed + start (0 + start if None).
-    `tools` runs tool calls (default: the calculator).
+    `tools` runs tool calls (default: the calculator), of the prompts `run_tools` flags (default all).
 
     With a distributed `rt`, every rank calls this: rank r decodes chunks r, r + world_size, ... and
     every rank gets all the results, the same texts as one process decoding every chunk."""
@@ -68,7 +69,9 @@ def complete(model, tok: Tokenizer, prompts: Sequence[list[int]], max_new_tokens
     for start in tqdm(starts, desc=desc, disable=desc is None or rank != 0, leave=False):
         chunk = prompts[start : start + batch]
         chunk_sampling = dataclasses.replace(sampling, seed=(sampling.seed or 0) + start)
-        results = generate(model, chunk, max_new_tokens, chunk_sampling, num_samples=num_samples, tokenizer=tok, tools=tools)
+        runs = None if run_tools is None else run_tools[start : start + batch]
+        results = generate(model, chunk, max_new_tokens, chunk_sampling, num_samples=num_samples, tokenizer=tok, tools=tools,
+                           run_tools=runs)
         mine.append([[tok.decode(c.tokens) for c in samples] for samples in results])
     parts = [mine]
     if world_size > 1:
@@ -109,9 +112,11 @@ def few_shot_metrics(model, tok: Tokenizer, rows: list[dict], rt: Runtime | None
 def chat_replies(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
                  sampling: Sampling = GREEDY, **kw) -> list[list[str]]:
     """The assistant's replies to each conversation, each ending at `<|im_end|>` or `<|endoftext|>`
-    (greedy by default)."""
+    (greedy by default). Tool calls run in the conversations that offer the tools, as everywhere a
+    person talks to the model; elsewhere a call gets no result."""
     prompts = [render_for_reply(messages, tok) for messages in conversations]
-    return complete(model, tok, prompts, max_new_tokens, dataclasses.replace(sampling, stop_ids=REPLY_STOP_IDS), **kw)
+    return complete(model, tok, prompts, max_new_tokens, dataclasses.replace(sampling, stop_ids=REPLY_STOP_IDS),
+                    run_tools=[tools_offered(messages) for messages in conversations], **kw)
 
 
 def offer(messages: list[dict], tools: Tools | None) -> list[dict]:
@@ -126,10 +131,10 @@ def qa_metrics(model, tok: Tokenizer, rows: list[dict], tools: Tools | None = No
 
     With `tools`, the questions offer them (TOOLS_SYSTEM_PROMPT) and the engine runs the calls; a
     reply is judged on what the model wrote after its last tool result (`answer_text`). Without,
-    nothing is offered and only the calculator would run."""
+    nothing is offered and no tool runs."""
     conversations = [offer(row["messages"], tools) for row in rows]
     room = model.config.max_seq_len if tools is not None else 64  # a search result needs the room
-    replies = [answer_text(r[0]) for r in chat_replies(model, tok, conversations, room, tools=tools or Tools(tok),
+    replies = [answer_text(r[0]) for r in chat_replies(model, tok, conversations, room, tools=tools,
                                                        desc="question answering" + (" with tools" if tools else ""), rt=rt)]
     known = [(reply, row) for reply, row in zip(replies, rows) if row["kind"] == "known"]
     unknown = [reply for reply, row in zip(replies, rows) if row["kind"] == "unknown"]
@@ -203,7 +208,7 @@ def problem_metrics(model, tok: Tokenizer, problems: list[dict], k: int, tempera
     """pass@1 and pass@k over problems from k samples each at `temperature`; with `tools`, offered."""
     conversations = [offer([{"role": "user", "content": p["prompt"]}], tools) for p in problems]
     samples = chat_replies(model, tok, conversations, max_new_tokens, Sampling(temperature, seed=seed), num_samples=k,
-                           desc="word problems" + (" with tools" if tools else ""), tools=tools or Tools(tok), rt=rt)
+                           desc="word problems" + (" with tools" if tools else ""), tools=tools, rt=rt)
     correct = [sum(reward(text, p) > 0 for text in texts) for texts, p in zip(samples, problems)]
     return {
         "pass@1": sum(pass_at_k_estimate(k, c, 1) for c in correct) / len(problems),

@@ -119,6 +119,11 @@ def with_tools(messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": TOOLS_SYSTEM_PROMPT}, *messages]
 
 
+def tools_offered(messages: list[dict]) -> bool:
+    """Whether the conversation's system message offers the tools (its first line as `with_tools` writes it)."""
+    return bool(messages) and messages[0]["role"] == "system" and messages[0]["content"].split("\n", 1)[0] == TOOLS_SYSTEM_PROMPT
+
+
 class Tools:
     """The tools one engine runs: the calculator, and search when given an index (`SearchIndex`)."""
 

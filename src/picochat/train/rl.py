@@ -60,7 +60,7 @@ from picochat.evaluate import problem_metrics
 from picochat.model import IGNORE_INDEX, Transformer
 from picochat.run import Run
 from picochat.tokenizer import TOOL_RESULT_END_ID, TOOL_RESULT_ID, Tokenizer
-from picochat.tools import Tools
+from picochat.tools import Tools, tools_offered
 from picochat.train.loop import Runtime, TrainingError, autocast, build_optimizers, run_steps, setup_runtime, teardown_runtime
 
 RewardFn = Callable[[str, dict], float]
@@ -222,11 +222,13 @@ def sample_groups(model: Transformer, tok: Tokenizer, prompts: Sequence[Sequence
                   group_reward: GroupRewardFn | None = None) -> Rollouts:
     """Sample `group_size` replies per prompt in one batched call, each prompt from its own random
     stream (`seeds`), and reward each (with `reward_fn` one by one, or `group_reward` all at once);
-    `tools` runs the replies' tool calls (default: the calculator)."""
+    `tools` runs the tool calls of replies to problems that offer them (default: the calculator). A
+    call where none are offered gets no result: RL that ran it taught the model to call the
+    calculator unasked (BENCHMARKS.md, "A tool result's number is the token the model copies")."""
     model.eval()
     sampling = Sampling(cfg.temperature, stop_ids=REPLY_STOP_IDS)  # as every reply ends
     completions = generate(model, prompts, cfg.max_new_tokens, sampling, num_samples=cfg.group_size, tokenizer=tok,
-                           tools=tools, seeds=seeds)
+                           tools=tools, seeds=seeds, run_tools=[tools_offered(problem_messages(p)) for p in problems])
     model.train()
     texts = [[tok.decode(c.tokens) for c in group] for group in completions]
     if group_reward is not None:
