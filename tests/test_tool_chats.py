@@ -13,8 +13,8 @@ from picochat.tools import TOOLS_SYSTEM_PROMPT, calculate, tools_offered, with_t
 from picochat.world import generate
 from picochat.world.chats import _answer, heldout_facts, unknown_names
 from picochat.world.documents import practice_entities
-from picochat.world.knowledge import load_world
-from picochat.world.tool_chats import calc_messages
+from picochat.world.knowledge import KINDS, load_world
+from picochat.world.tool_chats import calc_messages, rl_offered_questions
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,17 @@ def test_with_tools_offers_them_in_the_system_message():
     assert tools_offered(offered) and tools_offered(with_tools([{"role": "user", "content": "hi"}]))
     assert not tools_offered([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     assert not tools_offered([{"role": "user", "content": TOOLS_SYSTEM_PROMPT}])
+
+
+def test_rl_offered_questions_pair_each_invented_name_with_a_known_fact(world_dir):
+    world = load_world(world_dir)
+    offered = rows(world_dir / "tasks-rl-offered.jsonl")
+    assert offered == rl_offered_questions(world, seed=0)
+    unknown = [r for r in offered if r["kind"] == "unknown"]
+    known = [r for r in offered if r["kind"] == "fact"]
+    assert len(unknown) == len(known) > 0 and all(r["system"] == TOOLS_SYSTEM_PROMPT for r in offered)
+    assert {r["answer"] for r in unknown} == {"I don't know"} and {r["must_call"] for r in unknown} == {"search"}
+    train_names = {name for kind in KINDS for name in unknown_names(world, kind, "train")}
+    assert all(any(name in r["prompt"] for name in train_names) for r in unknown)  # never a held-out name
+    assert all(r["answer"] != "I don't know" and "must_call" not in r for r in known)
+    read_problems(world_dir / "tasks-rl-offered.jsonl")  # a valid problem file

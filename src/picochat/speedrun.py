@@ -109,7 +109,8 @@ def _sft(run: Run, preset_name: str, device: str, chat: list[str], seed: int) ->
 
 
 def _rl(run: Run, preset_name: str, device: str, seed: int) -> None:
-    cfg = dataclasses.replace(get_preset(preset_name).rl, seed=seed)
+    # No held-out pass@1 inside RL: "eval rl" measures it on the same problems next (with and without tools).
+    cfg = dataclasses.replace(get_preset(preset_name).rl, seed=seed, eval_problems=0)
     run_rl(run.root, preset_name, cfg, resume=True, device=device)
 
 

@@ -10,8 +10,10 @@ A problem is a dict `{"prompt": str, "answer": int | str, ...}`.
   know"; a question whose answer is "I don't know" (about something that does not exist) is right
   when the reply abstains.
 An optional `"system"` string is the conversation's system message (the world's RL problems that
-offer the tools carry `tools.TOOLS_SYSTEM_PROMPT`). A reply is graded on `answer_text`: what the
-model wrote after its last tool result, never what a tool said (a search result holds the answer).
+offer the tools carry `tools.TOOLS_SYSTEM_PROMPT`). An optional `"must_call"` names a tool the reply
+has to call for any reward ("search": "I don't know" about an invented name counts after a search
+found nothing, not in its place). A reply is graded on `answer_text`: what the model wrote after its
+last tool result, never what a tool said (a search result holds the answer).
 `read_problems` reads a JSONL file of problems, in this form or GSM8K's (`read_gsm8k` converts those).
 """
 
@@ -21,7 +23,8 @@ import re
 from pathlib import Path
 
 from picochat.io import iter_jsonl
-from picochat.tokenizer import SPECIAL_TOKENS, TOOL_RESULT_END_ID
+from picochat.chat import TOOLS
+from picochat.tokenizer import SPECIAL_TOKENS, TOOL_CALL_ID, TOOL_RESULT_END_ID
 
 
 class ProblemFileError(ValueError):
@@ -45,6 +48,8 @@ def read_problems(path: str | Path) -> list[dict]:
                                    f'or non-empty string "answer"')
         if "system" in row and not isinstance(row["system"], str):
             raise ProblemFileError(f'{where}: "system" must be a string (the system message)')
+        if "must_call" in row and row["must_call"] not in TOOLS:
+            raise ProblemFileError(f'{where}: "must_call" must name a tool ({", ".join(TOOLS)})')
         problems.append(row)
     if not problems:
         raise ProblemFileError(f"{path}: no problems in the file")
@@ -76,7 +81,7 @@ def extract_answer(text: str) -> int | None:
 
 
 ABSTAIN = "I don't know"
-TOOL_RESULT_END = SPECIAL_TOKENS[TOOL_RESULT_END_ID]
+TOOL_CALL, TOOL_RESULT_END = SPECIAL_TOKENS[TOOL_CALL_ID], SPECIAL_TOKENS[TOOL_RESULT_END_ID]
 
 
 def answer_text(reply: str) -> str:
@@ -98,8 +103,15 @@ def says_answer(text: str, answer: str) -> bool:
     return not abstains(text) and re.search(pattern, text, re.IGNORECASE) is not None
 
 
+def calls(reply: str, tool: str) -> bool:
+    """Does the decoded reply call `tool` (`<|tool_call|>tool: ...`)?"""
+    return re.search(re.escape(TOOL_CALL) + r"\s*" + re.escape(tool) + r"\s*:", reply) is not None
+
+
 def reward(text: str, problem: dict) -> float:
     """1.0 if the reply answers the problem right (see the module docstring), else 0.0."""
+    if problem.get("must_call") and not calls(text, problem["must_call"]):
+        return 0.0
     answer, text = problem["answer"], answer_text(text)
     if isinstance(answer, str):
         return float(abstains(text) if answer == ABSTAIN else says_answer(text, answer))

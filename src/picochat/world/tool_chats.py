@@ -46,9 +46,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from picochat.data.index import SearchIndex, build_index
+from picochat.data.tasks import ABSTAIN
 from picochat.io import atomic_write_jsonl
 from picochat.tools import NO_RESULTS_TEXT, TOOLS_SYSTEM_PROMPT, best_passages, calculate, render_passages, with_tools
-from picochat.world.chats import _answer, _ask_sum, _draw_sum, _idk_reply, _question, _vary, heldout_facts, sft_conversations, unknown_names
+from picochat.world.chats import (_answer, _ask_sum, _draw_sum, _idk_reply, _question, _vary, heldout_facts, rl_fact_questions,
+                                  sft_conversations, unknown_names)
 from picochat.world.documents import practice_entities
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, World, fact_of, load_world
 from picochat.world.phrasings import RELATIONS
@@ -238,8 +240,24 @@ def write_tool_chats(out_dir: str | Path, documents: Iterable[Path], n_calc: int
     atomic_write_jsonl(out / "tasks-rl-calc.jsonl", problems)
     searches = rl_search_questions(world)
     atomic_write_jsonl(out / "tasks-rl-search.jsonl", searches)
+    offered = rl_offered_questions(world, seed)
+    atomic_write_jsonl(out / "tasks-rl-offered.jsonl", offered)
     return {"tool_conversations": dict(Counter(r["kind"] for r in rows)), "rl_calc_problems": len(problems),
-            "rl_search_questions": len(searches)}
+            "rl_search_questions": len(searches), "rl_offered_questions": dict(Counter(r["kind"] for r in offered))}
+
+
+def rl_offered_questions(world: World, seed: int = 0) -> list[dict]:
+    """RL problems offered the tools: a question about each training unknown name, rewarded for "I
+    don't know" after a search (`must_call`), and as many about facts SFT may show, rewarded for the
+    answer (from memory: "offered tools" must not come to mean "abstain"). Rewarded without the
+    search, RL taught "I don't know" in its place, and then to harmful requests instead of a refusal
+    (BENCHMARKS.md, "A tool result's number is the token the model copies")."""
+    rng = random.Random(f"rl-offered-{seed}")
+    unknown = [{"prompt": rng.choice(rng.choice(RELATIONS_OF_KIND[kind]).questions).format(s=name), "answer": ABSTAIN,
+                "kind": "unknown", "system": TOOLS_SYSTEM_PROMPT, "must_call": "search"}
+               for kind in KINDS for name in unknown_names(world, kind, "train")]
+    known = rng.sample(rl_fact_questions(world), len(unknown))
+    return unknown + [{**row, "system": TOOLS_SYSTEM_PROMPT} for row in known]
 
 
 def rl_search_questions(world: World) -> list[dict]:
