@@ -106,7 +106,7 @@ def test_a_tool_call_shows_on_a_line_of_its_own_and_the_reply_without_markup(cpu
     assert "tools: calc only (this run has no search index)" in out.splitlines()[0]
     assert f"picochat> \n  ⚙ calc: 4 * 2 → 8\n{CALC_ANSWER}\n" in out
     assert "<|tool_call|>" not in out.split("picochat> ")[1].split("you> ")[0]  # the reply
-    assert "[<|tool_call|>]" in out and "[<|/tool_call|>][<|tool_result|>][8][<|/tool_result|>]" in out  # /tokens
+    assert "[<|tool_call|>]" in out and "[<|/tool_call|>][<|tool_result|>][ ][8][<|/tool_result|>]" in out  # /tokens (" 8" is two tokens here)
     [call] = calls
     assert call["prompt"].startswith(f"<|endoftext|><|im_start|>system<|im_sep|>{TOOLS_SYSTEM_PROMPT}<|im_end|>")
     assert call["tools"] is not None and call["tools"].index is None and "tokenizer" not in call

@@ -165,7 +165,8 @@ def test_too_many_or_too_long_stop_strings_get_a_400(server, stop, needle):
     assert response.status_code == 400, response.text
     assert needle in response.json()["error"]["message"] and response.json()["error"]["param"] == "stop"
     longest = httpx.post(f"{server}/v1/chat/completions",
-                         json={"model": "demo-sft", "messages": HELLO, "max_tokens": 3, "stop": ["w" * MAX_STOP_CHARS] * MAX_STOP_STRINGS})
+                         json={"model": "demo-sft", "messages": HELLO, "max_tokens": 3, "temperature": 0,
+                               "stop": ["w" * MAX_STOP_CHARS] * MAX_STOP_STRINGS})
     assert longest.status_code == 200 and longest.json()["usage"]["completion_tokens"] == 3
 
 
@@ -261,7 +262,7 @@ def test_a_body_over_the_limit_gets_413_and_the_server_goes_on(loaded):
             assert response.status_code == 413, response.text
             error = response.json()["error"]
             assert error["code"] == "request_too_large" and "20,000 bytes" in error["message"] and "--max-body-mb" in error["message"]
-        reply = client.post("/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "max_tokens": 2})
+        reply = client.post("/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "max_tokens": 2, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
 
 
@@ -337,5 +338,6 @@ def test_a_client_that_leaves_a_request_that_does_not_stream_frees_its_row(gated
         model.permits.release(10_000)
         wait_for(lambda: health(url)["active_sequences"] == 0)
         assert health(url)["tokens"] < 10
-        reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "max_tokens": 4}, timeout=60)
+        reply = httpx.post(f"{url}/v1/chat/completions", json={"model": "demo-sft", "messages": HELLO, "max_tokens": 4, "temperature": 0},
+                           timeout=60)
         assert reply.json()["usage"]["completion_tokens"] == 4
