@@ -96,6 +96,18 @@ def test_read_problems_reads_picochat_and_gsm8k_rows_and_names_bad_lines(tmp_pat
     broken.write_text("{not json\n")
     with pytest.raises(ProblemFileError, match=r"broken.jsonl:1: not valid JSON"):
         read_problems(broken)
+    for tool in ("browse", 3, None):
+        bad.write_text(json.dumps({"prompt": "Where is Zog?", "answer": "I don't know", "must_call": tool}) + "\n")
+        with pytest.raises(ProblemFileError, match=r'bad.jsonl:1: "must_call" must name a tool \(calc, search\)'):
+            read_problems(bad)
+
+
+def test_a_problem_that_must_call_a_tool_is_rewarded_only_after_the_call():
+    problem = {"prompt": "What does the zog eat?", "answer": "I don't know", "must_call": "search"}
+    searched = "<|tool_call|>search: zog food<|/tool_call|><|tool_result|> no results<|/tool_result|>I don't know."
+    assert reward(searched, problem) == 1.0
+    assert reward("I don't know.", problem) == 0.0  # the same words without the search
+    assert reward(searched.replace("search:", "calc:"), problem) == 0.0  # another tool
 
 
 @pytest.mark.parametrize("reply, answer, expected", [
