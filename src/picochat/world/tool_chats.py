@@ -230,8 +230,9 @@ def tool_conversations(world: World, documents: Iterable[Path], n_calc: int, n_s
 def write_tool_chats(out_dir: str | Path, documents: Iterable[Path], n_calc: int, n_search: int, n_rl: int,
                      seed: int = 0) -> dict:
     """For the world saved in out_dir: sft-tools.jsonl (calculator and search conversations),
-    tasks-rl-calc.jsonl (train word problems offered the tools, for RL) and tasks-rl-search.jsonl
-    (questions about the practice entities offered the tools, for RL). Returns counts."""
+    tasks-rl-calc.jsonl (train word problems offered the tools, for RL), tasks-rl-search.jsonl
+    (questions about the practice entities offered the tools, for RL) and tasks-rl-offered.jsonl
+    (`rl_offered_questions`). Returns counts."""
     out = Path(out_dir)
     world = load_world(out)
     rows = tool_conversations(world, documents, n_calc, n_search, seed)
