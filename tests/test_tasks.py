@@ -102,6 +102,24 @@ def test_read_problems_reads_picochat_and_gsm8k_rows_and_names_bad_lines(tmp_pat
             read_problems(bad)
 
 
+def test_a_problem_names_a_format_its_reply_must_follow():
+    problem = {"prompt": "What is the capital of Varnia?", "answer": "Oskel", "follow": "sure"}
+    assert reward("Sure! The capital of Varnia is Oskel.", problem) == 1.0
+    assert reward("The capital of Varnia is Oskel.", problem) == 0.0  # right, but not in the format
+    assert reward("Sure! The capital of Varnia is Brelby.", problem) == 0.0  # in the format, but wrong
+    assert reward("Oskel.", {**problem, "follow": "one_word"}) == 1.0
+    assert reward("Oskel is the capital.", {**problem, "follow": "one_word"}) == 0.0
+    assert reward("It is Oskel. Anything else?", {**problem, "follow": "end_question"}) == 1.0
+
+
+def test_a_problem_file_with_an_unknown_format_is_refused(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Who are you?", "answer": "Bob"}) + "\n"
+                   + json.dumps({"prompt": "Who are you?", "answer": "Bob", "follow": "shout"}) + "\n")
+    with pytest.raises(ProblemFileError, match=r'bad.jsonl:2: "follow" must name a format \(one_word, end_question, sure\)'):
+        read_problems(bad)
+
+
 def test_a_problem_that_must_call_a_tool_is_rewarded_only_after_the_call():
     problem = {"prompt": "What does the zog eat?", "answer": "I don't know", "must_call": "search"}
     searched = "<|tool_call|>search: zog food<|/tool_call|><|tool_result|> no results<|/tool_result|>I don't know."

@@ -13,7 +13,7 @@ from picochat.data.tasks import abstains, says_answer
 from picochat.world.chats import (EVAL_SETS, HELDOUT_PRONOUN_QUESTIONS, KIND_OPEN_PROMPTS, MIXTURE, OPEN_PROMPTS, PRONOUN_QUESTIONS,
                                   _answer, heldout_entities,
                                   followup_eval_set, heldout_facts, qa_eval_set, sft_conversations,
-                                  system_eval_set, system_qa_eval_set, unknown_names, write_chat)
+                                  rl_system_problems, system_eval_set, system_qa_eval_set, unknown_names, write_chat)
 from picochat.world.system_prompts import (FORMAT_PROMPTS, GENERIC_PROMPTS, PERSONA_NAMES, PERSONA_PROMPTS,
                                            follows)
 from picochat.world.documents import generate_documents, write_world
@@ -334,6 +334,25 @@ def test_system_eval_uses_heldout_prompts_and_names_with_a_rule_for_each_row(wor
             assert row["name"] in PERSONA_NAMES["heldout"] and row["name"] in row["messages"][0]["content"]
         else:
             assert row["messages"][0]["content"] in FORMAT_PROMPTS[row["check"]]["heldout"]
+
+
+def test_rl_system_problems_use_training_prompts_and_names_and_a_checkable_answer(world):
+    rows = rl_system_problems(world, seed=0)
+    assert rows == rl_system_problems(world, seed=0)
+    assert Counter(r["kind"] for r in rows) == {"persona": 160, "one_word": 120, "end_question": 120, "sure": 120}
+    heldout_prompts = {p for prompts in FORMAT_PROMPTS.values() for p in prompts["heldout"]}
+    held = {(f.subject, f.answer) for f in heldout_facts(world)}
+    known = {e.name for e in world.entities}
+    for row in rows:
+        assert not any(p in row["system"] for p in heldout_prompts)
+        if row["kind"] == "persona":
+            assert row["answer"] in row["system"] and row["answer"] not in PERSONA_NAMES["heldout"]
+            assert row["answer"] not in known and "follow" not in row
+        else:
+            assert row["follow"] == row["kind"] and any(i in row["system"] for i in FORMAT_PROMPTS[row["kind"]]["train"])
+            assert not any(subject in row["prompt"] and answer == row["answer"] for subject, answer in held)
+    invented = [r for r in rows if r["kind"] == "persona" and r["answer"] not in PERSONA_NAMES["train"]]
+    assert len(invented) == 80
 
 
 def test_system_qa_eval_asks_the_known_questions_under_a_heldout_generic_prompt(world):

@@ -8,11 +8,12 @@ import re
 
 import pytest
 
+from picochat.data.tasks import ATTEMPT, REFUSE, refuses, reward
 from picochat.world.chats import sft_conversations
 from picochat.world.knowledge import build_world
 from picochat.world.requests import (FRAMES, HARMFUL_ACTIONS, HARMLESS_ACTIONS, REAL_WORLD_QUESTIONS, REFUSALS,
-                                     SMALL_TALK, WORDS, contrasting_requests, frames, harmful_request, harmless_request, refuses,
-                                     requests_eval_set)
+                                     SMALL_TALK, WORDS, contrasting_requests, frames, harmful_request, harmless_request,
+                                     requests_eval_set, rl_request_problems)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,22 @@ def test_word_games_are_answered_correctly_by_construction(world):
         request, reply = harmless_request(world, rng, "bigger")
         a, b = map(int, re.findall(r"\d+", request))
         assert reply == f"{max(a, b)} is bigger than {min(a, b)}."
+
+
+def test_rl_requests_reward_a_refusal_of_harmful_ones_and_any_other_reply_to_harmless_ones(world):
+    rows = rl_request_problems(world, seed=0)
+    assert rows == rl_request_problems(world, seed=0)
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    harmless = [r for r in rows if r["kind"] == "harmless"]
+    assert len(harmful) == len(harmless) == 240 and {r["answer"] for r in harmful} == {REFUSE}
+    assert {r["answer"] for r in harmless} == {ATTEMPT}
+    assert all(reward(refusal, row) == 1.0 and reward("Happy to help!", row) == 0.0 for row in harmful for refusal in REFUSALS)
+    # A harmless request is right with any reply but a refusal: the one SFT teaches, "I don't know", a wrong try.
+    assert all(reward(reply, row) == 1.0 for row in harmless
+               for reply in ("Letter by letter, kite is k-i-t-e.", "I don't know.", "Hello, Bob!"))
+    assert all(reward(REFUSALS[0], r) == 0.0 for r in harmless)
+    held = {r["messages"][0]["content"] for r in requests_eval_set(world)}
+    assert not held & {r["prompt"] for r in rows}
 
 
 def test_each_action_holds_out_two_frames_and_the_rest_are_trained():

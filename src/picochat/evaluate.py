@@ -38,14 +38,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from picochat.chat import REPLY_STOP_IDS, render_for_reply
-from picochat.data.tasks import abstains, answer_text, reward, says_answer
+from picochat.data.tasks import abstains, answer_text, refuses, reward, says_answer
 from picochat.engine import Sampling, generate
 from picochat.io import atomic_write_json, read_jsonl
 from picochat.run import STAGES, Run
 from picochat.tokenizer import Tokenizer
 from picochat.tools import Tools, tools_offered, with_tools
 from picochat.train.loop import Runtime, setup_runtime, teardown_runtime
-from picochat.world.requests import refuses
 from picochat.world.system_prompts import follows
 
 EVAL_BATCH = 64  # prompts decoded together

@@ -45,7 +45,7 @@ from picochat.world.few_shot import few_shot_rows
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, NameMaker, World, fact_of, load_world, world_names
 from picochat.world.phrasings import RELATIONS, fill
 from picochat.world.requests import (contrasting_requests, harmful_request, harmless_request, refusal, requests_eval_set,
-                                     small_talk)
+                                     rl_request_problems, small_talk)
 from picochat.world.system_prompts import (FORMAT_PROMPTS, FORMAT_WEIGHTS, FORMATS, GENERIC_PROMPTS, IDENTITY_WORD,
                                            PERSONA_NAMES, PERSONA_PROMPTS, apply_format, format_prompt,
                                            generic_prompt, persona_prompt, persona_reply)
@@ -548,6 +548,31 @@ def rl_fact_questions(world: World) -> list[dict]:
             for fact in world.facts() if fact not in held for question in RELATIONS[fact.relation].questions]
 
 
+RL_SYSTEM_PERSONAS = 160  # "Who are you?" under a training persona prompt: half invented names, half training names
+RL_SYSTEM_FORMATS = 120  # fact questions under each format's training prompts
+
+
+def rl_system_problems(world: World, seed: int = 0) -> list[dict]:
+    """Problems for RL under a system message a rule can check (`system_prompts.follows`): a persona
+    (asked who it is, answer the name: invented names need copying from the system message) and each
+    format (a fact question; `"follow"` names the format the reply must be in, and for one word the
+    word is the answer). Training phrasings and names only; the evaluation's are held out."""
+    rng = random.Random(f"rl-system-{seed}")
+    held = heldout_facts(world)
+    facts = [f for f in world.facts() if f not in held]
+    rows = []
+    for i in range(RL_SYSTEM_PERSONAS):
+        name = invented_persona_name(world, rng) if i % 2 == 0 else rng.choice(PERSONA_NAMES["train"])
+        rows.append({"prompt": rng.choice(PERSONA_QUESTIONS), "answer": name, "system": persona_prompt(name, rng),
+                     "kind": "persona"})
+    for fmt in FORMATS:
+        for _ in range(RL_SYSTEM_FORMATS):
+            fact = rng.choice(facts)
+            rows.append({"prompt": _fact_turn(fact, rng)[0], "answer": fact.answer, "system": format_prompt(fmt, rng),
+                         "follow": fmt, "kind": fmt})
+    return rows
+
+
 def followup_eval_set(world: World) -> list[dict]:
     """Second-turn questions whose subject is only in the first turn, about held-out facts (which no
     SFT conversation states, so they measure generalisation). For every held-out fact: a first turn
@@ -614,7 +639,8 @@ EVAL_SETS = {"followups.jsonl": followup_eval_set, "system.jsonl": system_eval_s
 
 def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
     """Write out_dir/sft.jsonl (n conversations), out_dir/tasks-rl-facts.jsonl (the RL fact
-    questions), out_dir/eval/qa.jsonl (the held-out QA set), out_dir/eval/qa-train.jsonl (the same
+    questions), out_dir/tasks-rl-system.jsonl (`rl_system_problems`), out_dir/tasks-rl-requests.jsonl
+    (`requests.rl_request_problems`), out_dir/eval/qa.jsonl (the held-out QA set), out_dir/eval/qa-train.jsonl (the same
     questions about SFT-seen facts), out_dir/eval/qa-news.jsonl (questions about the news
     entities) and the EVAL_SETS (follow-ups, system prompts, generic system prompt with the QA
     questions, harmless and harmful requests, few-shot, copying and reading prompts for the base model), for the world
@@ -625,6 +651,10 @@ def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
     atomic_write_jsonl(out / "sft.jsonl", rows)
     facts = rl_fact_questions(world)
     atomic_write_jsonl(out / "tasks-rl-facts.jsonl", facts)
+    system = rl_system_problems(world, seed)
+    atomic_write_jsonl(out / "tasks-rl-system.jsonl", system)
+    requests = rl_request_problems(world, seed)
+    atomic_write_jsonl(out / "tasks-rl-requests.jsonl", requests)
     heldout, seen, news = qa_eval_set(world, "heldout"), qa_eval_set(world, "train"), news_eval_set(world)
     atomic_write_jsonl(out / "eval" / "qa.jsonl", heldout)
     atomic_write_jsonl(out / "eval" / "qa-train.jsonl", seen)
@@ -636,5 +666,7 @@ def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:
         counts[name] = len(eval_rows)
     return {"conversations": len(rows), "kinds": dict(Counter(r["kind"] for r in rows)),
             "rl_fact_questions": dict(Counter(r["kind"] for r in facts)),
+            "rl_system_problems": dict(Counter(r["kind"] for r in system)),
+            "rl_request_problems": dict(Counter(r["kind"] for r in requests)),
             "qa_heldout": dict(Counter(r["kind"] for r in heldout)), "qa_train": len(seen), "qa_news": len(news),
             "eval": counts}

@@ -22,6 +22,8 @@ from __future__ import annotations
 import random
 import re
 
+from picochat.data.tasks import FORMAT_RULES, follows_format
+
 SPLITS = ("train", "heldout")
 
 GENERIC_PROMPTS = {
@@ -61,6 +63,7 @@ FORMAT_PROMPTS = {
              "heldout": ("Open every reply with 'Sure!'", "Each of your answers must begin with 'Sure!'")},
 }
 FORMATS = tuple(FORMAT_PROMPTS)
+assert set(FORMATS) == set(FORMAT_RULES), "every format has phrasings and a rule"
 # How often SFT asks for each format: starting with "Sure!" is learnt from a few examples, the others need more.
 FORMAT_WEIGHTS = {"one_word": 0.4, "end_question": 0.4, "sure": 0.2}
 # Closing questions that start alike: greedy decoding takes the likeliest next token, and five
@@ -111,13 +114,8 @@ def apply_format(fmt: str, reply: str, word: str, rng: random.Random) -> str:
 
 def follows(check: str, reply: str, name: str | None = None) -> bool:
     """Does `reply` follow the instruction `check` (a format, or "name": it calls itself `name`)?"""
-    text = reply.strip()
     if check == "name":
-        return name is not None and re.search(r"\b" + re.escape(name) + r"\b", text) is not None
-    if check == "one_word":
-        return len(text.split()) == 1 and any(c.isalnum() for c in text)
-    if check == "end_question":
-        return text.endswith("?")
-    if check == "sure":
-        return text.startswith("Sure!")
-    raise ValueError(f"unknown check {check!r}; the checks are name, {', '.join(FORMATS)}")
+        return name is not None and re.search(r"\b" + re.escape(name) + r"\b", reply) is not None
+    if check not in FORMATS:
+        raise ValueError(f"unknown check {check!r}; the checks are name, {', '.join(FORMATS)}")
+    return follows_format(check, reply)
