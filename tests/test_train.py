@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from picochat.checkpoint import latest_checkpoint, save_training_state
 from picochat.config import TrainConfig
 from picochat.model import ModelConfig, Transformer
-from picochat.train.loop import MetricsLog, TrainingError, lr_multiplier
+from picochat.train import loop
+from picochat.train.loop import MetricsLog, Runtime, TrainingError, autocast, lr_multiplier
 from picochat.train.muon import native_bfloat16
 
 from conftest import TINY_MODEL_FLAGS
@@ -53,6 +54,18 @@ def test_lr_schedule_warms_up_holds_and_decays():
     assert lr_multiplier(30, cfg) == 1.0
     assert lr_multiplier(75, cfg) == pytest.approx(0.55)
     assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+
+
+def test_auto_dtype_autocasts_to_bfloat16_only_where_the_device_has_it(monkeypatch):
+    rt, x = Runtime(torch.device("cpu"), 0, 1, 0), torch.randn(4, 4)
+    for native in (True, False):
+        monkeypatch.setattr(loop, "native_bfloat16", lambda device, native=native: native)
+        with autocast(rt, "auto"):
+            assert (x @ x).dtype == (torch.bfloat16 if native else torch.float32)
+    with autocast(rt, "float32"):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(ValueError, match="float32, bfloat16 or auto"):
+        autocast(rt, "float16")
 
 
 @pytest.mark.slow

@@ -46,7 +46,8 @@ class TrainConfig:
     eval_every: int = knob(200, "steps between validation evaluations (0: only at the end)")
     eval_batches: int = knob(16, "validation batches per evaluation")
     ckpt_every: int = knob(200, "steps between checkpoints (0: only at the end)")
-    dtype: str = knob("float32", "float32, or bfloat16 (autocast; fast on GPUs, slow on CPUs without bf16 units)")
+    dtype: str = knob("float32", "float32, bfloat16 (autocast; fast on GPUs, slow on CPUs without bf16 units), "
+                                   "or auto (bfloat16 where the device computes it natively)")
     compile: bool = knob(False, "torch.compile the model")
     fsdp: bool = knob(False, "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) "
                              "instead of replicating them (DDP): for models whose training state does not fit one device")
@@ -79,7 +80,8 @@ class RLConfig:
     replay_coef: float = knob(0.0, "weight of the SFT loss on replayed conversations and documents, added to every "
                                    "step's policy loss (0: off); keeps what the SFT model knew while RL sharpens problem solving")
     replay_batch: int = knob(8, "replayed rows (of the model's context length) per step, with replay_coef")
-    dtype: str = knob("float32", "float32, or bfloat16 (autocast) for the policy-gradient forward/backward")
+    dtype: str = knob("float32", "float32, bfloat16 (autocast) or auto (bfloat16 where native) for the "
+                                   "policy-gradient forward/backward")
     seed: int = knob(0, "seed of problem order, sampling and the replayed rows")
 
 
@@ -103,19 +105,22 @@ PRESETS: dict[str, Preset] = {
         vocab_size=2048,
         world_mb=4,
         world_scale=0.25,
-        # Muon: more facts learnt than AdamW in the same wall time (BENCHMARKS.md). 800 steps, one pass
-        # over 4 MB: at 400 the base model could not copy a name it never saw from its context, which
-        # persona names, search queries and the calculator's operands all need (BENCHMARKS.md, "Copying").
-        pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=800, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50),
+        # Muon: more facts learnt than AdamW in the same wall time (BENCHMARKS.md). 900 steps, a little
+        # over one pass over 4 MB: at 400 the base model could not copy a name it never saw from its
+        # context, which persona names, search queries and the calculator's operands all need
+        # (BENCHMARKS.md, "Copying"). Every stage in bfloat16 where the CPU has it ("auto"): a training
+        # step 1.4x faster on AVX512-BF16, and 900 bf16 steps reach 800 float32 steps' held-out bits per
+        # byte in 80% of their time (BENCHMARKS.md, "training in bfloat16"); float32 on other CPUs.
+        pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=900, optimizer="muon", lr=3e-3, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=50, dtype="auto"),
         # SFT: one pass over the world's mixture (conversations, word problems with and without the
         # calculator, answers from search, replayed documents), ~780k tokens.
-        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
+        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50, dtype="auto"),
         # RL: 32 problems x 8 samples a step (a quarter of them questions about facts), ~3 minutes in all
         # on 2 cores; fewer problems a step made the noisy early steps undo the SFT model (BENCHMARKS.md).
         # 40 steps, not 100: the demo's minutes went to pretraining, which gained more (BENCHMARKS.md, "Copying").
         # Replies with a calculator call per step need up to ~120 tokens.
         rl=RLConfig(steps=40, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
-                    eval_problems=100, eval_k=8),
+                    eval_problems=100, eval_k=8, dtype="auto"),
     ),
     # The cpu preset's model and stages for real text (BENCHMARKS.md, "Pretraining that learns more per second"):
     # a 4,096-token BPE, untied input embeddings with an AdamW rate of their own, and a longer decay.
@@ -127,7 +132,7 @@ PRESETS: dict[str, Preset] = {
         world_scale=0.25,
         pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=1200, optimizer="muon", lr=3e-3,
                              embedding_lr=0.2, warmup_steps=20, decay_frac=0.65, eval_every=200, eval_batches=8, ckpt_every=100),
-        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
+        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50, dtype="auto"),
         rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
                     eval_problems=100, eval_k=8),
     ),
