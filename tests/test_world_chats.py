@@ -9,7 +9,7 @@ from itertools import islice
 
 import pytest
 
-from picochat.data.tasks import abstains, says_answer
+from picochat.data.tasks import abstains, read_problems, says_answer
 from picochat.world.chats import (EVAL_SETS, HELDOUT_PRONOUN_QUESTIONS, KIND_OPEN_PROMPTS, MIXTURE, OPEN_PROMPTS, PRONOUN_QUESTIONS,
                                   _answer, heldout_entities,
                                   followup_eval_set, heldout_facts, qa_eval_set, sft_conversations,
@@ -225,6 +225,9 @@ def test_write_chat_writes_sft_and_eval_files(tmp_path, world):
     for name, make in EVAL_SETS.items():
         written = [json.loads(line) for line in (tmp_path / "eval" / name).read_text().splitlines()]
         assert written == make(world) and summary["eval"][name] == len(written), name
+    # The RL problem files read back as problems (their "follow" and request answers included).
+    assert read_problems(tmp_path / "tasks-rl-system.jsonl") == rl_system_problems(world, seed=0)
+    assert len(read_problems(tmp_path / "tasks-rl-requests.jsonl")) == sum(summary["rl_request_problems"].values())
 
 
 # --- follow-ups -----------------------------------------------------------------------------------

@@ -35,15 +35,16 @@ REWARD_STAGE = "rm"  # the reward model: a stage folder too, but no chat model (
 WORLD_SFT_FILES = ("sft.jsonl", "tasks-sft.jsonl", "sft-tools.jsonl", "docs/train-00000.jsonl")
 # The world's RL problems and their weights: its word problems, two in three offered the tools; one
 # question about a fact the model knows for every three, so that RL keeps it answering what it knows;
-# questions offered the tools (tasks-rl-offered.jsonl), about invented names ("I don't know" after a
-# search) and known facts; and questions under a system message a rule checks (tasks-rl-system.jsonl).
-# Two files are left out, and `picochat rl --problems` takes them: the questions only a search answers
-# (tasks-rl-search.jsonl; every one of them has an answer, and RL on them taught the model to answer
-# about names that do not exist, BENCHMARKS.md, "Reading from the context"), and harmful requests to
-# refuse beside harmless ones to attempt (tasks-rl-requests.jsonl; harmful ones were refused more, and
-# harmless ones in the frames of harmful ones too, BENCHMARKS.md, "Requests in RL").
-WORLD_RL_PROBLEMS = (("tasks-rl-calc.jsonl", 2), ("tasks-rl.jsonl", 1), ("tasks-rl-facts.jsonl", 1), ("tasks-rl-offered.jsonl", 1),
-                     ("tasks-rl-system.jsonl", 1))
+# and questions offered the tools (tasks-rl-offered.jsonl), about invented names ("I don't know" after
+# a search) and known facts. Three files are left out, and `picochat rl --problems` takes them: the
+# questions only a search answers (tasks-rl-search.jsonl; every one of them has an answer, and RL on
+# them taught the model to answer about names that do not exist, BENCHMARKS.md, "Reading from the
+# context"), questions under a system message a rule checks (tasks-rl-system.jsonl; held-out system
+# prompts gained 3 points within the seeds' noise, and "Sure!" began to open replies no system message
+# asked it of), and harmful requests to refuse beside harmless ones to attempt (tasks-rl-requests.jsonl;
+# harmless ones in the frames of harmful ones were refused more too; BENCHMARKS.md, "System messages
+# and requests in RL").
+WORLD_RL_PROBLEMS = (("tasks-rl-calc.jsonl", 2), ("tasks-rl.jsonl", 1), ("tasks-rl-facts.jsonl", 1), ("tasks-rl-offered.jsonl", 1))
 
 
 @dataclass(frozen=True)
