@@ -68,6 +68,14 @@ def test_auto_dtype_autocasts_to_bfloat16_only_where_the_device_has_it(monkeypat
         autocast(rt, "float16")
 
 
+def test_a_bad_dtype_or_optimizer_is_refused_when_the_flags_are_read(tmp_path):
+    for args in (["pretrain", "--dtype", "float16"], ["rl", "--dtype", "fp8"], ["dpo", "--dtype", "half"],
+                 ["pretrain", "--optimizer", "sgd"]):
+        result = picochat(*args, "--run", str(tmp_path / "run"))
+        assert result.returncode == 2 and "invalid choice" in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_killed_pretraining_resumes_to_the_same_weights(tiny_run, tmp_path):
     args = ["pretrain", *TINY_MODEL_FLAGS, *TINY_TRAIN, "--max-steps", "24", "--ckpt-every", "4", "--eval-every", "0", "--device", "cpu"]

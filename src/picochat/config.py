@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def knob(default, help: str):
-    """A dataclass field whose help text becomes the `--flag`'s help."""
-    return field(default=default, metadata={"help": help})
+def knob(default, help: str, choices: tuple | None = None):
+    """A dataclass field whose help text becomes the `--flag`'s help; with `choices`, the flag refuses
+    any other value before anything runs."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+DTYPES = ("float32", "bfloat16", "auto")  # the training precisions (`train.loop.autocast`)
 
 
 @dataclass
@@ -33,7 +37,8 @@ class TrainConfig:
                                    "step/token horizon: training ends when the steps have taken this long, and the "
                                    "learning-rate decay is laid out over the seconds, not over steps (warmup stays in "
                                    "steps); evaluations and checkpoint writes do not count against it")
-    optimizer: str = knob("adamw", "adamw, or muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)")
+    optimizer: str = knob("adamw", "adamw, or muon (Muon for the hidden matrices, AdamW for embeddings, head and norms)",
+                          choices=("adamw", "muon"))
     lr: float = knob(3e-3, "AdamW peak learning rate")
     muon_lr: float = knob(0.02, "Muon peak learning rate (hidden matrices)")
     embedding_lr: float = knob(0.0, "AdamW peak learning rate of the input embeddings when they are untied from the "
@@ -47,7 +52,7 @@ class TrainConfig:
     eval_batches: int = knob(16, "validation batches per evaluation")
     ckpt_every: int = knob(200, "steps between checkpoints (0: only at the end)")
     dtype: str = knob("float32", "float32, bfloat16 (autocast; fast on GPUs, slow on CPUs without bf16 units), "
-                                   "or auto (bfloat16 where the device computes it natively)")
+                                   "or auto (bfloat16 where the device computes it natively)", choices=DTYPES)
     compile: bool = knob(False, "torch.compile the model")
     fsdp: bool = knob(False, "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) "
                              "instead of replicating them (DDP): for models whose training state does not fit one device")
@@ -81,7 +86,7 @@ class RLConfig:
                                    "step's policy loss (0: off); keeps what the SFT model knew while RL sharpens problem solving")
     replay_batch: int = knob(8, "replayed rows (of the model's context length) per step, with replay_coef")
     dtype: str = knob("float32", "float32, bfloat16 (autocast) or auto (bfloat16 where native) for the "
-                                   "policy-gradient forward/backward")
+                                   "policy-gradient forward/backward", choices=DTYPES)
     seed: int = knob(0, "seed of problem order, sampling and the replayed rows")
 
 
@@ -181,7 +186,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
             group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=kind, default=None, metavar=str(f.type).upper(),
-                               help=f.metadata.get("help"))
+                               choices=f.metadata.get("choices"), help=f.metadata.get("help"))
 
 
 HORIZON = ("max_steps", "max_tokens", "tokens_per_param")  # a TrainConfig sets exactly one

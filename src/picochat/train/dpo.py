@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from picochat.config import add_dataclass_args, apply_overrides, knob
+from picochat.config import DTYPES, add_dataclass_args, apply_overrides, knob
 from picochat.data.preferences import pair_batch
 from picochat.run import Run
 from picochat.train.loop import (
@@ -52,7 +52,7 @@ class DPOConfig:
     heldout_share: float = knob(0.1, "share of the pairs held out when no --heldout file is given")
     eval_every: int = knob(50, "steps between held-out evaluations (0: only at the end)")
     ckpt_every: int = knob(50, "steps between checkpoints (0: only at the end)")
-    dtype: str = knob("float32", "float32, or bfloat16 (autocast)")
+    dtype: str = knob("float32", "float32, bfloat16 (autocast) or auto (bfloat16 where native)", choices=DTYPES)
     seed: int = knob(0, "seed of the held-out split and the pair order")
 
 

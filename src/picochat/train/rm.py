@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from picochat.checkpoint import CheckpointError, load_model
-from picochat.config import add_common_args, add_dataclass_args, apply_overrides, knob
+from picochat.config import DTYPES, add_common_args, add_dataclass_args, apply_overrides, knob
 from picochat.data.preferences import encode_pairs, read_preference_files, skipped_note
 from picochat.model import ModelConfig, Transformer
 from picochat.run import REWARD_STAGE, Run
@@ -47,7 +47,7 @@ class RMConfig:
     heldout_share: float = knob(0.1, "share of the pairs held out for accuracy when no --heldout file is given")
     eval_every: int = knob(50, "steps between held-out evaluations (0: only at the end)")
     ckpt_every: int = knob(50, "steps between checkpoints (0: only at the end)")
-    dtype: str = knob("float32", "float32, or bfloat16 (autocast)")
+    dtype: str = knob("float32", "float32, bfloat16 (autocast) or auto (bfloat16 where native)", choices=DTYPES)
     seed: int = knob(0, "seed of the head's initial weights, the held-out split and the pair order")
 
 
