@@ -137,7 +137,7 @@ PRESETS: dict[str, Preset] = {
         world_scale=0.25,
         pretrain=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=1200, optimizer="muon", lr=3e-3,
                              embedding_lr=0.2, warmup_steps=20, decay_frac=0.65, eval_every=200, eval_batches=8, ckpt_every=100),
-        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50, dtype="auto"),
+        sft=TrainConfig(batch_size=8, seq_len=256, total_batch_tokens=2048, max_steps=380, lr=1e-3, warmup_steps=10, eval_every=0, ckpt_every=50),
         rl=RLConfig(steps=100, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
                     eval_problems=100, eval_k=8),
     ),
