@@ -80,7 +80,8 @@ def teardown_runtime(rt: Runtime) -> None:
 
 def autocast(rt: Runtime, dtype: str):
     """bf16 autocast when asked, or with "auto" where the device computes bfloat16 natively (CUDA; a
-    CPU with AVX512-BF16 or AMX, where the cpu preset's training step runs 1.4x faster, BENCHMARKS.md);
+    CPU with AVX512-BF16 or AMX, where the cpu preset's training step runs 1.4-1.5x faster,
+    `benchmarks/bench_dtype.py`);
     float32 otherwise (a CPU without bf16 units emulates it, several times slower)."""
     if dtype == "auto":
         dtype = "bfloat16" if native_bfloat16(rt.device) else "float32"
