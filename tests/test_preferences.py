@@ -174,7 +174,7 @@ def test_reward_model_dpo_and_rlhf_write_their_stages(pref_run, tmp_path):
     model, meta = load_reward_model(run / "rm")
     assert meta["reward_head"] == "score" and model.score.weight.shape == (1, 32)
 
-    dpo = run_dpo(run, DPOConfig(steps=3, batch_size=4, eval_every=0, ckpt_every=0), device="cpu")
+    dpo = run_dpo(run, DPOConfig(steps=3, batch_size=4, rounds=1, eval_every=0, ckpt_every=0), device="cpu")
     assert dpo["loss"] > 0 and "heldout_accuracy" in dpo
     cfg = rlhf_config("cpu")
     cfg = type(cfg)(**{**cfg.__dict__, "steps": 2, "problems_per_step": 2, "group_size": 2, "max_new_tokens": 8,
@@ -234,6 +234,30 @@ def test_rm_and_dpo_take_the_stack_exchange_file(tiny_run, tmp_path, capsys):
     assert "20 of 25 pairs left out (20 longer than the context of 256 tokens); 4 kept with the prompt cut to fit" in capsys.readouterr().out
     assert (rm["train_pairs"], rm["heldout_pairs"]) == (4, 1)
     dpo = run_dpo(run, DPOConfig(steps=2, batch_size=2, eval_every=0, ckpt_every=0), pairs=[str(path)], cut_prompts=True, device="cpu")
-    assert dpo["loss"] > 0
+    assert dpo["loss"] > 0 and "dpo: one round: --pairs files have no labeler" in capsys.readouterr().out
+    assert not (run / "dpo" / "round-1").exists()
     with pytest.raises(ValueError, match="at least 2"):
         run_dpo(tmp_path / "run", DPOConfig(steps=1), pairs=[str(path)], device="cpu")  # one pair fits uncut
+
+
+def test_online_dpo_trains_each_round_on_the_last_rounds_own_ranked_replies(pref_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pref_run, run)
+    prompts = run / "prefs" / "prompts.jsonl"
+    prompts.write_text("".join(prompts.read_text().splitlines(keepends=True)[:6]))  # a short test
+    cfg = DPOConfig(steps=2, batch_size=4, rounds=2, nll=1.0, eval_every=0, ckpt_every=0)
+    summary = run_dpo(run, cfg, device="cpu")
+    assert (run / "dpo" / "round-1" / "done.json").is_file() and (run / "dpo" / "done.json").is_file()
+    assert summary["train_pairs"] > 0
+    rows = [json.loads(line) for line in (run / "dpo" / "pairs-round-2.jsonl").read_text().splitlines()]
+    asked = {json.loads(line)["prompt"] for line in prompts.read_text().splitlines()}
+    assert rows and {r["prompt"][0]["content"] for r in rows} <= asked
+    best = {}
+    for r in rows:  # each pair's chosen reply is one of its prompt's best-scored replies
+        prompt = r["prompt"][0]["content"]
+        best[prompt] = max(best.get(prompt, r["chosen_score"]), r["chosen_score"])
+    assert all(r["chosen_score"] == best[r["prompt"][0]["content"]] > r["rejected_score"] for r in rows)
+    # A resumed run reads the finished round back instead of training it again.
+    stamp = (run / "dpo" / "round-1" / "model.safetensors").stat().st_mtime_ns
+    run_dpo(run, cfg, resume=True, device="cpu")
+    assert (run / "dpo" / "round-1" / "model.safetensors").stat().st_mtime_ns == stamp

@@ -5,12 +5,21 @@ reference model implies that reward: r(x, y) = beta * log(pi(y|x) / pi_ref(y|x))
 cancels in a pair. Putting it into the reward model's Bradley-Terry loss gives a loss on the policy
 itself: -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))),
 log-probabilities summed over the reply's tokens (and its closing `<|im_end|>`). The reference is
-the SFT model, frozen; its log-probabilities are computed once, before training.
+the SFT model, frozen; its log-probabilities are computed once, before training. Two additions that
+the field uses and that the cpu preset measured (BENCHMARKS.md, "Preference tuning: online DPO"):
+- `--nll`: the chosen reply's negative log-likelihood per token is added to the loss (RPO, Pang et
+  al. 2024; Llama 3), which keeps the chosen replies likely: with plain DPO, the replies sampled from
+  the tuned model drifted into garbled text and lost to the SFT model's as often as they won;
+- `--rounds`: online (iterative) DPO on the world's pairs: after the first round, the model of the
+  round before samples its own replies to the training prompts, the labeler ranks them (each pair's
+  chosen reply one of the prompt's best), and DPO trains on them with that model as reference, so
+  that the pairs show the policy's own mistakes, not only the SFT model's.
 
     picochat dpo --run runs/demo                          # <run>/prefs/pairs.jsonl -> <run>/dpo/
     picochat dpo --run runs/x --pairs prefs.jsonl --cut-long-prompts
 
-Writes `<run>/dpo/`, a chat stage like sft and rl (chat, serve and export take `--stage dpo`);
+Writes `<run>/dpo/`, a chat stage like sft and rl (chat, serve and export take `--stage dpo`), the
+rounds before the last in `<run>/dpo/round-<r>/` and the pairs of round r in `pairs-round-<r>.jsonl`;
 `--resume` continues a killed run. The held-out pairs measure the implicit reward's accuracy.
 """
 
@@ -27,6 +36,7 @@ import torch.nn.functional as F
 
 from picochat.config import DTYPES, add_dataclass_args, apply_overrides, knob
 from picochat.data.preferences import pair_batch
+from picochat.io import read_json
 from picochat.run import Run
 from picochat.train.loop import (
     autocast,
@@ -37,6 +47,7 @@ from picochat.train.loop import (
 )
 from picochat.train.rl import problems_for_step, token_log_probs
 from picochat.train.rm import add_pairs_args, load_start, train_pairs
+from picochat.world.preferences import policy_pairs
 
 
 @dataclass
@@ -47,6 +58,11 @@ class DPOConfig:
     batch_size: int = knob(16, "pairs per step")
     beta: float = knob(0.1, "strength of the implicit KL penalty to the reference: higher stays closer to it")
     lr: float = knob(3e-5, "AdamW learning rate, constant")
+    rounds: int = knob(3, "rounds of online DPO on the world's pairs: each round after the first trains on the last "
+                            "round's own replies, ranked by the world's labeler, with that model as the reference "
+                            "(--pairs files: one round)")
+    nll: float = knob(1.0, "weight of the chosen replies' negative log-likelihood per token, added to the loss "
+                           "(RPO: keeps the chosen replies likely; 0: plain DPO)")
     weight_decay: float = knob(0.0, "decoupled weight decay")
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)")
     heldout_share: float = knob(0.1, "share of the pairs held out when no --heldout file is given")
@@ -88,13 +104,47 @@ def heldout_metrics(model, pairs: list[dict], ref_logps: list[tuple[float, float
 
 def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None = None, heldout: str | None = None,
             init: Path | None = None, cut_prompts: bool = False, resume: bool = False, device: str = "auto") -> dict:
-    """DPO from `<init or run/sft>` (also the reference) on the pairs; writes `<run>/dpo/`."""
+    """DPO from `<init or run/sft>` (also the reference) on the pairs, in `cfg.rounds` rounds; writes
+    `<run>/dpo/` (the rounds before the last in `<run>/dpo/round-<r>/`, with the pairs they sampled)."""
     run = Run(run_dir)
     cfg = cfg or DPOConfig()
+    if cfg.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {cfg.rounds}")
+    rounds = cfg.rounds
+    if rounds > 1 and pairs:
+        print("dpo: one round: --pairs files have no labeler to rank the policy's own replies (online rounds are for the "
+              "world's pairs)")
+        rounds = 1
     init = Path(init) if init else run.stage("sft")
+    final = run.stage("dpo")
+    summary = {}
+    for r in range(1, rounds + 1):
+        out = final if r == rounds else final / f"round-{r}"
+        online = None
+        if r > 1:
+            # The world's held-out pairs (the SFT model's replies) measure every round alike.
+            heldout = heldout or str(run.prefs / "pairs-heldout.jsonl")
+            online = final / f"pairs-round-{r}.jsonl"
+            pairs = [str(online)]
+        if resume and (out / "done.json").is_file() and r < rounds:
+            summary = read_json(out / "done.json")
+        else:
+            summary = _dpo_round(run, cfg, pairs, heldout, init, out, cut_prompts, resume, device, online, cfg.seed + r)
+        init = out
+    return summary
+
+
+def _dpo_round(run: Run, cfg: DPOConfig, pairs: list[str] | None, heldout: str | None, init: Path, out: Path,
+               cut_prompts: bool, resume: bool, device: str, online: Path | None, seed: int) -> dict:
+    """One round of DPO from `init`, also the reference, written to `out`; first, for an `online` round,
+    `init`'s own replies ranked by the labeler are written there (kept when already written)."""
     rt = setup_runtime(device, join_group=False)
     try:
         tok, model = load_start(run, init, rt.device)
+        if online and not online.is_file():
+            with torch.no_grad():
+                counts = policy_pairs(run.root, model.eval(), tok, online, seed)
+            print(f"dpo: {counts['pairs']} pairs from {init}'s replies (labeler's mean score {counts['mean_score']}) -> {online}")
         train, held = train_pairs(run, tok, pairs, heldout, model.config.max_seq_len, cut_prompts, cfg.heldout_share,
                                   cfg.seed, "dpo")
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -111,6 +161,9 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
             with autocast(rt, cfg.dtype):
                 chosen, rejected = reply_log_probs(model, [train[i] for i in chosen_rows], rt.device)
             loss, margins = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta)
+            if cfg.nll:
+                tokens = torch.tensor([sum(train[i]["chosen"][1]) for i in chosen_rows], device=rt.device)
+                loss = loss - cfg.nll * (chosen / tokens).mean()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
             for opt in optimizers:
@@ -128,7 +181,7 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
             return record
 
         info = {"stage": "dpo", "tokenizer": tok.fingerprint, "init": str(init), "pairs": pairs or "world"}
-        return run_steps(run.stage("dpo"), model, optimizers, rt, cfg.steps, step_fn, resume=resume,
+        return run_steps(out, model, optimizers, rt, cfg.steps, step_fn, resume=resume,
                          ckpt_every=cfg.ckpt_every, desc="dpo", info=info, meta={"dpo_config": asdict(cfg)},
                          summary={"dpo_config": asdict(cfg), "train_pairs": len(train), "heldout_pairs": len(held)},
                          postfix=("loss", "accuracy", "margin", "heldout_accuracy"))

@@ -170,24 +170,45 @@ def sample_replies(model, tok, prompts: Sequence[dict], samples: int, max_new_to
     return out
 
 
+PAIRINGS = ("best", "any")
+
+
 def ranked_pairs(row: dict, replies: Sequence[tuple[str, bool]], labeler: Labeler, per_prompt: int,
-                 rng: random.Random) -> list[dict]:
-    """Up to `per_prompt` pairs of distinct replies with different scores, the higher one chosen."""
+                 rng: random.Random, pairing: str = "any") -> list[dict]:
+    """Up to `per_prompt` pairs of distinct replies with different scores, the higher one chosen: with
+    pairing "best", the chosen reply is one of the best-scored ones; with "any", any two replies."""
     scored = {}
     for text, finished in replies:
         if text and text not in scored:
             scored[text] = labeler.score(text, row["subject"], finished)
     candidates = [(a, b) if scored[a] > scored[b] else (b, a)
                   for a, b in itertools.combinations(scored, 2) if scored[a] != scored[b]]
+    if pairing == "best":
+        top = max(scored.values(), default=None)
+        candidates = [(chosen, rejected) for chosen, rejected in candidates if scored[chosen] == top]
+    elif pairing != "any":
+        raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
     picked = rng.sample(candidates, min(per_prompt, len(candidates)))
     return [{"prompt": [{"role": "user", "content": row["prompt"]}], "chosen": c, "rejected": r,
              "chosen_score": scored[c], "rejected_score": scored[r], "subject": row["subject"]} for c, r in picked]
 
 
+def labeled_pairs(model, tok, prompts: Sequence[dict], labeler: Labeler, samples: int, per_prompt: int,
+                  max_new_tokens: int, temperature: float, seed: int, pairing: str, tag: str) -> tuple[list[dict], float]:
+    """(pairs ranked by the labeler from `samples` replies of `model` to each prompt, the replies' mean score)."""
+    replies = sample_replies(model, tok, prompts, samples, max_new_tokens, temperature, seed, desc=f"sampling {tag} replies")
+    rng = random.Random(f"prefs-pairs-{seed}-{tag}")
+    pairs = [pair for row, group in zip(prompts, replies) for pair in ranked_pairs(row, group, labeler, per_prompt, rng, pairing)]
+    scores = [labeler.score(text, row["subject"], finished) for row, group in zip(prompts, replies) for text, finished in group]
+    return pairs, round(sum(scores) / max(1, len(scores)), 3)
+
+
 def sample_pairs(run_dir: Path, stage: str = "sft", samples: int = 8, per_prompt: int = 4, max_new_tokens: int = 64,
-                 temperature: float = 1.0, seed: int = 0) -> dict:
+                 temperature: float = 1.0, seed: int = 0, pairing: str = "any") -> dict:
     """Write `<run>/prefs/`: the labeling instructions, the train and held-out prompts, and the pairs
-    ranked by the labeler from `samples` replies of `stage` to each prompt; returns counts."""
+    ranked by the labeler from `samples` replies of `stage` to each prompt (`pairing` for the training
+    pairs; the held-out ones, on which the reward model's accuracy is measured, pair any two replies);
+    returns counts."""
     run = Run(run_dir)
     out = run.root / PREFS_DIR
     world = load_world(run.world)
@@ -198,16 +219,26 @@ def sample_pairs(run_dir: Path, stage: str = "sft", samples: int = 8, per_prompt
     for split, pairs_file, prompts_file in (("train", "pairs.jsonl", "prompts.jsonl"),
                                             ("heldout", "pairs-heldout.jsonl", "prompts-heldout.jsonl")):
         prompts = open_prompts(world, split)
-        replies = sample_replies(model, tok, prompts, samples, max_new_tokens, temperature, seed,
-                                 desc=f"sampling {split} replies")
-        rng = random.Random(f"prefs-pairs-{seed}-{split}")
-        pairs = [pair for row, group in zip(prompts, replies) for pair in ranked_pairs(row, group, labeler, per_prompt, rng)]
+        pairs, mean_score = labeled_pairs(model, tok, prompts, labeler, samples, per_prompt, max_new_tokens, temperature,
+                                          seed, pairing if split == "train" else "any", split)
         atomic_write_jsonl(out / prompts_file, prompts)
         atomic_write_jsonl(out / pairs_file, pairs)
-        counts[split] = {"prompts": len(prompts), "pairs": len(pairs),
-                         "mean_score": round(sum(labeler.score(t, row["subject"], f) for row, g in zip(prompts, replies)
-                                                 for t, f in g) / max(1, samples * len(prompts)), 3)}
+        counts[split] = {"prompts": len(prompts), "pairs": len(pairs), "mean_score": mean_score}
     return counts
+
+
+def policy_pairs(run_dir: Path, model, tok, out: Path, seed: int, samples: int = 8, per_prompt: int = 4,
+                 max_new_tokens: int = 64, temperature: float = 1.0) -> dict:
+    """Online preference pairs: `model`'s own replies to the run's training prompts (`prefs/prompts.jsonl`),
+    ranked by the run's labeler, each pair's chosen reply one of the prompt's best; written to `out`."""
+    run = Run(run_dir)
+    prompts_path = run.root / PREFS_DIR / "prompts.jsonl"
+    if not prompts_path.is_file():
+        raise FileNotFoundError(f"{prompts_path}: no training prompts; run `picochat prefs sample --run {run.root}` first")
+    pairs, mean_score = labeled_pairs(model, tok, read_jsonl(prompts_path), load_labeler(run_dir), samples, per_prompt,
+                                      max_new_tokens, temperature, seed, "best", "the policy's")
+    atomic_write_jsonl(out, pairs)
+    return {"pairs": len(pairs), "mean_score": mean_score}
 
 
 def load_labeler(run_dir: Path) -> Labeler:
@@ -273,6 +304,9 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest reply (default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--pairing", choices=PAIRINGS, default="any",
+                   help="best: each pair's chosen reply is one of the prompt's best-scored; any: any two replies that "
+                        "score differently (default %(default)s)")
     p.set_defaults(func=_cmd_sample)
     j = sub.add_parser("judge", help="win rate of a stage against the SFT model on held-out prompts, by the labeler",
                        description="Sample replies of --stage and of --reference to the held-out open prompts, score both "
@@ -288,7 +322,7 @@ def _cmd_sample(args) -> None:
     if args.samples < 2:
         raise ValueError(f"--samples must be at least 2 (a pair needs two replies), got {args.samples}")
     counts = sample_pairs(Path(args.run), args.stage, args.samples, args.pairs_per_prompt, args.max_new_tokens,
-                          args.temperature, args.seed)
+                          args.temperature, args.seed, args.pairing)
     print(f"prefs: {counts} -> {Path(args.run) / PREFS_DIR}")
 
 
