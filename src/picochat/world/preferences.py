@@ -227,7 +227,7 @@ def sample_pairs(run_dir: Path, stage: str = "sft", samples: int = 8, per_prompt
     return counts
 
 
-def policy_pairs(run_dir: Path, model, tok, out: Path, seed: int, samples: int = 8, per_prompt: int = 4,
+def policy_pairs(run_dir: Path, model, tok, out: Path, seed: int, samples: int = 16, per_prompt: int = 8,
                  max_new_tokens: int = 64, temperature: float = 1.0) -> dict:
     """Online preference pairs: `model`'s own replies to the run's training prompts (`prefs/prompts.jsonl`),
     ranked by the run's labeler, each pair's chosen reply one of the prompt's best; written to `out`."""
