@@ -236,6 +236,7 @@ def test_rm_and_dpo_take_the_stack_exchange_file(tiny_run, tmp_path, capsys):
     dpo = run_dpo(run, DPOConfig(steps=2, batch_size=2, eval_every=0, ckpt_every=0), pairs=[str(path)], cut_prompts=True, device="cpu")
     assert dpo["loss"] > 0 and "dpo: one round: --pairs files have no labeler" in capsys.readouterr().out
     assert not (run / "dpo" / "round-1").exists()
+    assert json.loads((run / "dpo" / "done.json").read_text())["dpo_config"]["rounds"] == 1  # what it ran
     with pytest.raises(ValueError, match="at least 2"):
         run_dpo(tmp_path / "run", DPOConfig(steps=1), pairs=[str(path)], device="cpu")  # one pair fits uncut
 
@@ -257,6 +258,8 @@ def test_online_dpo_trains_each_round_on_the_last_rounds_own_ranked_replies(pref
         prompt = r["prompt"][0]["content"]
         best[prompt] = max(best.get(prompt, r["chosen_score"]), r["chosen_score"])
     assert all(r["chosen_score"] == best[r["prompt"][0]["content"]] > r["rejected_score"] for r in rows)
+    judge_stage(run, "dpo", samples=1)
+    assert "dpo (2 rounds, online after the first): win rate" in "\n".join(_preference_lines(preference_figures(run)))
     # A resumed run reads the finished round back instead of training it again.
     stamp = (run / "dpo" / "round-1" / "model.safetensors").stat().st_mtime_ns
     run_dpo(run, cfg, resume=True, device="cpu")

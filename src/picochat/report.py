@@ -157,6 +157,9 @@ def preference_figures(run: Path) -> dict:
         winrate = _read_json(run / stage / "winrate.json")
         if winrate:
             figures[stage] = winrate
+    rounds = (_read_json(run / "dpo" / "done.json") or {}).get("dpo_config", {}).get("rounds")
+    if "dpo" in figures and rounds:
+        figures["dpo"] = {**figures["dpo"], "rounds": rounds}
     return figures
 
 
@@ -174,7 +177,8 @@ def _preference_lines(figures: dict) -> list[str]:
     for stage in ("dpo", "rlhf"):
         if stage in figures:
             w = figures[stage]
-            lines += [f"- {stage}: win rate {_fmt(w['win_rate'])} against {w['reference']} ({w['wins']} wins, {w['ties']} ties, "
+            name = f"dpo ({w['rounds']} rounds, online after the first)" if w.get("rounds", 1) > 1 else stage
+            lines += [f"- {name}: win rate {_fmt(w['win_rate'])} against {w['reference']} ({w['wins']} wins, {w['ties']} ties, "
                       f"{w['losses']} losses); labeler's mean score {_fmt(w['score'])} against {_fmt(w['reference_score'])}"]
     return lines
 

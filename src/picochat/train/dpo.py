@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -110,11 +110,11 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
     cfg = cfg or DPOConfig()
     if cfg.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {cfg.rounds}")
-    rounds = cfg.rounds
-    if rounds > 1 and pairs:
+    if cfg.rounds > 1 and pairs:
         print("dpo: one round: --pairs files have no labeler to rank the policy's own replies (online rounds are for the "
               "world's pairs)")
-        rounds = 1
+        cfg = replace(cfg, rounds=1)  # what the stage records is what it ran
+    rounds = cfg.rounds
     init = Path(init) if init else run.stage("sft")
     final = run.stage("dpo")
     summary = {}
