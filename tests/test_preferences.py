@@ -264,3 +264,12 @@ def test_online_dpo_trains_each_round_on_the_last_rounds_own_ranked_replies(pref
     stamp = (run / "dpo" / "round-1" / "model.safetensors").stat().st_mtime_ns
     run_dpo(run, cfg, resume=True, device="cpu")
     assert (run / "dpo" / "round-1" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("bad", [{"rounds": 0}, {"nll": -1.0}])
+def test_dpo_refuses_a_bad_round_count_or_nll_weight_before_it_writes(pref_run, tmp_path, bad):
+    run = tmp_path / "run"
+    shutil.copytree(pref_run, run)
+    with pytest.raises(ValueError, match="--rounds must be at least 1 and --nll at least 0"):
+        run_dpo(run, DPOConfig(steps=1, **bad), device="cpu")
+    assert not (run / "dpo").exists()

@@ -108,8 +108,8 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
     `<run>/dpo/` (the rounds before the last in `<run>/dpo/round-<r>/`, with the pairs they sampled)."""
     run = Run(run_dir)
     cfg = cfg or DPOConfig()
-    if cfg.rounds < 1:
-        raise ValueError(f"--rounds must be at least 1, got {cfg.rounds}")
+    if cfg.rounds < 1 or cfg.nll < 0:
+        raise ValueError(f"--rounds must be at least 1 and --nll at least 0, got {cfg.rounds} and {cfg.nll}")
     if cfg.rounds > 1 and pairs:
         print("dpo: one round: --pairs files have no labeler to rank the policy's own replies (online rounds are for the "
               "world's pairs)")

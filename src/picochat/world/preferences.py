@@ -170,7 +170,7 @@ def sample_replies(model, tok, prompts: Sequence[dict], samples: int, max_new_to
     return out
 
 
-PAIRINGS = ("best", "any")
+PAIRINGS = ("any", "best")
 
 
 def ranked_pairs(row: dict, replies: Sequence[tuple[str, bool]], labeler: Labeler, per_prompt: int,
@@ -305,8 +305,8 @@ def register_cli(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--pairing", choices=PAIRINGS, default="any",
-                   help="best: each pair's chosen reply is one of the prompt's best-scored; any: any two replies that "
-                        "score differently (default %(default)s)")
+                   help="any: any two replies that score differently; best: each pair's chosen reply is one of the "
+                        "prompt's best-scored (default %(default)s)")
     p.set_defaults(func=_cmd_sample)
     j = sub.add_parser("judge", help="win rate of a stage against the SFT model on held-out prompts, by the labeler",
                        description="Sample replies of --stage and of --reference to the held-out open prompts, score both "
