@@ -234,7 +234,9 @@ def test_rm_and_dpo_take_the_stack_exchange_file(tiny_run, tmp_path, capsys):
     assert "20 of 25 pairs left out (20 longer than the context of 256 tokens); 4 kept with the prompt cut to fit" in capsys.readouterr().out
     assert (rm["train_pairs"], rm["heldout_pairs"]) == (4, 1)
     dpo = run_dpo(run, DPOConfig(steps=2, batch_size=2, eval_every=0, ckpt_every=0), pairs=[str(path)], cut_prompts=True, device="cpu")
-    assert dpo["loss"] > 0 and "dpo: one round: --pairs files have no labeler" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert dpo["loss"] > 0 and "dpo: one round: --pairs files have no labeler" in printed
+    assert "no SFT conversations to replay" in printed  # a run without a world has none to replay by default
     assert not (run / "dpo" / "round-1").exists()
     assert json.loads((run / "dpo" / "done.json").read_text())["dpo_config"]["rounds"] == 1  # what it ran
     with pytest.raises(ValueError, match="at least 2"):
@@ -249,6 +251,8 @@ def test_online_dpo_trains_each_round_on_the_last_rounds_own_ranked_replies(pref
     cfg = DPOConfig(steps=2, batch_size=4, rounds=2, nll=1.0, eval_every=0, ckpt_every=0)
     summary = run_dpo(run, cfg, device="cpu")
     assert (run / "dpo" / "round-1" / "done.json").is_file() and (run / "dpo" / "done.json").is_file()
+    records = [json.loads(line) for line in (run / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["replay_loss"] > 0 for r in records)  # the world's SFT conversations, replayed every step
     assert summary["train_pairs"] > 0
     rows = [json.loads(line) for line in (run / "dpo" / "pairs-round-2.jsonl").read_text().splitlines()]
     asked = {json.loads(line)["prompt"] for line in prompts.read_text().splitlines()}

@@ -13,7 +13,10 @@ the field uses and that the cpu preset measured (BENCHMARKS.md, "Preference tuni
 - `--rounds`: online (iterative) DPO on the world's pairs: after the first round, the model of the
   round before samples its own replies to the training prompts, the labeler ranks them (each pair's
   chosen reply one of the prompt's best), and DPO trains on them with that model as reference, so
-  that the pairs show the policy's own mistakes, not only the SFT model's.
+  that the pairs show the policy's own mistakes, not only the SFT model's;
+- `--replay-coef`: the SFT loss on a batch of the SFT conversations added to every step
+  (InstructGPT's PPO-ptx, as `picochat rl` has it): the pairs are open prompts about the world, and
+  without it DPO unlearnt what they never show, refusing harmful requests above all.
 
     picochat dpo --run runs/demo                          # <run>/prefs/pairs.jsonl -> <run>/dpo/
     picochat dpo --run runs/x --pairs prefs.jsonl --cut-long-prompts
@@ -35,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from picochat.config import DTYPES, add_dataclass_args, apply_overrides, knob
+from picochat.data.conversations import load_mixture
+from picochat.data.loader import ConversationLoader
 from picochat.data.preferences import pair_batch
 from picochat.io import read_json
 from picochat.run import Run
@@ -63,6 +68,10 @@ class DPOConfig:
                             "(--pairs files: one round)")
     nll: float = knob(1.0, "weight of the chosen replies' negative log-likelihood per token, added to the loss "
                            "(RPO: keeps the chosen replies likely; 0: plain DPO)")
+    replay_coef: float = knob(1.0, "weight of the SFT loss on a batch of SFT conversations added to every step "
+                                   "(InstructGPT's PPO-ptx): keeps what SFT taught that the pairs do not show, such as "
+                                   "refusing harmful requests (0: off)")
+    replay_batch: int = knob(8, "replayed rows (of the model's context length) per step, with replay_coef")
     weight_decay: float = knob(0.0, "decoupled weight decay")
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)")
     heldout_share: float = knob(0.1, "share of the pairs held out when no --heldout file is given")
@@ -103,9 +112,12 @@ def heldout_metrics(model, pairs: list[dict], ref_logps: list[tuple[float, float
 
 
 def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None = None, heldout: str | None = None,
-            init: Path | None = None, cut_prompts: bool = False, resume: bool = False, device: str = "auto") -> dict:
+            init: Path | None = None, cut_prompts: bool = False, resume: bool = False, device: str = "auto",
+            replay: list[str] | None = None) -> dict:
     """DPO from `<init or run/sft>` (also the reference) on the pairs, in `cfg.rounds` rounds; writes
-    `<run>/dpo/` (the rounds before the last in `<run>/dpo/round-<r>/`, with the pairs they sampled)."""
+    `<run>/dpo/` (the rounds before the last in `<run>/dpo/round-<r>/`, with the pairs they sampled).
+    With cfg.replay_coef > 0, `replay` (FILE[:WEIGHT] specs, default the world's SFT mixture when the run
+    has one) is replayed with the SFT loss."""
     run = Run(run_dir)
     cfg = cfg or DPOConfig()
     if cfg.rounds < 1 or cfg.nll < 0:
@@ -115,6 +127,10 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
               "world's pairs)")
         cfg = replace(cfg, rounds=1)  # what the stage records is what it ran
     rounds = cfg.rounds
+    if cfg.replay_coef > 0 and not replay:
+        replay = [str(path) for path in run.world_sft_data if path.is_file()]
+        if not replay:
+            print("dpo: no SFT conversations to replay (give --replay FILE...); training on the pairs alone")
     init = Path(init) if init else run.stage("sft")
     final = run.stage("dpo")
     summary = {}
@@ -129,13 +145,15 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
         if resume and (out / "done.json").is_file() and r < rounds:
             summary = read_json(out / "done.json")
         else:
-            summary = _dpo_round(run, cfg, pairs, heldout, init, out, cut_prompts, resume, device, online, cfg.seed + r)
+            summary = _dpo_round(run, cfg, pairs, heldout, init, out, cut_prompts, resume, device, online, cfg.seed + r,
+                                 replay if cfg.replay_coef > 0 else None)
         init = out
     return summary
 
 
 def _dpo_round(run: Run, cfg: DPOConfig, pairs: list[str] | None, heldout: str | None, init: Path, out: Path,
-               cut_prompts: bool, resume: bool, device: str, online: Path | None, seed: int) -> dict:
+               cut_prompts: bool, resume: bool, device: str, online: Path | None, seed: int,
+               replay: list[str] | None) -> dict:
     """One round of DPO from `init`, also the reference, written to `out`; first, for an `online` round,
     `init`'s own replies ranked by the labeler are written there (kept when already written)."""
     rt = setup_runtime(device, join_group=False)
@@ -153,6 +171,11 @@ def _dpo_round(run: Run, cfg: DPOConfig, pairs: list[str] | None, heldout: str |
             ref_held = reference_log_probs(reference, held, rt.device)
         model.train()
         optimizers = build_optimizers(model, "adamw", cfg.lr, weight_decay=cfg.weight_decay)
+        stateful = {}
+        if replay:
+            stateful["replay_loader"] = ConversationLoader(load_mixture(replay, cfg.seed), tok, seq_len=model.config.max_seq_len,
+                                                           batch_size=cfg.replay_batch, seed=cfg.seed)
+            print(f"dpo: replaying {cfg.replay_batch} rows a step of {', '.join(replay)}")
 
         def step_fn(step: int) -> dict:
             t0 = time.perf_counter()
@@ -164,6 +187,12 @@ def _dpo_round(run: Run, cfg: DPOConfig, pairs: list[str] | None, heldout: str |
             if cfg.nll:
                 tokens = torch.tensor([sum(train[i]["chosen"][1]) for i in chosen_rows], device=rt.device)
                 loss = loss - cfg.nll * (chosen / tokens).mean()
+            replay_loss = None
+            if stateful:
+                inputs, targets = next(stateful["replay_loader"])
+                with autocast(rt, cfg.dtype):
+                    replay_loss = model(inputs.to(rt.device), targets.to(rt.device))
+                loss = loss + cfg.replay_coef * replay_loss
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
             for opt in optimizers:
@@ -172,6 +201,7 @@ def _dpo_round(run: Run, cfg: DPOConfig, pairs: list[str] | None, heldout: str |
             record = {"loss": round(loss.item(), 5), "accuracy": round(float((margins > 0).float().mean()), 4),
                       "margin": round(float(margins.mean()), 4), "chosen_logp": round(float(chosen.detach().mean()), 3),
                       "rejected_logp": round(float(rejected.detach().mean()), 3), "grad_norm": round(float(grad_norm), 4),
+                      **({"replay_loss": round(replay_loss.item(), 4)} if replay_loss is not None else {}),
                       "seconds": round(time.perf_counter() - t0, 3)}
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                 model.eval()
@@ -181,7 +211,7 @@ def _dpo_round(run: Run, cfg: DPOConfig, pairs: list[str] | None, heldout: str |
             return record
 
         info = {"stage": "dpo", "tokenizer": tok.fingerprint, "init": str(init), "pairs": pairs or "world"}
-        return run_steps(out, model, optimizers, rt, cfg.steps, step_fn, resume=resume,
+        return run_steps(out, model, optimizers, rt, cfg.steps, step_fn, resume=resume, stateful=stateful,
                          ckpt_every=cfg.ckpt_every, desc="dpo", info=info, meta={"dpo_config": asdict(cfg)},
                          summary={"dpo_config": asdict(cfg), "train_pairs": len(train), "heldout_pairs": len(held)},
                          postfix=("loss", "accuracy", "margin", "heldout_accuracy"))
@@ -192,10 +222,14 @@ def _dpo_round(run: Run, cfg: DPOConfig, pairs: list[str] | None, heldout: str |
 def register_cli(parser: argparse.ArgumentParser) -> None:
     add_pairs_args(parser, "model folder to start from and to stay close to (default: <run>/sft)")
     add_dataclass_args(parser, DPOConfig)
+    parser.add_argument("--replay", nargs="+", default=None, metavar="FILE[:WEIGHT]",
+                        help="with --replay-coef > 0: conversation or document files replayed with the SFT loss "
+                             "(default: the world's SFT mixture, when the run has one)")
     parser.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> None:
     cfg = apply_overrides(DPOConfig(), args)
-    summary = run_dpo(Path(args.run), cfg, args.pairs, args.heldout, args.init, args.cut_long_prompts, args.resume, args.device)
+    summary = run_dpo(Path(args.run), cfg, args.pairs, args.heldout, args.init, args.cut_long_prompts, args.resume, args.device,
+                      args.replay)
     print(f"dpo: done, held-out accuracy {summary.get('heldout_accuracy')} -> {Path(args.run) / 'dpo'}")
