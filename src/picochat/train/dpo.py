@@ -68,10 +68,10 @@ class DPOConfig:
                             "(--pairs files: one round)")
     nll: float = knob(1.0, "weight of the chosen replies' negative log-likelihood per token, added to the loss "
                            "(RPO: keeps the chosen replies likely; 0: plain DPO)")
-    replay_coef: float = knob(1.0, "weight of the SFT loss on a batch of SFT conversations added to every step "
+    replay_coef: float = knob(2.0, "weight of the SFT loss on a batch of SFT conversations added to every step "
                                    "(InstructGPT's PPO-ptx): keeps what SFT taught that the pairs do not show, such as "
                                    "refusing harmful requests (0: off)")
-    replay_batch: int = knob(8, "replayed rows (of the model's context length) per step, with replay_coef")
+    replay_batch: int = knob(16, "replayed rows (of the model's context length) per step, with replay_coef")
     weight_decay: float = knob(0.0, "decoupled weight decay")
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)")
     heldout_share: float = knob(0.1, "share of the pairs held out when no --heldout file is given")
