@@ -270,10 +270,10 @@ def test_online_dpo_trains_each_round_on_the_last_rounds_own_ranked_replies(pref
     assert (run / "dpo" / "round-1" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("bad", [{"rounds": 0}, {"nll": -1.0}])
-def test_dpo_refuses_a_bad_round_count_or_nll_weight_before_it_writes(pref_run, tmp_path, bad):
+@pytest.mark.parametrize("bad", [{"rounds": 0}, {"nll": -1.0}, {"replay_coef": -0.5}, {"replay_batch": 0}])
+def test_dpo_refuses_bad_rounds_weights_or_replay_before_it_writes(pref_run, tmp_path, bad):
     run = tmp_path / "run"
     shutil.copytree(pref_run, run)
-    with pytest.raises(ValueError, match="--rounds must be at least 1 and --nll at least 0"):
+    with pytest.raises(ValueError, match="--rounds and --replay-batch must be at least 1, --nll and --replay-coef at least 0"):
         run_dpo(run, DPOConfig(steps=1, **bad), device="cpu")
     assert not (run / "dpo").exists()

@@ -120,8 +120,9 @@ def run_dpo(run_dir: Path, cfg: DPOConfig | None = None, pairs: list[str] | None
     has one) is replayed with the SFT loss."""
     run = Run(run_dir)
     cfg = cfg or DPOConfig()
-    if cfg.rounds < 1 or cfg.nll < 0:
-        raise ValueError(f"--rounds must be at least 1 and --nll at least 0, got {cfg.rounds} and {cfg.nll}")
+    if cfg.rounds < 1 or cfg.replay_batch < 1 or min(cfg.nll, cfg.replay_coef) < 0:
+        raise ValueError(f"--rounds and --replay-batch must be at least 1, --nll and --replay-coef at least 0; got "
+                         f"{cfg.rounds}, {cfg.replay_batch}, {cfg.nll} and {cfg.replay_coef}")
     if cfg.rounds > 1 and pairs:
         print("dpo: one round: --pairs files have no labeler to rank the policy's own replies (online rounds are for the "
               "world's pairs)")
