@@ -38,8 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from picochat.config import DTYPES, add_dataclass_args, apply_overrides, knob
-from picochat.data.conversations import load_mixture
-from picochat.data.loader import ConversationLoader
 from picochat.data.preferences import pair_batch
 from picochat.io import read_json
 from picochat.run import Run
@@ -50,7 +48,7 @@ from picochat.train.loop import (
     setup_runtime,
     teardown_runtime,
 )
-from picochat.train.rl import problems_for_step, token_log_probs
+from picochat.train.rl import problems_for_step, replay_loader, token_log_probs
 from picochat.train.rm import add_pairs_args, load_start, train_pairs
 from picochat.world.preferences import policy_pairs
 
@@ -174,8 +172,7 @@ def _dpo_round(run: Run, cfg: DPOConfig, pairs: list[str] | None, heldout: str |
         optimizers = build_optimizers(model, "adamw", cfg.lr, weight_decay=cfg.weight_decay)
         stateful = {}
         if replay:
-            stateful["replay_loader"] = ConversationLoader(load_mixture(replay, cfg.seed), tok, seq_len=model.config.max_seq_len,
-                                                           batch_size=cfg.replay_batch, seed=cfg.seed)
+            stateful["replay_loader"] = replay_loader(replay, tok, model.config.max_seq_len, cfg.replay_batch, cfg.seed, rt)
             print(f"dpo: replaying {cfg.replay_batch} rows a step of {', '.join(replay)}")
 
         def step_fn(step: int) -> dict:

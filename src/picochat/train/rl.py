@@ -394,6 +394,13 @@ def heldout_metrics(model: Transformer, tok: Tokenizer, problems: list[dict], cf
     return {"heldout_pass@1": round(metrics["pass@1"], 4), "heldout_pass@k": round(metrics["pass@k"], 4), "k": metrics["k"]}
 
 
+def replay_loader(replay: list[str], tok: Tokenizer, seq_len: int, batch: int, seed: int, rt: Runtime) -> ConversationLoader:
+    """Rows of the replayed conversations and documents (FILE[:WEIGHT] specs) for the SFT loss added to a
+    step (InstructGPT's PPO-ptx): `batch` rows a step in all, split over the processes."""
+    return ConversationLoader(load_mixture(replay, seed), tok, seq_len=seq_len, batch_size=batch // rt.world_size,
+                              rank=rt.rank, world_size=rt.world_size, seed=seed)
+
+
 def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init: Path | None = None,
            problems: Sequence[str] | None = None, heldout_path: Path | None = None, resume: bool = False,
            device: str = "auto", reward_fn: RewardFn = reward, join_group: bool = True,
@@ -425,9 +432,7 @@ def run_rl(run_dir: Path, preset: str = "cpu", cfg: RLConfig | None = None, init
         stateful = {}
         if cfg.replay_coef > 0:
             replay = replay or [str(path) for path in run.world_sft_data]
-            stateful["replay_loader"] = ConversationLoader(load_mixture(replay, cfg.seed), tok, seq_len=model.config.max_seq_len,
-                                                           batch_size=cfg.replay_batch // rt.world_size, rank=rt.rank,
-                                                           world_size=rt.world_size, seed=cfg.seed)
+            stateful["replay_loader"] = replay_loader(replay, tok, model.config.max_seq_len, cfg.replay_batch, cfg.seed, rt)
         if rt.is_main:
             print(f"{stage}: {len(problems):,} problems from {', '.join(specs)} ({too_long} longer than the context left out), "
                   f"{cfg.steps} steps of {cfg.problems_per_step} problems x {cfg.group_size} samples"
