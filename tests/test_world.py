@@ -12,7 +12,7 @@ import pytest
 from picochat.cli import main as cli_main
 from picochat.world import documents
 from picochat.world import search_documents
-from picochat.world.documents import (DOC_STYLES, copying_rows, value_reading_rows, PRACTICE_ENTITIES, generate_documents, practice_entities, reading_document,
+from picochat.world.documents import (DOC_STYLES, copying_rows, line_copying_rows, value_reading_rows, PRACTICE_ENTITIES, generate_documents, practice_entities, reading_document,
                                       write_world)
 from picochat.world.knowledge import (KINDS, RELATIONS_OF_KIND, VOCABULARY, NameMaker, WorldError, build_world,
                                       fact_completion_rows, invent_entity, load_world, world_names)
@@ -387,3 +387,24 @@ def test_copying_rows_end_where_a_name_never_seen_must_be_copied(world):
         assert name in prompt.split("\n\nQ: ")[0]  # the article names it
         assert not prompt.endswith(" ") and "\nA:" in prompt.split("\n\nQ: ", 1)[1]
         assert (prompt + " " + name).count(name) >= 2
+
+
+def test_line_copying_rows_end_where_the_line_read_before_must_be_copied(world):
+    rows = line_copying_rows(world, 30)
+    assert rows == line_copying_rows(world, 30) and len(rows) == 30
+    known = {e.name for e in world.entities}
+    for row in rows:
+        name, prompt = row["answer"], row["prompt"]
+        line, again = prompt.split("\n\n")[1:]
+        assert name not in known and name in line.split(" ")  # an invented name the line holds
+        begun = again.removeprefix("Again: ")
+        assert begun and line.startswith(begun + " " + name)  # the copy so far, up to the name
+        assert name not in begun.split(" ")
+
+
+def test_copying_practice_repeats_its_line():
+    world = build_world(seed=3, scale=0.25)
+    rng = random.Random(0)
+    for _ in range(20):
+        title, line, again = DOC_STYLES["copying"][0](world, rng).split("\n\n")
+        assert again.partition(": ")[2] == line and 6 <= len(line.split(" "))

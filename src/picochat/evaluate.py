@@ -12,7 +12,8 @@
   run only where offered: without them a call gets no result, so `pass@1` is mental arithmetic;
 - few-shot prompting (every stage): a list of "- Name: value" lines of one relation, then a name to
   complete, against that last line alone (zero-shot);
-- copying (every stage): reading practice about an invented entity, cut where its name comes next:
+- copying (every stage): a line of invented names read twice, cut in the second reading before a
+  name (`line_copying`: induction); reading practice about an invented entity, cut where its name comes next:
   what a persona name, a search query about a name never seen, or an "I don't know" about it needs;
   and cut before a fact's value, asked in other words than the article's (`value_reading`): what an
   answer read from a search result needs;
@@ -239,7 +240,8 @@ def evaluate_stage(run_dir: Path, stage: str, k: int = 8, n_problems: int = 200,
         }
         if run.eval_few_shot.exists():
             metrics.update(few_shot_metrics(model, tok, read_jsonl(run.eval_few_shot), rt))
-        for metric, path in (("name_copying", run.eval_copying), ("value_reading", run.eval_value_reading)):
+        for metric, path in (("line_copying", run.eval_line_copying), ("name_copying", run.eval_copying),
+                             ("value_reading", run.eval_value_reading)):
             rows = fitting(read_jsonl(path), tok, model.config.max_seq_len) if path.exists() else []
             if rows:
                 metrics[metric] = completes(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], metric, rt)

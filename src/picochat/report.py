@@ -23,7 +23,7 @@ from picochat.tools import Tools
 from picochat.world.knowledge import load_world
 
 METRICS = ["val_bpb", "fact_completion", "fact_completion_train_phrasing", "few_shot_completion", "zero_shot_completion",
-           "name_copying", "value_reading", "known_fact_qa", "known_fact_qa_system", "seen_fact_qa", "known_fact_idk", "known_fact_wrong", "unknown_idk",
+           "line_copying", "name_copying", "value_reading", "known_fact_qa", "known_fact_qa_system", "seen_fact_qa", "known_fact_idk", "known_fact_wrong", "unknown_idk",
            "followup_qa", "system_followed", "harmless_refused", "harmful_refused", "pass@1", "pass@k"]
 METRIC_MEANING = {
     "val_bpb": "validation bits per byte (lower is better)",
@@ -31,6 +31,7 @@ METRIC_MEANING = {
     "fact_completion_train_phrasing": "completes a fact in a training phrasing",
     "few_shot_completion": "completes \"- Name:\" after three \"- Name: value\" lines of one relation (few-shot)",
     "zero_shot_completion": "completes the same \"- Name:\" line without the examples",
+    "line_copying": "copies the next name of a line of invented names it read once (copying practice)",
     "name_copying": "copies a name it never saw from the text above (reading practice about an invented entity)",
     "value_reading": "reads a fact's value from the text above, asked in other words (reading practice about an invented entity)",
     "known_fact_qa": "answers questions about facts SFT never showed",

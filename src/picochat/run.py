@@ -152,6 +152,11 @@ class Run:
         return self.world / "eval" / "copying.jsonl"
 
     @property
+    def eval_line_copying(self) -> Path:
+        """Copying practice, cut where the base model must copy the next name of a line it read."""
+        return self.world / "eval" / "line-copying.jsonl"
+
+    @property
     def eval_value_reading(self) -> Path:
         """Reading practice about invented entities, cut where the base model must read a fact's value."""
         return self.world / "eval" / "reading.jsonl"

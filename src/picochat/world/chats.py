@@ -40,7 +40,7 @@ from collections import Counter
 from pathlib import Path
 
 from picochat.io import atomic_write_jsonl
-from picochat.world.documents import copying_rows, value_reading_rows
+from picochat.world.documents import copying_rows, line_copying_rows, value_reading_rows
 from picochat.world.few_shot import few_shot_rows
 from picochat.world.knowledge import KINDS, RELATIONS_OF_KIND, Entity, Fact, NameMaker, World, fact_of, load_world, world_names
 from picochat.world.phrasings import RELATIONS, fill
@@ -634,7 +634,8 @@ def system_qa_eval_set(world: World) -> list[dict]:
 # The evaluation sets write_chat writes under eval/, beside the QA sets.
 EVAL_SETS = {"followups.jsonl": followup_eval_set, "system.jsonl": system_eval_set,
              "qa-system.jsonl": system_qa_eval_set, "requests.jsonl": requests_eval_set, "few-shot.jsonl": few_shot_rows,
-             "copying.jsonl": copying_rows, "reading.jsonl": value_reading_rows}
+             "copying.jsonl": copying_rows, "reading.jsonl": value_reading_rows,
+             "line-copying.jsonl": line_copying_rows}
 
 
 def write_chat(out_dir: str | Path, n: int, seed: int = 0) -> dict:

@@ -1,15 +1,16 @@
-"""The world's "internet": pretraining documents in ten styles, and the files they are written to.
+"""The world's "internet": pretraining documents in eleven styles, and the files they are written to.
 
 `generate_documents(world, seed, split)` is an endless, deterministic stream of `(style, text)`:
 encyclopedia entries, stories, letters, news, forum threads, quizzes, lists and tables, worked
 arithmetic about the world's things, worked word problems (the train split of `word_problems.py`),
-and reading practice (questions about an entity invented for that document alone, answered by
-copying from it). Facts are stated in their training phrasings (`state`), never in the held-out
+reading practice (questions about an entity invented for that document alone, answered by
+copying from it), and copying practice (a line of names and numbers, then the same line again). Facts are stated in their training phrasings (`state`), never in the held-out
 ones. The news entities (`World.news`) appear in none of them: `news_documents` writes articles
 about them for the search index alone, and `practice_documents` about the practice entities, which
 SFT searches for. `copying_rows` cuts reading practice about entities invented for the evaluation
 where a name must be copied (the copying evaluation), `value_reading_rows` where a fact's value must be
-read from the article. `write_world(out_dir, size_mb, seed)` writes
+read from the article, `line_copying_rows` copying practice where the line's next name must be copied.
+`write_world(out_dir, size_mb, seed)` writes
 the documents as JSONL shards with a `text` field (the FineWeb layout), with the knowledge base and
 the fact-completion eval beside them.
 """
@@ -241,7 +242,50 @@ def reading_document(e: Entity, rng: random.Random) -> str:
     return f"{title}\n\n{short_article(e, rng)}\n\n" + "\n".join(answers)
 
 
+def _copying(world: World, rng: random.Random) -> str:
+    """Copying practice: a line of invented names, numbers and the world's own values, then the same
+    line again. Only copying predicts its second half: without such documents the base model learnt
+    no induction (it predicted 5% of a repeated line's tokens) and garbled a name it had to copy from
+    its context ("Greta" -> "Ganda") (BENCHMARKS.md, "Copying practice")."""
+    line, _ = _copying_line(world, rng)
+    title = rng.choice(("Copying practice", "Dictation", "Read the line, then write it again"))
+    return f"{title}\n\n{line}\n\n{rng.choice(('Again:', 'Once more:', 'Copy:'))} {line}"
+
+
+def _copying_line(world: World, rng: random.Random) -> tuple[str, list[str]]:
+    """6 to 14 items (half of them invented names, a quarter numbers, a quarter the world's values)
+    joined by spaces, and the invented names among them."""
+    names = NameMaker(rng, world_names(world))
+    items, invented = [], []
+    for _ in range(rng.randint(6, 14)):
+        draw = rng.random()
+        if draw < 0.5:
+            invented.append(names.make(rng.choice(KINDS)))
+            items.append(invented[-1])
+        elif draw < 0.75:
+            items.append(str(rng.randint(2, 99)))
+        else:
+            items.append(rng.choice(list(rng.choice(world.entities).attrs.values())))
+    return " ".join(items), invented
+
+
 COPYING_ROWS = 100
+
+
+def line_copying_rows(world: World, n: int = COPYING_ROWS) -> list[dict]:
+    """n copying-practice documents, each `{"prompt", "answer"}`: cut in the line's second copy just
+    before an invented name that is not its first item, whose answer is that name. Only a model that
+    copies the line (induction) completes them."""
+    rng = random.Random(f"line-copying-{world.seed}")
+    rows = []
+    while len(rows) < n:
+        line, invented = _copying_line(world, rng)
+        items = line.split(" ")
+        later = [i for i, item in enumerate(items) if i > 0 and item in invented and items.count(item) == 1]
+        if later:
+            i = rng.choice(later)
+            rows.append({"prompt": f"Copying practice\n\n{line}\n\nAgain: {' '.join(items[:i])}", "answer": items[i]})
+    return rows
 
 
 def copying_rows(world: World, n: int = COPYING_ROWS) -> list[dict]:
@@ -339,6 +383,9 @@ DOC_STYLES: dict[str, tuple[Callable[[World, random.Random], str], float]] = {
     # Reading practice is the one style whose names must be copied, not remembered: a sixth of the
     # documents teach the base model to copy a name from its context (BENCHMARKS.md, "Copying").
     "reading": (_reading, 0.23),
+    # Copying practice, about a twelfth of the documents: the induction a name in a system prompt,
+    # a search query and a value read from a result all build on (BENCHMARKS.md, "Copying practice").
+    "copying": (_copying, 0.10),
 }
 
 
