@@ -33,7 +33,7 @@ from picochat.world.word_problems import write_tasks
 
 def generate(out: str | Path, size_mb: float = 50, scale: float = 1.0, seed: int = 0, n_chats: int = 4500,
              n_sft_tasks: int = 1200, n_rl_tasks: int = 2000, n_eval_tasks: int = 500, shard_mb: float = 10,
-             val_kb: float = 300, n_calc_chats: int = 1000, n_search_chats: int = 1500, n_rl_calc_tasks: int = 2000) -> dict:
+             val_kb: float = 300, n_calc_chats: int = 1000, n_search_chats: int = 2000, n_rl_calc_tasks: int = 2000) -> dict:
     """Write every file of the world under `out` and return what each writer reports:
     `{"world": manifest, "chat": counts, "tools": counts, "tasks": counts per level}`.
 
