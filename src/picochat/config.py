@@ -123,9 +123,11 @@ PRESETS: dict[str, Preset] = {
         # RL: 32 problems x 8 samples a step (a quarter of them questions about facts), ~3 minutes in all
         # on 2 cores; fewer problems a step made the noisy early steps undo the SFT model (BENCHMARKS.md).
         # 40 steps, not 100: the demo's minutes went to pretraining, which gained more (BENCHMARKS.md, "Copying").
-        # Replies with a calculator call per step need up to ~120 tokens.
+        # Replies with a calculator call per step need up to ~120 tokens. The SFT loss on 8 rows of the SFT
+        # mixture a step (replay, InstructGPT's PPO-ptx): without it, RL on a base model that copies (copying
+        # practice) took harmful requests refused from 91% after SFT to 64% (BENCHMARKS.md, "Copying practice").
         rl=RLConfig(steps=40, problems_per_step=32, group_size=8, max_new_tokens=128, lr=1e-4, ckpt_every=20,
-                    eval_problems=100, eval_k=8, dtype="auto"),
+                    eval_problems=100, eval_k=8, dtype="auto", replay_coef=1.0),
     ),
     # The cpu preset's model and stages for real text (BENCHMARKS.md, "Pretraining that learns more per second"):
     # a 4,096-token BPE, untied input embeddings with an AdamW rate of their own, and a longer decay.

@@ -380,12 +380,12 @@ DOC_STYLES: dict[str, tuple[Callable[[World, random.Random], str], float]] = {
     "table": (_table, 0.12),
     "arithmetic": (_arithmetic, 0.06),
     "word problem": (worked_problem, 0.24),
-    # Reading practice is the one style whose names must be copied, not remembered: a sixth of the
+    # Reading practice is a style whose names must be copied, not remembered: a seventh of the
     # documents teach the base model to copy a name from its context (BENCHMARKS.md, "Copying").
     "reading": (_reading, 0.23),
-    # Copying practice, about a twelfth of the documents: the induction a name in a system prompt,
+    # Copying practice, one document in eight: the induction a name in a system prompt,
     # a search query and a value read from a result all build on (BENCHMARKS.md, "Copying practice").
-    "copying": (_copying, 0.10),
+    "copying": (_copying, 0.20),
 }
 
 
