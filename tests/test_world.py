@@ -362,10 +362,15 @@ def test_cli_generate_and_show(tmp_path, capsys):
     assert "100 people" in shown and "8 countries" in shown
 
 
+def _eval_rows(make, world):
+    """30 rows of an evaluation set, the same on a second call, and the world's own names."""
+    rows = make(world, 30)
+    assert rows == make(world, 30) and len(rows) == 30
+    return rows, {e.name for e in world.entities}
+
+
 def test_value_reading_rows_end_where_a_value_must_be_read_from_the_article(world):
-    rows = value_reading_rows(world, 30)
-    assert rows == value_reading_rows(world, 30) and len(rows) == 30
-    known = {e.name for e in world.entities}
+    rows, known = _eval_rows(value_reading_rows, world)
     for row in rows:
         article, asked = row["prompt"].split("\n\nQ: ")
         question, answer_begun = asked.split("\nA:")
@@ -378,9 +383,7 @@ def test_value_reading_rows_end_where_a_value_must_be_read_from_the_article(worl
 
 
 def test_copying_rows_end_where_a_name_never_seen_must_be_copied(world):
-    rows = copying_rows(world, 30)
-    assert rows == copying_rows(world, 30) and len(rows) == 30
-    known = {e.name for e in world.entities}
+    rows, known = _eval_rows(copying_rows, world)
     for row in rows:
         name, prompt = row["answer"], row["prompt"]
         assert name not in known
@@ -390,9 +393,7 @@ def test_copying_rows_end_where_a_name_never_seen_must_be_copied(world):
 
 
 def test_line_copying_rows_end_where_the_line_read_before_must_be_copied(world):
-    rows = line_copying_rows(world, 30)
-    assert rows == line_copying_rows(world, 30) and len(rows) == 30
-    known = {e.name for e in world.entities}
+    rows, known = _eval_rows(line_copying_rows, world)
     for row in rows:
         name, prompt = row["answer"], row["prompt"]
         line, again = prompt.split("\n\n")[1:]
