@@ -5,13 +5,14 @@ encyclopedia entries, stories, letters, news, forum threads, quizzes, lists and 
 arithmetic about the world's things, worked word problems (the train split of `word_problems.py`),
 reading practice (questions about an entity invented for that document alone, answered by
 copying from it), and copying practice (a line of names and numbers, then the same line again).
-Facts are stated in their training phrasings (`state`), never in the held-out ones. The news entities (`World.news`) appear in none of them: `news_documents` writes articles
-about them for the search index alone, and `practice_documents` about the practice entities, which
-SFT searches for. `copying_rows` cuts reading practice about entities invented for the evaluation
-where a name must be copied (the copying evaluation), `value_reading_rows` where a fact's value must be
-read from the article, `line_copying_rows` copying practice where the line's next name must be copied.
-`write_world(out_dir, size_mb, seed)` writes the documents as JSONL shards with a `text` field (the FineWeb layout), with the knowledge base and
-the fact-completion eval beside them.
+Facts are stated in their training phrasings (`state`), never in the held-out ones. The news
+entities (`World.news`) appear in none of them: `news_documents` writes articles about them for the
+search index alone, and `practice_documents` about the practice entities, which SFT searches for.
+`copying_rows` cuts reading practice about entities invented for the evaluation where a name must be
+copied (the copying evaluation), `value_reading_rows` where a fact's value must be read from the
+article, `line_copying_rows` copying practice where the line's next name must be copied.
+`write_world(out_dir, size_mb, seed)` writes the documents as JSONL shards with a `text` field (the
+FineWeb layout), with the knowledge base and the fact-completion eval beside them.
 """
 
 from __future__ import annotations
